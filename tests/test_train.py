@@ -1,0 +1,182 @@
+"""train.py: CLI, overfitting, exact resume, exact accumulation, DDP == one process, SIGTERM, NaN skipping.
+Small models on the CPU: pixel space (vae none), the tiny text tower, 16 px shapes."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data as datalib
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache") / "shapes16")
+    return datalib.ensure_cache("shapes:32", 16, "none", "tiny", cache_dir=out, device="cpu")
+
+
+def args(cache, out_dir, **over):
+    base = dict(data=cache, out_dir=str(out_dir), vae="none", text_encoder="tiny", resolution=16,
+                model="DiT-S/2", depth=2, width=64, heads=4, patch=4, batch=4, accum=1, lr=1e-3, warmup=3,
+                max_steps=6, log_every=2, ckpt_every=1000, sample_every=0, compile=False, device="cpu",
+                ema_decay=0.9, cond_drop=0.2, seed=1)
+    base.update(over)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def tensors_equal(a, b, atol=0.0):
+    """Nested state dicts: same keys, tensors equal (bitwise for atol 0)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(tensors_equal(a[k], b[k], atol) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y, atol) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and (torch.equal(a, b) if atol == 0 else torch.allclose(a, b, atol=atol, rtol=0))
+    return a == b
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_parses_both_forms_and_config_files(tmp_path):
+    c = train.parse_args(["--batch", "64", "--accum", "12"])
+    assert (c["batch"], c["accum"]) == (64, 12)
+    assert train.parse_args(["--batch=64"])["batch"] == 64
+    assert train.parse_args(["--lr", "3"])["lr"] == 3.0 and isinstance(train.parse_args(["--lr", "3"])["lr"], float)
+    assert train.parse_args(["--compile", "FALSE"])["compile"] is False
+    assert train.parse_args(["--compile=1"])["compile"] is True
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nbatch = 8\nlr = 2  # an int for a float key is fine\n")
+    c = train.parse_args([str(cfg), "--accum", "3"])
+    assert (c["batch"], c["lr"], c["accum"]) == (8, 2.0, 3)
+    assert set(c) >= {"data", "out_dir", "resolution", "vae", "text_encoder", "model", "depth", "width", "heads",
+                      "patch", "prediction", "batch", "accum", "lr", "warmup", "max_steps", "max_hours",
+                      "min_snr_gamma", "noise_offset", "input_perturbation", "cond_drop", "ema_decay", "compile",
+                      "device", "dtype", "seed", "log_every", "ckpt_every", "sample_every", "resume"}
+    cfg.write_text("bacth = 8\n")
+    with pytest.raises(train.ConfigError, match="--batch"):
+        train.parse_args([str(cfg)])
+
+
+@pytest.mark.parametrize("argv,needle", [(["--bacth", "64"], "did you mean --batch"),
+                                         (["--batch", "x"], "--batch expects int"),
+                                         (["--compile", "maybe"], "boolean")])
+def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
+    r = subprocess.run([sys.executable, "train.py", *argv, "--out_dir", str(tmp_path / "o")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert not os.path.exists(tmp_path / "o")  # nothing was started
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_overfits_four_examples(tmp_path):
+    c4 = datalib.ensure_cache("shapes:4", 16, "none", "tiny", cache_dir=str(tmp_path / "c4"), device="cpu")
+    out = train.main(args(c4, tmp_path / "o", prediction="eps", min_snr_gamma=0, cond_drop=0, flip=False,
+                          lr=2e-3, warmup=20, max_steps=300, log_every=20, lr_schedule="constant", width=96))
+    recs = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
+    assert out["step"] == 300 and out["skipped"] == 0
+    first, last = recs[0]["loss"], min(r["loss"] for r in recs[-3:])
+    assert last < first / 10, (first, last)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+def test_resume_is_exact(cache, tmp_path, monkeypatch):
+    """12 steps in one run == 6 steps, a restart from that checkpoint, 6 more (weights, EMA, optimizer, loader)."""
+    saved = {}
+    real_save = train.save_checkpoint
+    def save_and_keep(path, state):
+        real_save(path, state)
+        saved[state["step"]] = path + f".{state['step']}"
+        shutil.copy(path, saved[state["step"]])
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    train.main(args(cache, tmp_path / "a", max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1))
+    assert sorted(saved) == [6, 12]
+    os.makedirs(tmp_path / "b")
+    shutil.copy(saved[6], tmp_path / "b" / "ckpt.pt")  # as if the first run had been killed right after step 6
+    out = train.main(args(cache, tmp_path / "b", max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1))
+    assert out["step"] == 12
+    a, b = load(saved[12]), load(tmp_path / "b" / "ckpt.pt")
+    for key in ("model", "ema", "optimizer", "loader_state", "step"):
+        assert tensors_equal(a[key], b[key]), key
+    assert not tensors_equal(load(saved[6])["model"], a["model"])  # and training did move the weights
+
+
+def test_accumulation_is_exact(cache, tmp_path):
+    """micro-batch 8 x accum 1 == micro-batch 4 x accum 2 (fp32)."""
+    one = train.main(args(cache, tmp_path / "a", batch=8, accum=1, max_steps=3, grad_clip=0.5))
+    two = train.main(args(cache, tmp_path / "b", batch=4, accum=2, max_steps=3, grad_clip=0.5))
+    for (name, p), q in zip(one["model"].named_parameters(), two["model"].parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_ddp_equals_one_process(cache, tmp_path):
+    """2 gloo ranks x micro-batch 4 give the weights of 1 process x micro-batch 8."""
+    single = train.main(args(cache, tmp_path / "one", batch=8, max_steps=3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *args(cache, tmp_path / "two", batch=4, max_steps=3)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = load(tmp_path / "two" / "ckpt.pt")
+    assert ddp["step"] == 3
+    for name, p in single["model"].state_dict().items():
+        torch.testing.assert_close(ddp["model"][name], p, atol=1e-5, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------- robustness
+
+def test_sigterm_saves_a_checkpoint_that_resumes(cache, tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "train.py", *args(cache, out, max_steps=100000, log_every=1)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    ck = load(out / "ckpt.pt")  # weights_only=True
+    assert 3 <= ck["step"] < 100000
+    assert not os.path.exists(str(out / "ckpt.pt") + ".tmp")
+    res = train.main(args(cache, out, max_steps=ck["step"] + 2))
+    assert res["step"] == ck["step"] + 2
+
+
+def test_nan_step_is_skipped_and_counted(cache, tmp_path):
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(cache, poisoned)
+    lat = np.load(poisoned / "latents.npy", mmap_mode="r+") if (poisoned / "latents.npy").exists() else None
+    c = datalib.LatentCache(str(poisoned))
+    if lat is None:  # whatever file backs the memmap: write through the cache's own memmap
+        lat = c.latents
+    bad = 5
+    lat[bad] = np.nan
+    lat.flush()
+    steps = 12
+    # how many of the run's optimizer steps see the poisoned sample (the loader order is deterministic)
+    loader = datalib.Loader(datalib.LatentCache(str(poisoned)), 4, seed=1, cond_drop=0.2)
+    expected = sum(bool(torch.isnan(next(loader)["latents"]).any()) for _ in range(steps))
+    assert expected >= 1
+    before = datalib.LatentCache(str(poisoned))
+    out = train.main(args(str(poisoned), tmp_path / "o", max_steps=steps))
+    assert out["step"] == steps and out["skipped"] == expected
+    assert all(torch.isfinite(p).all() for p in out["model"].parameters())
+    assert all(torch.isfinite(p).all() for p in out["ema"].parameters())
+    recs = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
+    assert recs[-1]["skipped"] == expected and all(np.isfinite(r["loss"]) for r in recs)

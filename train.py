@@ -1,0 +1,483 @@
+"""
+Train a text-conditioned DiT on cached VAE latents.
+
+    python train.py                                   # the defaults below: SD VAE + CLIP ViT-L/14, 256 px
+    python train.py configs/shapes.py                 # the offline CPU demo
+    python train.py --batch 64 --accum 12             # micro-batch 64, 12 micro-steps per optimizer step
+    torchrun --standalone --nproc_per_node=8 train.py configs/rtx5090_week.py
+
+Every global below is a command-line key (`--key value` or `--key=value`) and can be set by a config
+file (a Python file that assigns some of them). Rerunning the same command after a crash or preemption
+continues from out_dir/ckpt.pt (resume = "auto").
+"""
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data as datalib
+from diffusion import Diffusion
+from model import DiT, make_config
+
+# -----------------------------------------------------------------------------
+# defaults: the real run (SD VAE latents, CLIP ViT-L/14 text, 256 px)
+# I/O
+data = "shapes"                           # imagefolder with metadata.jsonl, images + .txt, webdataset .tar shards (folder or glob), a cache folder, or "shapes"
+cache_dir = ""                            # where the latent cache is built ("" = cache/<name derived from data + encoders>)
+out_dir = "out"                           # ckpt.pt, log.jsonl and samples/ go here
+resume = "auto"                           # auto (continue from out_dir/ckpt.pt if it exists) | never | a checkpoint path
+log_every = 50                            # optimizer steps between log lines (the only host syncs of the loop)
+ckpt_every = 1000                         # optimizer steps between checkpoints (also written at the end and on SIGTERM/SIGINT)
+sample_every = 5000                       # optimizer steps between sample grids with the EMA weights (0 = never)
+sample_prompts = "a red fox in the snow|an astronaut riding a horse|a bowl of fruit on a wooden table|a lighthouse at sunset"  # '|'-separated
+sample_cfg = 5.0                          # classifier-free guidance scale of the sample grids
+# data and the frozen encoders
+resolution = 256                          # image side in pixels (latent side = resolution / 8 with the SD VAE)
+vae = "stabilityai/sd-vae-ft-mse"         # diffusers AutoencoderKL name or folder, or "none" (pixel space)
+text_encoder = "ViT-L-14/laion2b_s32b_b82k"  # open_clip "arch/pretrained", a local open_clip checkpoint, or "tiny" (offline tests)
+text_states = False                       # cache the text encoder's states on disk (118 KB/caption at CLIP-L) instead of encoding token ids each step
+cond_drop = 0.1                           # caption dropout probability, for classifier-free guidance
+flip = True                               # random horizontal flips (both flips are in the cache)
+# model
+model = "DiT-B/2"                         # preset name from model.PRESETS
+depth = 0                                 # 0 = the preset's value
+width = 0                                 # 0 = the preset's value
+heads = 0                                 # 0 = the preset's value
+patch = 0                                 # 0 = the preset's value
+adaln = "single"                          # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-Zero per block)
+grad_ckpt = False                         # activation checkpointing per block (memory for compute)
+# diffusion
+schedule = "scaled_linear"                # linear | scaled_linear | cosine
+beta_start = 0.00085                      # first beta (linear schedules)
+beta_end = 0.012                          # last beta (linear schedules)
+prediction = "v"                          # v | eps | x0
+zero_terminal_snr = False                 # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0 prediction
+min_snr_gamma = 5.0                       # min-SNR-gamma loss weighting (arXiv 2303.09556); 0 = off
+noise_offset = 0.0                        # offset noise strength (per-channel constant added to the noise)
+input_perturbation = 0.0                  # input perturbation strength (arXiv 2301.11706)
+# optimisation
+batch = 64                                # micro-batch per GPU
+accum = 1                                 # micro-steps per optimizer step (global batch = batch * accum * GPUs)
+lr = 1e-4                                 # peak learning rate
+lr_schedule = "wsd"                       # constant | cosine | wsd (warmup-stable-decay)
+warmup = 1000                             # optimizer steps of linear LR warmup
+decay_frac = 0.2                          # wsd: share of the run spent decaying the LR linearly to 0
+max_steps = 400_000                       # optimizer steps
+max_hours = 0.0                           # wall-clock budget; > 0 plans the LR decay to end on time (0 = off)
+weight_decay = 0.0                        # AdamW weight decay, on matrices only
+adam_beta1 = 0.9                          # AdamW beta1
+adam_beta2 = 0.999                        # AdamW beta2
+grad_clip = 1.0                           # gradient-norm clipping (0 = off)
+ema_decay = 0.9999                        # EMA decay (warmed up as min(ema_decay, (1 + n) / (10 + n)))
+max_bad_steps = 20                        # consecutive non-finite steps that stop the run
+# system
+device = "auto"                           # auto | cpu | cuda | cuda:N
+dtype = "bfloat16"                        # autocast dtype on CUDA: bfloat16 | float32 (the CPU always runs float32)
+compile = True                            # torch.compile the model (CUDA only)
+seed = 0                                  # seeds the data order, the noise and the init
+# -----------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)]
+DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _convert(key, value, default):
+    """Parse a command-line string (or check a config-file value) against the default's type."""
+    kind = type(default)
+    if not isinstance(value, str):
+        if kind is float and type(value) is int:
+            return float(value)
+        if type(value) is not kind:
+            raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}")
+        return value
+    if kind is bool:
+        if value.lower() in ("true", "1"):
+            return True
+        if value.lower() in ("false", "0"):
+            return False
+        raise ConfigError(f"--{key} expects a boolean (true/false/1/0), got {value!r}")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}") from None
+
+
+def _check_key(key):
+    if key not in DEFAULTS:
+        close = difflib.get_close_matches(key, CONFIG_KEYS, n=3)
+        raise ConfigError(f"unknown key {key!r}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""))
+
+
+def parse_args(argv):
+    """[configs/NAME.py] [--key value | --key=value ...] -> a full config dict. Raises ConfigError."""
+    config = dict(DEFAULTS)
+    args = list(argv)
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found")
+        scope = {}
+        exec(compile(open(path).read(), path, "exec"), scope)
+        for key, value in scope.items():
+            if key.startswith("_") or type(value).__name__ == "module":
+                continue
+            _check_key(key)
+            config[key] = _convert(key, value, DEFAULTS[key])
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        _check_key(key)
+        if not eq:
+            if not args:
+                raise ConfigError(f"--{key} needs a value")
+            value = args.pop(0)
+        config[key] = _convert(key, value, DEFAULTS[key])
+    return config
+
+
+# -----------------------------------------------------------------------------
+# the pieces of a step (bench.py and the tests call these very functions)
+
+def configure_optimizer(model, lr, weight_decay, betas, device_type):
+    """AdamW, decay on matrices only; fused (one kernel per step, and it can skip a step on device)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def lr_at(step, horizon, C):
+    """Linear warmup, then constant, cosine (to 0 at `horizon`) or warmup-stable-decay (linear to 0 over the last decay_frac)."""
+    if step < C.warmup:
+        return C.lr * (step + 1) / C.warmup
+    if C.lr_schedule == "constant":
+        return C.lr
+    start = C.warmup if C.lr_schedule == "cosine" else int(horizon * (1 - C.decay_frac))
+    if step < start:
+        return C.lr
+    progress = min(1.0, (step - start) / max(1, horizon - start))
+    if C.lr_schedule == "cosine":
+        return C.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return C.lr * (1 - progress)
+
+
+def step_noise(seed, step, n, shape, device, C, T):
+    """All randomness of one optimizer step, a function of (seed, step) alone: the same samples get the same
+    t and noise whatever the micro-batch, accumulation or number of ranks (exact resume, accum and DDP)."""
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    t = torch.randint(0, T, (n,), generator=g, device=device)
+    noise = torch.randn((n, *shape), generator=g, device=device)
+    offset = torch.randn((n, shape[0], 1, 1), generator=g, device=device) if C.noise_offset > 0 else None
+    perturb = torch.randn((n, *shape), generator=g, device=device) if C.input_perturbation > 0 else None
+    return t, noise, offset, perturb
+
+
+def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank=0, world=1):
+    """One optimizer step: C.accum micro-steps of forward + backward, then clip and AdamW. No host sync:
+    a non-finite gradient makes fused AdamW skip the update on the device (the found_inf hook GradScaler uses)."""
+    t_all, noise_all, offset_all, perturb_all = rand
+    ddp = isinstance(model, DDP)
+    losses, ts = [], []
+    for micro in range(C.accum):
+        batch = next(loader)
+        rows = slice((micro * world + rank) * C.batch, (micro * world + rank + 1) * C.batch)  # this micro-batch's share of the step's noise
+        pick = lambda a: None if a is None else a[rows]
+        sync = contextlib.nullcontext() if (not ddp or micro == C.accum - 1) else model.no_sync()  # all-reduce grads on the last micro-step only
+        with sync:
+            with ctx:
+                cond = (batch["states"], batch["pooled"]) if "states" in batch else encode_text(batch["tokens"])
+                loss, per_sample, t = diffusion.loss(
+                    lambda x, tt, c: model(x, tt, *c), batch["latents"], cond,
+                    min_snr_gamma=C.min_snr_gamma, noise_offset=C.noise_offset, input_perturbation=C.input_perturbation,
+                    t=pick(t_all), noise=pick(noise_all), offset_noise=pick(offset_all), perturb_noise=pick(perturb_all))
+            (loss / C.accum).backward()
+        losses.append(per_sample)
+        ts.append(t)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, C.grad_clip if C.grad_clip > 0 else float("inf"))
+    found_inf = (~torch.isfinite(grad_norm)).float()
+    optimizer.found_inf = found_inf  # fused AdamW skips the whole update (and its step count) where this is 1
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.cat(losses), torch.cat(ts), grad_norm, found_inf
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema <- decay * ema + (1 - decay) * p
+
+
+@torch.no_grad()
+def sample_grid(model, diffusion, text_encoder, vae, prompts, cfg, grid, device, ctx, path, seed=0):
+    """A grid of one image per prompt from fixed seeds (train-time preview; sample.py is the full tool)."""
+    import numpy as np
+    from PIL import Image
+    model.eval()
+    n = len(prompts)
+    text, pooled = text_encoder(prompts)
+    utext, upooled = text_encoder([""] * n)
+    gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
+    x = torch.stack([torch.randn((model.config.in_channels, grid, grid), generator=g, device=device) for g in gens])
+    with ctx:
+        x = diffusion.sample(lambda x, t, c: model(x, t, *c), x, (text, pooled), uncond=(utext, upooled), cfg=cfg,
+                             steps=50, sampler="ddim", generator=gens)
+        images = vae.decode(x.float())
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w = images.shape[1:3]
+    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    Image.fromarray(canvas).save(path)
+    model.train()
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file, fsync, then rename over the old checkpoint."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"cannot load checkpoint {path!r} ({type(e).__name__}: {e}); "
+                          "it is truncated or not a checkpoint of this project: pass --resume never to start over") from None
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    try:
+        C = SimpleNamespace(**parse_args(argv))
+        if C.resume not in ("auto", "never") and not os.path.isfile(C.resume):
+            raise ConfigError(f"--resume {C.resume!r}: no such checkpoint")
+        if C.zero_terminal_snr and C.prediction == "eps":
+            raise ConfigError("zero_terminal_snr with eps prediction is ill-posed (SNR 0 at the last step): use --prediction v")
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    # ---- distributed setup (torchrun sets RANK) and device
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if C.device == "auto":
+        C.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group(backend="nccl" if C.device.startswith("cuda") else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        if C.device.startswith("cuda"):
+            C.device = f"cuda:{local_rank}"
+            torch.cuda.set_device(C.device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    device_type = "cuda" if C.device.startswith("cuda") else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[C.dtype]
+    ctx = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and ptdtype != torch.float32 else contextlib.nullcontext()
+
+    # ---- data: build the latent cache once (rank 0), then everyone opens it
+    try:
+        if master:
+            cache_path = datalib.ensure_cache(C.data, C.resolution, C.vae, C.text_encoder, cache_dir=C.cache_dir,
+                                              device=C.device, text_states=C.text_states)
+        if ddp:
+            holder = [cache_path if master else None]
+            dist.broadcast_object_list(holder, src=0)
+            cache_path = holder[0]
+        cache = datalib.LatentCache(cache_path)
+    except datalib.DataError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    text_encoder = datalib.load_text_encoder(C.text_encoder, device=C.device)
+    loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=rank, world_size=world, cond_drop=C.cond_drop,
+                            flip=C.flip, device=C.device)
+    latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
+
+    # ---- model, EMA, optimizer, schedule
+    torch.manual_seed(C.seed)
+    mcfg = make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch,
+                       in_channels=latent_shape[0], input_size=latent_shape[1], text_dim=text_encoder.dim,
+                       pooled_dim=text_encoder.pooled_dim, adaln=C.adaln, grad_ckpt=C.grad_ckpt)
+    raw_model = DiT(mcfg).to(C.device)
+    ema_model = DiT(mcfg).to(C.device).requires_grad_(False)
+    ema_model.load_state_dict(raw_model.state_dict())
+    optimizer = configure_optimizer(raw_model, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2), device_type)
+    diffusion = Diffusion(schedule=C.schedule, beta_start=C.beta_start, beta_end=C.beta_end,
+                          prediction=C.prediction, zero_terminal_snr=C.zero_terminal_snr)
+
+    step, elapsed, horizon = 0, 0.0, C.max_steps
+    ckpt_path = os.path.join(C.out_dir, "ckpt.pt")
+    resume_from = ckpt_path if C.resume == "auto" and os.path.exists(ckpt_path) else (None if C.resume in ("auto", "never") else C.resume)
+    if resume_from:
+        try:
+            ck = load_checkpoint(resume_from)
+        except ConfigError as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if ck["model_config"] != dataclasses.asdict(mcfg):
+            print(f"train.py: error: {resume_from} holds a different model ({ck['model_config']}); "
+                  "use another --out_dir or --resume never", file=sys.stderr)
+            sys.exit(2)
+        raw_model.load_state_dict(ck["model"])
+        ema_model.load_state_dict(ck["ema"])
+        optimizer.load_state_dict(ck["optimizer"])
+        loader.load_state_dict(ck["loader_state"])
+        torch.set_rng_state(ck["rng"]["cpu"])
+        step, elapsed, horizon = ck["step"], ck["progress"]["elapsed_s"], ck["progress"]["horizon"]
+        print0(f"resumed from {resume_from} at step {step}")
+    model = torch.compile(raw_model) if C.compile and device_type == "cuda" else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[torch.device(C.device).index] if device_type == "cuda" else None)
+    params = [p for p in raw_model.parameters()]
+    ema_params = [p for p in ema_model.parameters()]
+    assert all(p.requires_grad for p in params) and sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+
+    G = C.batch * C.accum * world  # images per optimizer step
+    flops = raw_model.estimate_flops()
+    print0(f"model {C.model}: {sum(p.numel() for p in params) / 1e6:.1f}M params, depth {mcfg.depth} width {mcfg.width} "
+           f"heads {mcfg.heads} patch {mcfg.patch}, {latent_shape} latents -> {(latent_shape[1] // mcfg.patch) ** 2} tokens, "
+           f"{flops / 1e9:.1f} GFLOP/img (train)")
+    print0(f"{len(cache)} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
+           f"{C.max_steps} steps max{f', {C.max_hours} h budget' if C.max_hours > 0 else ''} | device {C.device}")
+
+    # ---- bookkeeping: stop on SIGTERM/SIGINT after the current step, with a checkpoint
+    os.makedirs(os.path.join(C.out_dir, "samples"), exist_ok=True) if master else None
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+
+    def state():
+        return {"model": raw_model.state_dict(), "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "config": dict(vars(C)), "model_config": dataclasses.asdict(mcfg),
+                "loader_state": loader.state_dict(), "rng": {"cpu": torch.get_rng_state()},
+                "progress": {"elapsed_s": elapsed + time.time() - t_start, "horizon": horizon}}
+
+    acc = {k: torch.zeros((), device=C.device) for k in ("loss", "n", "skipped", "grad_norm")}
+    bin_sum, bin_cnt = torch.zeros(10, device=C.device), torch.zeros(10, device=C.device)
+    bad_streak = torch.zeros((), device=C.device)
+    skipped_total = 0
+    log_file = open(os.path.join(C.out_dir, "log.jsonl"), "a") if master else None
+    encode_text = lambda tokens: text_encoder.encode(tokens)
+    t_start = t_log = time.time()
+    step_log = step
+    bar, vae_model = None, None
+    if master:
+        from tqdm import tqdm
+        bar = tqdm(total=horizon, initial=step, dynamic_ncols=True, disable=None)
+
+    # ---- the loop
+    while step < horizon:
+        rand = step_noise(C.seed, step, G, latent_shape, C.device, C, diffusion.T)
+        lr = lr_at(step, horizon, C)
+        per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank, world)
+        ema_update(ema_params, params, min(C.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        ok = 1.0 - found_inf  # skipped steps stay out of the averages
+        per_sample = torch.where(ok > 0, per_sample, 0.0)
+        acc["loss"] += per_sample.mean()
+        acc["n"] += ok
+        acc["skipped"] += found_inf
+        acc["grad_norm"] += torch.where(ok > 0, grad_norm, 0.0)
+        bad_streak = (bad_streak + 1) * found_inf
+        b = (t * 10 // diffusion.T).clamp(0, 9)  # loss in 10 bins of timestep
+        bin_sum.index_add_(0, b, per_sample)
+        bin_cnt.index_add_(0, b, ok.expand_as(per_sample))
+        if bar is not None:
+            bar.update(1)
+
+        last = step >= horizon
+        if step % C.log_every == 0 or last:
+            if ddp:
+                for v in (*acc.values(), bin_sum, bin_cnt):
+                    dist.all_reduce(v)
+            n = max(acc["n"].item(), 1e-9)
+            dt = time.time() - t_log
+            imgs = (step - step_log) * G / dt
+            skipped_total += int(round(acc["skipped"].item() / world))
+            now = elapsed + time.time() - t_start
+            if C.max_hours > 0:  # plan the horizon from the measured step time, frozen once the LR decay has begun
+                decaying = (step - C.log_every >= C.warmup) if C.lr_schedule == "cosine" else \
+                    (C.lr_schedule == "wsd" and step >= int(horizon * (1 - C.decay_frac)))
+                if not decaying:
+                    horizon = min(C.max_steps, step + int((C.max_hours * 3600 - now) / (dt / (step - step_log))))
+                    horizon = max(horizon, step)
+                    if bar is not None:
+                        bar.total = horizon
+            rec = {"step": step, "loss": acc["loss"].item() / n, "lr": lr, "grad_norm": acc["grad_norm"].item() / n,
+                   "images_per_s": imgs, "mfu": raw_model.mfu(imgs / world, C.device), "skipped": skipped_total,
+                   "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if device_type == "cuda" else 0.0,
+                   "eta_h": (horizon - step) * dt / max(step - step_log, 1) / 3600, "elapsed_h": now / 3600,
+                   "loss_by_t": [round(s / max(c, 1e-9), 5) for s, c in zip(bin_sum.tolist(), bin_cnt.tolist())]}
+            if master:
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+                bar.write(f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | "
+                          f"{imgs:.1f} img/s | mfu {rec['mfu'] * 100:.1f}% | mem {rec['peak_mem_gb']:.1f} GB | "
+                          f"skipped {skipped_total} | eta {rec['eta_h']:.2f} h")
+            if bad_streak.item() >= C.max_bad_steps:
+                print(f"train.py: error: {int(bad_streak.item())} non-finite steps in a row at step {step}; stopping. "
+                      f"The last good checkpoint ({ckpt_path}) is untouched.", file=sys.stderr)
+                sys.exit(1)
+            for v in (*acc.values(), bin_sum, bin_cnt):
+                v.zero_()
+            t_log, step_log = time.time(), step
+            if C.max_hours > 0 and now >= C.max_hours * 3600:
+                last = True
+                horizon = step
+
+        if ddp:  # every rank must agree to stop at the same step
+            flag = torch.tensor(float(stop["signal"] is not None), device=C.device)
+            dist.all_reduce(flag)
+            if flag.item() > 0:
+                stop["signal"] = stop["signal"] or signal.SIGTERM
+        if master and C.sample_every > 0 and (step % C.sample_every == 0 or last):
+            prompts = [p for p in C.sample_prompts.split("|") if p]
+            vae_model = vae_model or datalib.load_vae(C.vae, device=C.device)  # loaded on first use only
+            sample_grid(ema_model, diffusion, text_encoder, vae_model, prompts, C.sample_cfg, latent_shape[1],
+                        C.device, ctx, os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
+        if master and (step % C.ckpt_every == 0 or last or stop["signal"] is not None):
+            save_checkpoint(ckpt_path, state())
+        if stop["signal"] is not None:
+            print0(f"signal {stop['signal']}: checkpoint saved at step {step}, exiting")
+            break
+    if bar is not None:
+        bar.close()
+    if log_file:
+        log_file.close()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"step": step, "model": raw_model, "ema": ema_model, "optimizer": optimizer, "skipped": skipped_total}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
