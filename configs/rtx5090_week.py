@@ -1,0 +1,38 @@
+# The one-week run on one RTX 5090 (32 GB): python train.py configs/rtx5090_week.py --data /path/to/shards
+#
+# Budget (see README "Sizing the week"): ~210 TFLOP/s dense bf16 (fp32 accumulate) x ~50% MFU x 604,800 s
+# = ~6e19 training FLOPs. model.py counts DiT-XL/2 at 256 px (256 tokens + 77 text tokens) at ~0.9 TFLOP per
+# training image, so the week is ~70M images: 270K optimizer steps of 256 images, about the 400K x 256 images
+# of the DiT paper's XL/2 ImageNet run (FID 19.5) in FLOPs. DiT's Figure 9 shows the larger models reach a
+# given FID with fewer training FLOPs, so the week goes to the largest preset, not to more steps of a small one.
+# GPU throughput and memory on the 5090 are not measured yet (no GPU in the sessions so far): if XL/2 at
+# micro-batch 64 runs out of memory, set grad_ckpt = True (or batch = 32, accum = 8: the same global batch).
+
+data = "data/shards"                 # img2dataset webdataset shards (or an imagefolder with metadata.jsonl)
+out_dir = "out/week"
+resolution = 256                     # sd-vae-ft-mse latents 4x32x32 -> 256 tokens at patch 2
+vae = "stabilityai/sd-vae-ft-mse"
+text_encoder = "ViT-L-14/laion2b_s32b_b82k"
+text_states = False                  # encoding 77 cached token ids costs ~1.5% of an XL/2 step; caching states costs 118 KB/image
+model = "DiT-XL/2"
+adaln = "single"                     # PixArt adaLN-single: ~27% fewer parameters than adaLN-Zero at XL (README)
+batch = 64                           # micro-batch per GPU
+accum = 4                            # global batch 256, as in the DiT and PixArt papers
+lr = 1e-4                            # DiT / PixArt use 1e-4 (PixArt 2e-5 at batch 64 per GPU with more GPUs)
+lr_schedule = "wsd"                  # constant LR, then linear decay over the last 20%: ends annealed on time
+warmup = 2000
+decay_frac = 0.2
+max_steps = 10_000_000               # effectively unbounded: max_hours decides the horizon
+max_hours = 168.0                    # one week; the LR decay is planned from the measured step time
+ema_decay = 0.9999
+prediction = "v"
+min_snr_gamma = 5.0
+cond_drop = 0.1
+noise_offset = 0.0
+weight_decay = 0.0
+grad_clip = 1.0
+compile = True
+dtype = "bfloat16"
+log_every = 100
+ckpt_every = 2000                    # ~20 min of work at the planned rate; SIGTERM also writes one
+sample_every = 5000

@@ -1,0 +1,29 @@
+# The offline demo: python train.py configs/shapes.py  (CPU, no network, a few minutes)
+# Pixel space (vae none), the tiny random CLIP-style text tower, the built-in coloured shapes.
+data = "shapes:6000"
+out_dir = "out/shapes"
+resolution = 32
+vae = "none"
+text_encoder = "tiny"
+model = "DiT-S/4"
+depth = 6
+width = 192
+heads = 6
+batch = 32
+accum = 1
+lr = 1e-3
+warmup = 100
+max_steps = 1500
+lr_schedule = "wsd"
+decay_frac = 0.3
+ema_decay = 0.995
+cond_drop = 0.1
+prediction = "v"
+min_snr_gamma = 5.0
+compile = False
+device = "cpu"
+log_every = 50
+ckpt_every = 250
+sample_every = 500
+sample_prompts = "a red circle on a white background|a blue square on a black background|a yellow triangle on a gray background|a green circle on a black background"
+sample_cfg = 4.0

@@ -1,0 +1,276 @@
+"""
+A compact text-conditioned DiT (Peebles & Xie, arXiv 2212.09748) with PixArt-alpha's cross-attention and
+adaLN-single (Chen et al., arXiv 2310.00426), QK-RMSNorm and 2-D RoPE. `python model.py` prints the presets.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+#################################################################################
+#                                  Config                                       #
+#################################################################################
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 4        # 4 for sd-vae latents, 3 for pixel space
+    input_size: int = 32        # latent grid used for FLOP estimates (the model accepts any grid divisible by patch)
+    patch: int = 2              # patch side in latent pixels; tokens = (grid / patch)^2
+    depth: int = 12             # number of transformer blocks
+    width: int = 768            # hidden size
+    heads: int = 12             # attention heads (head dim = width / heads, must be divisible by 4 for 2-D RoPE)
+    text_dim: int = 768         # width of the per-token text states
+    pooled_dim: int = 768       # width of the pooled text embedding
+    text_len: int = 77          # text tokens, used only for FLOP estimates
+    mlp_ratio: float = 4.0      # MLP hidden = mlp_ratio * width
+    adaln: str = "single"       # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-Zero per block)
+    qk_norm: bool = True        # RMSNorm on queries and keys (bf16 stability, arXiv 2302.05442)
+    grad_ckpt: bool = False     # activation checkpointing per block (training only)
+
+# the DiT paper's sizes (Table 1); the /N suffix is the patch size
+_SIZES = {"S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
+          "L": dict(depth=24, width=1024, heads=16), "XL": dict(depth=28, width=1152, heads=16)}
+PRESETS = {f"DiT-{s}/{p}": dict(**d, patch=p) for s, d in _SIZES.items() for p in (2, 4, 8)}
+
+def make_config(name: str, **overrides) -> DiTConfig:
+    """Preset `name` with overrides applied; an override of 0 or None means "take the preset's value"."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    kw = dict(PRESETS[name])
+    kw.update({k: v for k, v in overrides.items() if v not in (0, None)})
+    return DiTConfig(**kw)
+
+#################################################################################
+#               Embedding Layers for Timesteps and Positions                    #
+#################################################################################
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """Sinusoidal embedding of (B,) float timesteps -> (B, dim) (DiT's TimestepEmbedder, from GLIDE)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                                    # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)               # (B, dim)
+
+def rope_2d(h, w, head_dim, device, theta=10000.0):
+    """cos, sin (h*w, head_dim/2) of axial 2-D RoPE (RoFormer arXiv 2104.09864, axial form as in FiT/Lumina):
+    half of each head's rotation pairs rotate with the row index, half with the column index. Computed for the
+    current grid, so any resolution works; positions are integer token indices (relative, shared across grids)."""
+    n = head_dim // 4                                                          # frequencies per axis
+    freqs = theta ** (-torch.arange(n, dtype=torch.float32, device=device) / n)  # (n,)
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    ang = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (h*w, head_dim/2)
+    return ang.cos(), ang.sin()
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, H, N, D) by the angles in cos/sin (N, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)                                                # (B, H, N, D/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)      # (B, H, N, D)
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]                           # (B, N, W)
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Self-attention (fused QKV, with RoPE) or cross-attention (Q from x, fused KV from the text states)."""
+    def __init__(self, config, cross):
+        super().__init__()
+        W = config.width
+        self.heads, self.cross = config.heads, cross
+        if cross:
+            self.q, self.kv = nn.Linear(W, W), nn.Linear(W, 2 * W)
+        else:
+            self.qkv = nn.Linear(W, 3 * W)
+        norm = (lambda: nn.RMSNorm(W // config.heads, eps=1e-6)) if config.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        self.proj = nn.Linear(W, W)
+
+    def forward(self, x, ctx=None, rope=None):
+        B, N, W = x.shape                                                      # x (B, N, W)
+        H, D = self.heads, W // self.heads
+        if self.cross:
+            q = self.q(x).view(B, N, H, D).transpose(1, 2)                     # (B, H, N, D)
+            k, v = self.kv(ctx).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)    # (B, H, L, D) each
+        else:
+            q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)   # (B, H, N, D) each
+        q, k = self.q_norm(q.float()), self.k_norm(k.float())                  # (B, H, N|L, D) fp32 for bf16 stability
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)                  # (B, H, N, D)
+        q, k = q.to(v.dtype), k.to(v.dtype)                                    # (B, H, N|L, D)
+        x = F.scaled_dot_product_attention(q, k, v)                            # (B, H, N, D)
+        return self.proj(x.transpose(1, 2).reshape(B, N, W))                   # (B, N, W)
+
+class DiTBlock(nn.Module):
+    """adaLN-modulated self-attention, ungated cross-attention to the text (PixArt-alpha Fig. 3), gated MLP."""
+    def __init__(self, config):
+        super().__init__()
+        W, self.adaln = config.width, config.adaln
+        self.norm1 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(config, cross=False)
+        self.norm2 = nn.LayerNorm(W, eps=1e-6)
+        self.cross_attn = Attention(config, cross=True)
+        self.norm3 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        hidden = int(W * config.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(W, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, W))
+        if config.adaln == "zero":   # DiT: a per-block MLP regresses shift/scale/gate from the conditioning
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(W, 6 * W))
+        else:                        # PixArt adaLN-single: a learned per-block offset to the shared modulation
+            self.scale_shift_table = nn.Parameter(torch.zeros(6 * W))
+
+    def forward(self, x, c, text, rope):
+        # x (B, N, W); c (B, W) for "zero", (B, 6W) shared modulation for "single"; text (B, L, W)
+        m = self.adaLN_modulation(c) if self.adaln == "zero" else c + self.scale_shift_table  # (B, 6W)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = m.chunk(6, dim=1)  # (B, W) each
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)  # (B, N, W)
+        x = x + self.cross_attn(self.norm2(x), ctx=text)                       # (B, N, W)
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))  # (B, N, W)
+        return x
+
+class FinalLayer(nn.Module):
+    """PixArt's final layer: shift/scale = learned table + conditioning embedding, then a zero-init linear."""
+    def __init__(self, config):
+        super().__init__()
+        W, p = config.width, config.patch
+        self.norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, W))
+        self.linear = nn.Linear(W, p * p * config.in_channels)
+
+    def forward(self, x, c):
+        shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(1)   # (B, W) each
+        return self.linear(modulate(self.norm(x), shift, scale))               # (B, N, p*p*C)
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        assert config.adaln in ("single", "zero"), f"adaln must be 'single' or 'zero', got {config.adaln!r}"
+        assert config.width % config.heads == 0 and (config.width // config.heads) % 4 == 0, "head dim % 4 != 0"
+        self.config = config
+        W = config.width
+        self.x_embedder = nn.Conv2d(config.in_channels, W, config.patch, stride=config.patch)
+        self.t_embedder = nn.Sequential(nn.Linear(256, W), nn.SiLU(), nn.Linear(W, W))
+        self.pooled_embedder = nn.Sequential(nn.Linear(config.pooled_dim, W), nn.SiLU(), nn.Linear(W, W))
+        # text states -> width once, shared by every block's K/V projection (PixArt's caption projection)
+        self.text_embedder = nn.Sequential(nn.Linear(config.text_dim, W), nn.GELU(approximate="tanh"), nn.Linear(W, W))
+        if config.adaln == "single":   # PixArt-alpha Sec. 2.3: one MLP for all blocks
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(W, 6 * W))
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(config)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # DiT: xavier-uniform linears with zero bias, patch embed as a linear, normal(0.02) timestep MLP
+        def _basic_init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(_basic_init)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for mlp in (self.t_embedder, self.pooled_embedder):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        # adaLN-Zero (DiT Sec. 3.2): every modulation output starts at zero, so self-attention and MLP branches
+        # start gated off (at init "single" and "zero" compute the same function). The cross-attention output is
+        # NOT zeroed (PixArt zeroes it): with a zero final layer its gradient is zero on the first step, so the
+        # caption tokens would reach the output only after two steps. t and pooled reach it after one step
+        # through the final layer's shift/scale, which PixArt adds straight from the conditioning.
+        if self.config.adaln == "single":
+            nn.init.zeros_(self.t_block[1].weight)
+            nn.init.zeros_(self.t_block[1].bias)
+        for block in self.blocks:
+            if self.config.adaln == "zero":
+                nn.init.zeros_(block.adaLN_modulation[1].weight)
+                nn.init.zeros_(block.adaLN_modulation[1].bias)
+        # zero final layer: an untrained model outputs exactly zero
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x, h, w):
+        p, C = self.config.patch, self.config.in_channels
+        x = x.view(x.shape[0], h, w, p, p, C)                                  # (B, h, w, p, p, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, h * p, w * p)  # (B, C, H, W)
+
+    def forward(self, x, t, text, pooled):
+        """x (B,C,H,W); t (B,) int or float timesteps in [0, 1000); text (B,L,text_dim); pooled (B,pooled_dim)."""
+        p = self.config.patch
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W), N = h*w
+        rope = rope_2d(h, w, self.config.width // self.config.heads, x.device)  # cos, sin (N, D/2)
+        c = self.t_embedder(timestep_embedding(t).to(x.dtype)) + self.pooled_embedder(pooled.to(x.dtype))  # (B, W)
+        text = self.text_embedder(text.to(x.dtype))                            # (B, L, W)
+        cb = self.t_block(c) if self.config.adaln == "single" else c           # (B, 6W) | (B, W)
+        for block in self.blocks:
+            if self.config.grad_ckpt and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cb, text, rope, use_reentrant=False)  # (B, N, W)
+            else:
+                x = block(x, cb, text, rope)                                   # (B, N, W)
+        x = self.final_layer(x, c)                                             # (B, N, p*p*C)
+        return self.unpatchify(x, h, w)                                        # (B, C, H, W)
+
+    #############################################################################
+    #                          FLOPs and MFU                                    #
+    #############################################################################
+
+    def estimate_flops(self, grid: int | None = None) -> float:
+        """Training FLOPs per image (forward + backward = 3x forward; backward does two matmuls per forward one,
+        PaLM arXiv 2204.02311 App. B), counting every matmul as 2*MACs including attention scores and values."""
+        cfg = self.config
+        W, D, L, C, p = cfg.width, cfg.depth, cfg.text_len, cfg.in_channels, cfg.patch
+        N = ((grid or cfg.input_size) // p) ** 2
+        hidden = int(W * cfg.mlp_ratio)
+        self_attn = N * W * 3 * W + 2 * N * N * W + N * W * W                  # qkv, QK^T and AV, out proj
+        cross_attn = N * W * W + L * W * 2 * W + 2 * N * L * W + N * W * W     # q, kv, QK^T and AV, out proj
+        block = self_attn + cross_attn + 2 * N * W * hidden + (W * 6 * W if cfg.adaln == "zero" else 0)
+        embed = (N * C * p * p * W + 256 * W + W * W + cfg.pooled_dim * W + W * W  # patch, t MLP, pooled MLP
+                 + L * (cfg.text_dim * W + W * W) + (W * 6 * W if cfg.adaln == "single" else 0))  # text, t_block
+        macs = D * block + embed + N * W * p * p * C                           # + final linear
+        return 3 * 2 * macs
+
+    def mfu(self, images_per_s: float, device) -> float:
+        """Model FLOPs utilisation (PaLM App. B) against PEAK_FLOPS; nan where the peak is unknown (CPU)."""
+        peak = peak_flops(device)
+        return images_per_s * self.estimate_flops() / peak if peak else float("nan")
+
+# dense bf16 tensor-core FLOP/s with fp32 accumulate (no sparsity), matched by substring of the device name;
+# more specific names first
+PEAK_FLOPS = {
+    "5090": 209.5e12,     # NVIDIA RTX Blackwell GPU Architecture whitepaper, RTX 5090: BF16 w/ FP32 acc 209.5 (419 sparse)
+    "4090": 165.2e12,     # NVIDIA Ada Lovelace GPU Architecture whitepaper, RTX 4090: BF16 w/ FP32 acc 165.2 (330.4 sparse)
+    "H100 PCIe": 756.5e12,  # NVIDIA H100 datasheet, H100 PCIe: BF16 1,513 TFLOPS with sparsity
+    "H100": 989.4e12,     # NVIDIA H100 datasheet, H100 SXM: BF16 1,979 TFLOPS with sparsity
+    "H200": 989.4e12,     # NVIDIA H200 datasheet, H200 SXM: BF16 1,979 TFLOPS with sparsity
+    "A100": 312e12,       # NVIDIA A100 datasheet: BF16 312 TFLOPS (624 with sparsity)
+}
+
+def peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device from PEAK_FLOPS; None for the CPU or an unlisted GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+#################################################################################
+#                                  Preset table                                 #
+#################################################################################
+
+def preset_table(grid: int = 32, **overrides) -> str:
+    """Markdown table of every preset: parameters and training GFLOPs per image at `grid` (built on meta)."""
+    rows = ["| preset | depth | width | heads | patch | params (M) | train GFLOP/img |", "|---|---|---|---|---|---|---|"]
+    for name in PRESETS:
+        with torch.device("meta"):
+            model = DiT(make_config(name, input_size=grid, **overrides))
+        cfg, n = model.config, sum(q.numel() for q in model.parameters())
+        rows.append(f"| {name} | {cfg.depth} | {cfg.width} | {cfg.heads} | {cfg.patch} | {n / 1e6:.1f} | "
+                    f"{model.estimate_flops() / 1e9:.1f} |")
+    return "\n".join(rows)
+
+if __name__ == "__main__":
+    for adaln in ("single", "zero"):
+        print(f"\nadaln={adaln}, latent 4x32x32 (256 px), 77x768 text states\n" + preset_table(adaln=adaln))
