@@ -40,7 +40,7 @@ def make_config(name: str, **overrides) -> DiTConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
     kw = dict(PRESETS[name])
-    kw.update({k: v for k, v in overrides.items() if v not in (0, None)})
+    kw.update({k: v for k, v in overrides.items() if v is not None and not (type(v) is int and v == 0)})
     return DiTConfig(**kw)
 
 #################################################################################

@@ -10,6 +10,7 @@ Every global below is a command-line key (`--key value` or `--key=value`) and ca
 file (a Python file that assigns some of them). Rerunning the same command after a crash or preemption
 continues from out_dir/ckpt.pt (resume = "auto").
 """
+import builtins
 import contextlib
 import dataclasses
 import difflib
@@ -130,7 +131,7 @@ def parse_args(argv):
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
         scope = {}
-        exec(compile(open(path).read(), path, "exec"), scope)
+        exec(builtins.compile(open(path).read(), path, "exec"), scope)  # `compile` is a key here
         for key, value in scope.items():
             if key.startswith("_") or type(value).__name__ == "module":
                 continue
@@ -350,7 +351,8 @@ def main(argv):
         optimizer.load_state_dict(ck["optimizer"])
         loader.load_state_dict(ck["loader_state"])
         torch.set_rng_state(ck["rng"]["cpu"])
-        step, elapsed, horizon = ck["step"], ck["progress"]["elapsed_s"], ck["progress"]["horizon"]
+        step, elapsed = ck["step"], ck["progress"]["elapsed_s"]
+        horizon = min(ck["progress"]["horizon"], C.max_steps) if C.max_hours > 0 else C.max_steps  # keep a planned horizon
         print0(f"resumed from {resume_from} at step {step}")
     model = torch.compile(raw_model) if C.compile and device_type == "cuda" else raw_model
     if ddp:
@@ -372,8 +374,7 @@ def main(argv):
     stop = {"signal": None}
     def on_signal(signum, frame):
         stop["signal"] = signum
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, on_signal)
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def state():
         return {"model": raw_model.state_dict(), "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -454,21 +455,26 @@ def main(argv):
                 last = True
                 horizon = step
 
-        if ddp:  # every rank must agree to stop at the same step
-            flag = torch.tensor(float(stop["signal"] is not None), device=C.device)
-            dist.all_reduce(flag)
-            if flag.item() > 0:
-                stop["signal"] = stop["signal"] or signal.SIGTERM
+        stopping = stop["signal"] is not None
+        if ddp:  # all ranks must stop at the same step: they agree at log steps only (no per-step host sync)
+            stopping = False
+            if step % C.log_every == 0 or last:
+                flag = torch.tensor(float(stop["signal"] is not None), device=C.device)
+                dist.all_reduce(flag)
+                stopping = flag.item() > 0
         if master and C.sample_every > 0 and (step % C.sample_every == 0 or last):
             prompts = [p for p in C.sample_prompts.split("|") if p]
             vae_model = vae_model or datalib.load_vae(C.vae, device=C.device)  # loaded on first use only
             sample_grid(ema_model, diffusion, text_encoder, vae_model, prompts, C.sample_cfg, latent_shape[1],
                         C.device, ctx, os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
-        if master and (step % C.ckpt_every == 0 or last or stop["signal"] is not None):
+        if master and (step % C.ckpt_every == 0 or last or stopping):
             save_checkpoint(ckpt_path, state())
-        if stop["signal"] is not None:
+        if stopping:
             print0(f"signal {stop['signal']}: checkpoint saved at step {step}, exiting")
             break
+    for s, handler in previous_handlers.items():
+        signal.signal(s, handler)
+    loader.close()
     if bar is not None:
         bar.close()
     if log_file:

@@ -143,7 +143,7 @@ def test_ddp_equals_one_process(cache, tmp_path):
 def test_sigterm_saves_a_checkpoint_that_resumes(cache, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "train.py", *args(cache, out, max_steps=100000, log_every=1)]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = out / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):

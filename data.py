@@ -1,0 +1,693 @@
+"""
+data.py: the user's images and captions in, training batches out. The only file where the
+pretrained parts (the VAE and the CLIP text tower) enter the project.
+
+  sources     folder with metadata.jsonl (file_name, text) | images + same-named .txt |
+              webdataset .tar shards (folder or glob) | an existing cache | "shapes[:N[:SEED]]"
+  preprocess  any PIL mode -> RGB (alpha over white, 16-bit rescaled, CMYK converted, EXIF rotation),
+              short side resized to `resolution` (antialiased LANCZOS), centre crop, [-1, 1]
+  cache       .npy files, opened as memmaps: latents (N, 2, C, h, w) float16 | tokens (N, 77) int32 |
+              [states (N, 77, dim), pooled (N, pooled_dim) float16] | captions.jsonl | manifest.json (last)
+  loader      infinite, deterministic, DDP-sharded, resumable batches with background prefetch
+
+Choices:
+- Flips: both horizontal flips are encoded and cached (latents[:, 1] = the mirrored image's latent).
+  The VAE is not flip-equivariant, so mirroring a cached latent would give latents the decoder never
+  saw. Cost: 2x encode time and 2x latent disk (16 KB/image at 256 px with sd-vae).
+- Small images: short side < resolution / 2 is skipped ("too_small": upscaling more than 2x teaches
+  the model blur); a short side between resolution / 2 and resolution is upscaled.
+- Captions: a missing or empty caption skips the item (caption dropout provides the unconditional
+  samples). Non-UTF-8 bytes are decoded with errors="replace" and kept; captions over 77 tokens are
+  truncated keeping the end-of-text token and kept; both are counted in manifest["fixed"].
+- Bad input never stops a build: it is skipped and counted by reason in manifest["skipped"]
+  (empty_file, not_an_image, decode_error, too_small, missing_caption, empty_caption, missing_file,
+  missing_image, read_error, bad_metadata, unreadable_shard, truncated_shard). An empty, missing or
+  unreadable source raises DataError (the CLI exits with code 2).
+- ensure_cache() puts a cache in cache/<source>-<res>px-<vae>-<text encoder>[-states]-<hash of all
+  settings> unless told where, reuses it while the manifest matches (settings + source fingerprint).
+"""
+import argparse, collections, functools, glob, hashlib, io, json, os, queue, random, re, struct, sys, tarfile, threading
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
+
+CONTEXT_LENGTH = 77  # CLIP's token window
+CACHE_FORMAT = 1     # bump when the cache layout changes: old caches are then rebuilt
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
+
+
+class DataError(Exception):
+    """An empty, missing or unreadable data source (the CLI maps it to exit code 2)."""
+
+##### The built-in procedural set (the offline demo's data; evaluate.py's probe uses these constants)
+
+SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
+                "purple": (140, 50, 180), "orange": (245, 130, 20)}
+SHAPE_KINDS = ("circle", "square", "triangle")
+SHAPE_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+SHAPES_DEFAULT_COUNT = 20000
+
+def shapes_caption(color, kind, background):
+    return f"a {color} {kind} on a {background} background"
+
+def render_shape(color, kind, background, resolution, rng):
+    """One filled shape, 35-70% of the side, at a random position fully inside the image."""
+    img = Image.new("RGB", (resolution, resolution), SHAPE_BACKGROUNDS[background])
+    side = int(rng.uniform(0.35, 0.70) * resolution)
+    x0, y0 = rng.randint(0, resolution - 1 - side), rng.randint(0, resolution - 1 - side)
+    box, fill, draw = (x0, y0, x0 + side, y0 + side), SHAPE_COLORS[color], ImageDraw.Draw(img)  # PIL boxes are inclusive
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(x0 + side / 2, y0), (x0 + side, y0 + side), (x0, y0 + side)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape kind {kind!r}")
+    return img
+
+def shape_sample(i, seed, resolution):
+    """Sample i of the shapes set: (caption, image), a function of (i, seed, resolution) only."""
+    rng = random.Random(f"shapes-{seed}-{i}")  # str seeds hash with sha512: the same in every process
+    spec = rng.choice(list(SHAPE_COLORS)), rng.choice(SHAPE_KINDS), rng.choice(list(SHAPE_BACKGROUNDS))
+    return shapes_caption(*spec), render_shape(*spec, resolution, rng)
+
+##### Sources: each yields Items in a fixed order; read() returns (image bytes | PIL image, caption)
+
+class Item(NamedTuple):
+    key: str
+    read: object = None  # () -> (bytes | PIL.Image, bytes | str | None)
+    error: str = ""      # a skip reason known without reading
+
+def _shapes_args(data):
+    m = re.fullmatch(r"shapes(?::(\d+))?(?::(\d+))?", data)
+    return (int(m.group(1) or SHAPES_DEFAULT_COUNT), int(m.group(2) or 0)) if m else None
+
+def source_kind(data):
+    if _shapes_args(data):
+        return "shapes"
+    if os.path.isdir(data):
+        if os.path.exists(os.path.join(data, "manifest.json")):
+            return "cache"
+        if os.path.exists(os.path.join(data, "metadata.jsonl")):
+            return "imagefolder"
+        return "webdataset" if glob.glob(os.path.join(data, "*.tar")) else "captioned_images"
+    if glob.glob(data) and all(p.endswith(".tar") for p in glob.glob(data)):
+        return "webdataset"
+    raise DataError(f"data source {data!r} not found or not supported: expected a folder, a .tar glob, a cache or 'shapes[:N[:SEED]]'")
+
+def _files(data):
+    """The files that make up a source, sorted (the source's order and its fingerprint)."""
+    if source_kind(data) == "webdataset":
+        return sorted(glob.glob(os.path.join(data, "*.tar"))) if os.path.isdir(data) else sorted(glob.glob(data))
+    out = []
+    for folder, dirs, names in os.walk(data):
+        dirs.sort()
+        out += [os.path.join(folder, n) for n in sorted(names)]
+    return out
+
+def source_fingerprint(data):
+    """sha1 over (relative path, size, mtime) of every file; for shapes, over (count, seed, renderer)."""
+    h, kind = hashlib.sha1(), source_kind(data)
+    if kind == "shapes":
+        h.update(("shapes-v1:%d:%d" % _shapes_args(data)).encode())
+    else:
+        for p in _files(data):
+            st = os.stat(p)
+            h.update(f"{os.path.basename(p) if kind == 'webdataset' else os.path.relpath(p, data)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+def _read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+def _captioned_image(path):
+    txt = os.path.splitext(path)[0] + ".txt"
+    return _read_file(path), (_read_file(txt) if os.path.exists(txt) else None)
+
+def _metadata_item(root, line):
+    try:
+        rec = json.loads(line)
+        name, text = rec["file_name"], rec.get("text")
+        path = os.path.join(root, name)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return Item(line[:80].decode("utf-8", "replace"), error="bad_metadata")
+    return Item(name, lambda: (_read_file(path), None if text is None else str(text)))
+
+def _tar_items(shards):
+    for shard in shards:
+        try:
+            tf = tarfile.open(shard)
+        except (tarfile.TarError, OSError):
+            yield Item(os.path.basename(shard), error="unreadable_shard")
+            continue
+        with tf:
+            members, broken = [], False
+            try:
+                members.extend(tf)  # reads the headers; a truncated shard keeps what came before the damage
+            except (tarfile.TarError, OSError):
+                broken = True
+            groups = {}  # webdataset: KEY.EXT files with the same KEY form one sample
+            for m in members:
+                if m.isfile():
+                    folder, base = os.path.split(m.name)
+                    key, _, ext = base.partition(".")
+                    groups.setdefault(os.path.join(folder, key), {})[ext.lower()] = m
+            for key, files in groups.items():
+                img = next((files[e] for e in TAR_IMAGE_EXTS if e in files), None)
+                if img is None:
+                    yield Item(f"{os.path.basename(shard)}/{key}", error="missing_image")
+                    continue
+                cap = files.get("txt")
+                read = lambda img=img, cap=cap: (tf.extractfile(img).read(), cap and tf.extractfile(cap).read())
+                yield Item(f"{os.path.basename(shard)}/{key}", read)  # read() runs while this shard is open
+            if broken:
+                yield Item(os.path.basename(shard), error="truncated_shard")
+
+def source_items(data, resolution):
+    """(iterator of Items in a fixed order, item count or None when unknown before reading)."""
+    kind = source_kind(data)
+    if kind == "shapes":
+        n, seed = _shapes_args(data)
+        return (Item(f"shape{i}", functools.partial(lambda i: shape_sample(i, seed, resolution)[::-1], i)) for i in range(n)), n
+    if kind == "imagefolder":
+        try:
+            lines = [l for l in _read_file(os.path.join(data, "metadata.jsonl")).splitlines() if l.strip()]
+        except OSError as e:
+            raise DataError(f"cannot read {data}/metadata.jsonl: {e}") from e
+        if not lines:
+            raise DataError(f"{data}/metadata.jsonl is empty")
+        return (_metadata_item(data, l) for l in lines), len(lines)
+    if kind == "webdataset":
+        return _tar_items(_files(data)), None
+    if kind == "captioned_images":
+        paths = [p for p in _files(data) if p.lower().endswith(IMAGE_EXTS)]
+        if not paths:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data}")
+        return (Item(os.path.relpath(p, data), functools.partial(_captioned_image, p)) for p in paths), len(paths)
+    raise DataError(f"{data} is already a cache")
+
+##### Preprocessing
+
+def to_rgb(img):
+    """Any PIL mode -> RGB; transparency is composited over white, 16/32-bit grey rescaled to 8 bits."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit PNG/TIFF grey: 0..65535 -> 0..255
+        a = np.asarray(img, dtype=np.float32)
+        if img.mode == "F":
+            a = a * 255.0 if a.max() <= 1.0 else a  # float images: [0, 1] or already 0..255
+        elif img.mode != "I" or a.max() > 255:
+            a = a / 257.0  # 65535 -> 255
+        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")  # also CMYK, P, L, 1, YCbCr
+
+def preprocess(img, resolution):
+    """PIL image -> (resolution, resolution, 3) uint8: short side resized, centre crop. None when too small."""
+    if img.format == "JPEG" and min(img.size) >= 2 * resolution:
+        img.draft(None, (resolution, resolution))  # JPEG DCT scaling: decode at 1/2..1/8 size, short side stays >= resolution
+    img.load()
+    if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: phones store portraits rotated
+        img = ImageOps.exif_transpose(img)
+    img = to_rgb(img)
+    w, h = img.size
+    if min(w, h) < resolution / 2:
+        return None
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if size != img.size:  # LANCZOS is antialiased when reducing; reducing_gap box-reduces huge images first (speed)
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+
+def _decode(raw, resolution):
+    """Image bytes or PIL image -> uint8 array, or the reason it is skipped (runs in worker threads)."""
+    if not isinstance(raw, Image.Image) and len(raw) == 0:
+        return "empty_file"
+    try:
+        arr = preprocess(raw if isinstance(raw, Image.Image) else Image.open(io.BytesIO(raw)), resolution)
+    except Image.UnidentifiedImageError:
+        return "not_an_image"
+    except Exception:  # truncated data, bad headers, decompression bombs, ...
+        return "decode_error"
+    return "too_small" if arr is None else arr
+
+def _caption_text(caption, fixed):
+    """Caption bytes/str -> (text, None) or (None, skip reason)."""
+    if caption is None:
+        return None, "missing_caption"
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            caption = caption.decode("utf-8", errors="replace")
+            fixed["non_utf8_caption"] += 1
+    caption = caption.strip().lstrip("\ufeff").strip()
+    return (caption, None) if caption else (None, "empty_caption")
+
+##### The frozen pretrained parts
+
+class VAE:
+    """encode: images (B,3,H,W) in [-1,1] -> scaled latents (B,C,H/f,W/f); decode inverts. "none" = identity."""
+    def __init__(self, name, model=None, device="cpu"):
+        self.name, self.model, self.device = name, model, torch.device(device)
+        cfg = model.config if model is not None else None
+        self.channels = cfg.latent_channels if cfg else 3
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1) if cfg else 1
+        self.scaling_factor = float(cfg.scaling_factor) if cfg else 1.0
+        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0) if cfg else 0.0  # 0 for SD VAEs
+
+    @torch.no_grad()
+    def encode(self, images):
+        if self.model is None:
+            return images
+        mean = self.model.encode(images.to(self.device, torch.float32)).latent_dist.mean  # posterior mean: no noise baked into the cache
+        return (mean - self.shift_factor) * self.scaling_factor  # diffusers' training scripts: latents * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents):
+        if self.model is None:
+            return latents.clamp(-1, 1)
+        z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
+        return self.model.decode(z).sample.clamp(-1, 1)
+
+def load_vae(name, device="cpu"):
+    """'none', a hub name (e.g. stabilityai/sd-vae-ft-mse) or a local diffusers folder."""
+    if name == "none":
+        return VAE("none", None, device)
+    from diffusers import AutoencoderKL
+    sub = {"subfolder": "vae"} if os.path.isdir(os.path.join(name, "vae")) and not os.path.exists(os.path.join(name, "config.json")) else {}
+    try:  # offline first: a local folder or the Hugging Face cache; the network only when neither has it
+        model = AutoencoderKL.from_pretrained(name, local_files_only=True, **sub)
+    except OSError:
+        model = AutoencoderKL.from_pretrained(name, **sub)
+    return VAE(name, model.eval().requires_grad_(False).to(device), device)
+
+class TextEncoder:
+    """A frozen open_clip text tower: 77 token ids -> per-token states after ln_final + pooled EOT embedding."""
+    def __init__(self, name, model, tokenizer, device="cpu"):
+        self.name, self.model, self.tokenizer, self.device = name, model, tokenizer, torch.device(device)
+        self.tower = getattr(model, "text", model)  # CLIP keeps the tower's parts on itself, CustomTextCLIP under .text
+        assert getattr(self.tower, "cls_emb", None) is None, "text towers with a CLS token are not supported"
+        proj = self.tower.text_projection
+        self.dim = self.tower.ln_final.weight.shape[0]
+        self.pooled_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+        self.context_length = CONTEXT_LENGTH
+        self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+
+    def _ids(self, caption):
+        return [self.sot] + self.tokenizer.encode(caption) + [self.eot]
+
+    def _pack(self, ids_list):
+        tokens = torch.zeros(len(ids_list), CONTEXT_LENGTH, dtype=torch.long)  # pad id 0, as open_clip
+        for i, ids in enumerate(ids_list):
+            ids = ids if len(ids) <= CONTEXT_LENGTH else ids[:CONTEXT_LENGTH - 1] + [self.eot]  # truncate, keep EOT last
+            tokens[i, :len(ids)] = torch.tensor(ids)
+        return tokens
+
+    def tokenize(self, captions):
+        return self._pack([self._ids(c) for c in captions])
+
+    @torch.no_grad()
+    def encode(self, tokens):
+        t, tokens = self.tower, tokens.to(self.device)
+        x = t.token_embedding(tokens) + t.positional_embedding  # (B, 77, dim)
+        if hasattr(t.transformer, "batch_first"):  # open_clip >= 2.26 takes (B, L, D) and transposes inside if needed
+            x = t.transformer(x, attn_mask=t.attn_mask)  # (B, 77, dim)
+        else:  # older open_clip: sequence-first
+            x = t.transformer(x.transpose(0, 1), attn_mask=t.attn_mask).transpose(0, 1)  # (B, 77, dim)
+        states = t.ln_final(x)  # (B, 77, dim)
+        eot = states[torch.arange(len(tokens), device=tokens.device), tokens.argmax(-1)]  # (B, dim) EOT has the largest id (open_clip text_global_pool 'argmax')
+        pooled = t.text_projection(eot) if isinstance(t.text_projection, nn.Linear) else eot @ t.text_projection  # (B, pooled_dim)
+        return states.float(), pooled.float()
+
+    def __call__(self, captions):
+        return self.encode(self.tokenize(captions))
+
+def load_text_encoder(name, device="cpu"):
+    """'ARCH/TAG' (open_clip pretrained), a local open_clip folder (open_clip_config.json) or checkpoint file
+    (ViT-L-14 architecture), or 'tiny': a random 2-layer width-64 tower, the same in every process."""
+    import open_clip
+    if name == "tiny":
+        with torch.random.fork_rng(devices=[]):  # fixed weights without touching the caller's RNG
+            torch.manual_seed(0)
+            model = open_clip.model.CLIP(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=1, head_width=32),
+                                         text_cfg=dict(context_length=CONTEXT_LENGTH, width=64, heads=2, layers=2))
+        tokenizer = open_clip.get_tokenizer("ViT-L-14")
+    elif os.path.isdir(name):
+        model, tokenizer = open_clip.create_model("local-dir:" + name), open_clip.get_tokenizer("local-dir:" + name)
+    elif os.path.isfile(name):
+        model, tokenizer = open_clip.create_model("ViT-L-14", pretrained=name), open_clip.get_tokenizer("ViT-L-14")
+    else:
+        arch, _, tag = name.partition("/")
+        model, tokenizer = open_clip.create_model(arch, pretrained=tag or None), open_clip.get_tokenizer(arch)
+    model.visual = None  # only the text tower is used (frees ~300M parameters for ViT-L/14)
+    return TextEncoder(name, model.eval().requires_grad_(False).to(device), tokenizer, device)
+
+##### The cache
+
+def _write_json(path, obj):
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush(), os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+def _append(f, data):
+    f.write(data)
+
+def _npy_header(dtype, shape):
+    """A .npy v1.0 header padded to a fixed 128 bytes, so it can be rewritten in place once N is known."""
+    d = "{'descr': '%s', 'fortran_order': False, 'shape': %r, }" % (np.dtype(dtype).str, tuple(shape))
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + d.ljust(117).encode("latin1") + b"\n"  # numpy.lib.format
+
+def _name(x):
+    return x if isinstance(x, str) else x.name
+
+def _load_item(item):
+    """Read one item's bytes in the main thread (tar members must be read while their shard is open)."""
+    if item.error:
+        return item.error
+    try:
+        return item.read()
+    except FileNotFoundError:
+        return "missing_file"
+    except Exception:
+        return "read_error"
+
+def _encode_group(group, resolution, vae, te, text_states, pool, skipped, fixed):
+    """A list of (key, loaded item) -> dict of arrays to append (or None), counting what is skipped/fixed."""
+    good = []
+    for key, loaded in group:
+        if isinstance(loaded, str):
+            skipped[loaded] += 1
+            continue
+        text, reason = _caption_text(loaded[1], fixed)
+        if reason:
+            skipped[reason] += 1
+        else:
+            good.append((key, text, loaded[0]))
+    keep = []
+    for (key, text, _), arr in zip(good, pool.map(functools.partial(_decode, resolution=resolution), [g[2] for g in good])):
+        if isinstance(arr, str):
+            skipped[arr] += 1
+        else:
+            keep.append((key, text, arr))
+    if not keep:
+        return None
+    x = torch.from_numpy(np.stack([a for _, _, a in keep])).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, R, R) in [-1, 1]
+    lat = vae.encode(torch.cat([x, x.flip(-1)])).float().cpu()  # (2n, C, h, w): images, then their mirror images
+    ids = [te._ids(text) for _, text, _ in keep]
+    fixed["caption_truncated"] += sum(len(i) > CONTEXT_LENGTH for i in ids)
+    tokens = te._pack(ids)
+    out = {"latents.npy": torch.stack(lat.chunk(2), 1).half().numpy(),  # (n, 2, C, h, w)
+           "tokens.npy": tokens.int().numpy(),
+           "captions.jsonl": "".join(json.dumps({"key": k, "text": t}) + "\n" for k, t, _ in keep).encode()}
+    if text_states:
+        states, pooled = te.encode(tokens)
+        out["states.npy"], out["pooled.npy"] = states.half().cpu().numpy(), pooled.half().cpu().numpy()
+    return out
+
+def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_states=False, batch_size=32, chunk_size=512, workers=0):
+    """Encode `data` into the folder `out`; returns `out`. vae / text_encoder: names or loaded objects.
+    Resumable: rows are appended chunk by chunk and progress.json (items, rows, byte sizes) is committed
+    after each chunk's data is fsynced; a rerun truncates the files to the last commit and continues.
+    The .npy headers get the final row count at the end, then manifest.json is written, last."""
+    kind = source_kind(data)
+    if kind == "cache":
+        raise DataError(f"{data} is already a cache: pass it to LatentCache / Loader directly")
+    settings = dict(format=CACHE_FORMAT, fingerprint=source_fingerprint(data), resolution=resolution, vae=_name(vae),
+                    text_encoder=_name(text_encoder), text_states=bool(text_states), min_side=resolution / 2)
+    manifest_path, progress_path = os.path.join(out, "manifest.json"), os.path.join(out, "progress.json")
+    manifest = _read_json(manifest_path)
+    if manifest and all(manifest.get(k) == v for k, v in settings.items()):
+        return out
+    items, total = source_items(data, resolution)
+    vae = load_vae(vae, device) if isinstance(vae, str) else vae
+    te = load_text_encoder(text_encoder, device) if isinstance(text_encoder, str) else text_encoder
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # first: a cache being rewritten must never look finished
+    h = resolution // vae.factor
+    rows = {"latents.npy": (np.float16, (2, vae.channels, h, h)), "tokens.npy": (np.int32, (CONTEXT_LENGTH,)), "captions.jsonl": None}
+    if text_states:
+        rows.update({"states.npy": (np.float16, (CONTEXT_LENGTH, te.dim)), "pooled.npy": (np.float16, (te.pooled_dim,))})
+    names = list(rows)
+    prog = _read_json(progress_path)
+    if not prog or prog["settings"] != settings:
+        prog = dict(settings=settings, items=0, count=0, skipped={}, fixed={}, sizes={n: 0 for n in names})
+    for n in names:  # drop whatever a killed run appended after its last commit
+        with open(os.path.join(out, n), "ab") as f:
+            f.truncate(prog["sizes"][n])
+            if rows[n] and prog["sizes"][n] == 0:
+                f.write(_npy_header(rows[n][0], (0, *rows[n][1])))  # placeholder row count
+    if text_states:
+        print(f"text states: 77 x {te.dim} x 2 bytes = {77 * te.dim * 2 / 1e3:.0f} KB per caption on disk"
+              + (f", {77 * te.dim * 2 * total / 1e9:.1f} GB for {total} items" if total else ""))
+    it = iter(items)
+    collections.deque(islice(it, prog["items"]), maxlen=0)  # items already committed: skipped without reading
+    loaded = ((item.key, _load_item(item)) for item in it)
+    files = {n: open(os.path.join(out, n), "ab") for n in names}
+    pbar = tqdm(total=total, initial=prog["items"], unit="img", desc=f"caching {data}", smoothing=0.1)
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        while True:
+            n_items, parts, skipped, fixed = 0, [], collections.Counter(), collections.Counter()
+            for _ in range(max(1, chunk_size // batch_size)):
+                group = list(islice(loaded, batch_size))
+                if not group:
+                    break
+                n_items += len(group)
+                parts.append(_encode_group(group, resolution, vae, te, text_states, pool, skipped, fixed))
+                pbar.update(len(group))
+            if n_items == 0:
+                break
+            parts = [p for p in parts if p]
+            for n in names:
+                for p in parts:
+                    _append(files[n], p[n] if isinstance(p[n], bytes) else p[n].tobytes())
+                files[n].flush(), os.fsync(files[n].fileno())
+            prog["items"] += n_items
+            prog["count"] += sum(len(p["tokens.npy"]) for p in parts)
+            prog["skipped"] = dict(collections.Counter(prog["skipped"]) + skipped)
+            prog["fixed"] = dict(collections.Counter(prog["fixed"]) + fixed)
+            prog["sizes"] = {n: files[n].tell() for n in names}
+            _write_json(progress_path, prog)  # the commit point
+    pbar.close()
+    for f in files.values():
+        f.close()
+    if prog["count"] == 0:
+        raise DataError(f"no usable images in {data!r} ({prog['items']} items; skipped: {prog['skipped'] or 'none'})")
+    for n in names:
+        if rows[n]:
+            with open(os.path.join(out, n), "r+b") as f:
+                f.write(_npy_header(rows[n][0], (prog["count"], *rows[n][1])))
+                f.flush(), os.fsync(f.fileno())
+    empty = te.tokenize([""])
+    if text_states:
+        states, pooled = te.encode(empty)
+        np.save(os.path.join(out, "empty_states.npy"), states[0].half().cpu().numpy())
+        np.save(os.path.join(out, "empty_pooled.npy"), pooled[0].half().cpu().numpy())
+    manifest = dict(settings, source=data, source_kind=kind, count=prog["count"], items=prog["items"],
+                    skipped=dict(sorted(prog["skipped"].items())), fixed=dict(sorted(prog["fixed"].items())),
+                    scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, vae_factor=vae.factor,
+                    latent_shape=[vae.channels, h, h], flips=2,
+                    text_dim=te.dim, pooled_dim=te.pooled_dim, context_length=CONTEXT_LENGTH,
+                    empty_tokens=empty[0].tolist(), files=names)
+    _write_json(manifest_path, manifest)
+    os.remove(progress_path)
+    print(f"cache {out}: {manifest['count']} images from {manifest['items']} items; skipped {manifest['skipped'] or 'none'}; fixed {manifest['fixed'] or 'none'}")
+    return out
+
+def cache_slug(data, resolution, vae, text_encoder, text_states=False):
+    """A readable folder name for a source + settings, with a hash of the full settings."""
+    clean = lambda s: re.sub(r"[^A-Za-z0-9._]+", "-", s).strip("-.")
+    src = data if _shapes_args(data) else os.path.basename(os.path.normpath(data.split("*")[0] or ".")) or "data"
+    key = json.dumps([data if _shapes_args(data) else os.path.abspath(data), resolution, vae, text_encoder, bool(text_states)])
+    vae_short = "none" if vae == "none" else os.path.basename(os.path.normpath(vae))
+    parts = [clean(src), f"{resolution}px", clean(vae_short), clean(text_encoder if not os.path.exists(text_encoder) else os.path.basename(os.path.normpath(text_encoder)))]
+    return "-".join(parts + (["states"] if text_states else []) + [hashlib.sha1(key.encode()).hexdigest()[:8]])
+
+def ensure_cache(data, resolution, vae, text_encoder, cache_dir="", device="cpu", text_states=False):
+    """The path of a finished cache for `data` with these settings: `data` itself when it is a cache
+    (its settings must match), else `cache_dir` or cache/<cache_slug(...)>, built or resumed if needed."""
+    if source_kind(data) == "cache":
+        m = LatentCache(data).manifest
+        wanted = dict(resolution=resolution, vae=_name(vae), text_encoder=_name(text_encoder))
+        bad = {k: f"cache has {m[k]!r}, asked for {v!r}" for k, v in wanted.items() if m[k] != v}
+        if text_states and not m["text_states"]:
+            bad["text_states"] = "cache has no text states"
+        if bad:
+            raise DataError(f"cache {data} does not match the requested settings: {bad}")
+        return data
+    out = cache_dir or os.path.join("cache", cache_slug(data, resolution, _name(vae), _name(text_encoder), text_states))
+    return build_cache(data, out, resolution, vae, text_encoder, device=device, text_states=text_states)
+
+class LatentCache:
+    """A finished cache folder as read-only memmaps."""
+    def __init__(self, path):
+        self.path, self.manifest = path, _read_json(os.path.join(path, "manifest.json"))
+        if self.manifest is None:
+            raise DataError(f"{path} is not a finished cache (no readable manifest.json)")
+        load = lambda name: np.load(os.path.join(path, name), mmap_mode="r")
+        self.latents = load("latents.npy")  # (N, 2, C, h, w) float16; [:, 1] = latent of the mirrored image
+        self.tokens = load("tokens.npy")  # (N, 77) int32
+        self.empty_tokens = np.array(self.manifest["empty_tokens"], np.int32)  # (77,)
+        self.states = self.pooled = self.empty_states = self.empty_pooled = None
+        if self.manifest["text_states"]:  # (N, 77, dim), (N, pooled_dim), (77, dim), (pooled_dim,) float16
+            self.states, self.pooled, self.empty_states, self.empty_pooled = map(load, ("states.npy", "pooled.npy", "empty_states.npy", "empty_pooled.npy"))
+
+    def __len__(self):
+        return self.manifest["count"]
+
+    def captions(self):
+        with open(os.path.join(self.path, "captions.jsonl")) as f:
+            return [json.loads(line)["text"] for line in f]
+
+##### The loader
+
+@functools.lru_cache(maxsize=4)
+def epoch_plan(n, seed, epoch, cond_drop):
+    """(perm, flip, drop) of one epoch; flip/drop are indexed by sample, so they depend on (seed, epoch, index) only."""
+    perm = np.random.default_rng([seed, epoch, 0]).permutation(n)
+    flip = np.random.default_rng([seed, epoch, 1]).random(n) < 0.5
+    drop = np.random.default_rng([seed, epoch, 2]).random(n) < cond_drop
+    for a in (perm, flip, drop):
+        a.flags.writeable = False
+    return perm, flip, drop
+
+class Loader:
+    """Infinite deterministic batches from a cache. Per epoch e: perm from (seed, e), global batches of
+    batch_size * world_size in order (tail dropped), rank r takes slice [r*B, (r+1)*B)."""
+    def __init__(self, cache, batch_size, seed=0, rank=0, world_size=1, cond_drop=0.0, flip=True, device="cpu", prefetch=2):
+        self._thread = None
+        self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.cond_drop, self.flip, self.device, self.prefetch = cond_drop, flip, torch.device(device), prefetch
+        self.batches_per_epoch = len(self.cache) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"cache has {len(self.cache)} samples, fewer than one global batch ({batch_size} x {world_size})")
+        self.step = 0  # batches consumed by the caller (prefetched ones do not count)
+        self._start()
+
+    def plan(self, step):
+        """This rank's batch number `step`: (sample indices, flip flags, drop flags)."""
+        epoch, k = divmod(step, self.batches_per_epoch)
+        perm, flip, drop = epoch_plan(len(self.cache), self.seed, epoch, self.cond_drop)
+        start = (k * self.world_size + self.rank) * self.batch_size
+        idx = perm[start:start + self.batch_size]
+        return idx, (flip[idx] if self.flip else np.zeros(len(idx), bool)), drop[idx]
+
+    def gather(self, step):
+        """Batch `step` as stored (float16 latents/states): rows, flips and caption drops applied."""
+        idx, flip, drop = self.plan(step)
+        c = self.cache
+        tokens = c.tokens[idx].astype(np.int64)  # (B, 77)
+        tokens[drop] = c.empty_tokens
+        batch = {"latents": c.latents[idx, flip.astype(np.int64)], "tokens": tokens}  # (B, C, h, w) float16, (B, 77)
+        if c.states is not None:
+            states, pooled = c.states[idx], c.pooled[idx]  # (B, 77, dim), (B, pooled_dim) float16 copies
+            states[drop], pooled[drop] = c.empty_states, c.empty_pooled
+            batch["states"], batch["pooled"] = states, pooled
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _batch(self, step):
+        batch = self.gather(step)
+        if self.device.type == "cuda":  # pinned float16: the copy in __next__ is asynchronous and half the bytes
+            return {k: v.pin_memory() for k, v in batch.items()}
+        return {k: v.float() if v.dtype == torch.float16 else v for k, v in batch.items()}  # fp16 -> fp32 here, in the thread
+
+    def _work(self, step, q, stop):
+        """Background thread: batches step, step + 1, ... into the bounded queue until stopped."""
+        while not stop.is_set():
+            try:
+                batch = self._batch(step)
+            except Exception as e:  # handed to the caller, raised by __next__
+                batch = e
+            while not stop.is_set():
+                try:
+                    q.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(batch, Exception):
+                return  # nothing is produced after an error
+            step += 1
+
+    def _start(self):
+        if self.prefetch > 0:
+            self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
+            self._thread = threading.Thread(target=self._work, args=(self.step, self._queue, self._stop), daemon=True)
+            self._thread.start()
+
+    def close(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self._queue.get() if self._thread is not None else self._batch(self.step)
+        if isinstance(batch, Exception):
+            raise batch
+        self.step += 1
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.float() if v.dtype == torch.float16 else v for k, v in batch.items()}  # on the GPU: fp16 -> fp32
+
+    def state_dict(self):
+        return {"step": self.step, "seed": self.seed, "global_batch": self.batch_size * self.world_size}
+
+    def load_state_dict(self, sd):
+        self.close()
+        global_batch = self.batch_size * self.world_size  # another world size: continue from the same sample count
+        self.step = sd["step"] if sd["global_batch"] == global_batch else sd["step"] * sd["global_batch"] // global_batch
+        self._start()
+
+    def __del__(self):
+        self.close()
+
+##### Command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Encode a dataset into a latent cache (resumable: rerun after a kill).")
+    p.add_argument("--data", required=True, help="folder (metadata.jsonl | images + .txt | .tar shards), .tar glob, or shapes[:N[:SEED]]")
+    p.add_argument("--out", default="", help="cache folder (default: cache/<slug of source and settings>)")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse")
+    p.add_argument("--text_encoder", default="ViT-L-14/laion2b_s32b_b82k")
+    p.add_argument("--text_states", action="store_true", help="also cache per-token text states (77 x dim fp16 per caption)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--chunk_size", type=int, default=512, help="items per committed chunk")
+    p.add_argument("--workers", type=int, default=0, help="image decoding threads (0: min(8, cpus))")
+    a = p.parse_args(argv)
+    try:
+        if a.out and source_kind(a.data) != "cache":
+            path = build_cache(a.data, a.out, a.resolution, a.vae, a.text_encoder, a.device, a.text_states, a.batch_size, a.chunk_size, a.workers)
+        else:
+            path = ensure_cache(a.data, a.resolution, a.vae, a.text_encoder, device=a.device, text_states=a.text_states)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

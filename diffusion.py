@@ -1,0 +1,262 @@
+"""
+Diffusion math: beta schedules, noising, targets, min-SNR weights, the training loss, samplers and CFG.
+
+Pure math on a fixed schedule; imports nothing from the project. Notation follows DDIM / diffusers:
+a_t = alphas_cumprod[t] (alpha-bar), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, t an integer in [0, T).
+The numbers agree with diffusers' DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler
+(clip_sample=False, set_alpha_to_one=True, steps_offset=0) and diffusers.training_utils.compute_snr;
+tests/test_diffusion.py is the proof. Schedule tensors are float64 on the CPU; every coefficient is cast to
+the dtype and device of the tensor it multiplies.
+"""
+import math
+
+import torch
+
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+PREDICTIONS = ("eps", "v", "x0")
+SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+
+#################################################################################
+#                        Schedules (float64) and helpers                        #
+#################################################################################
+
+def make_betas(schedule, T, beta_start, beta_end):
+    """Betas [T] in float64, as diffusers' beta_schedule "linear" | "scaled_linear" | "squaredcos_cap_v2" ("cosine")."""
+    if schedule == "linear":  # Ho et al. 2020 (DDPM) sec. 4: betas linear in t
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":  # Stable Diffusion / diffusers "scaled_linear": linear in sqrt(beta)
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    if schedule == "cosine":  # Nichol & Dhariwal 2021 eq. 17 (s = 0.008, beta <= 0.999); beta_start/end unused
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas):
+    """Lin et al. 2023 (arXiv 2305.08891) Algorithm 1 = diffusers' rescale_zero_terminal_snr: a_{T-1} becomes 0."""
+    s = torch.cumprod(1 - betas, dim=0).sqrt()  # sqrt(alpha-bar)
+    s = (s - s[-1]) * s[0] / (s[0] - s[-1])  # shift the last to 0, rescale so the first keeps its value
+    a = s ** 2
+    return 1 - torch.cat([a[:1], a[1:] / a[:-1]])  # back to betas: alpha_t = a_t / a_{t-1}
+
+
+def rescale_cfg(out, out_cond, guidance_rescale):
+    """Lin et al. 2023 sec. 3.4 = diffusers' rescale_noise_cfg: pull the guided output's per-sample std toward the
+    conditional output's (guidance_rescale = phi: 0 leaves it, 1 matches fully)."""
+    dims = list(range(1, out.ndim))
+    rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * out
+
+
+def _draw(generator, shape, device, dtype=torch.float32, high=None):
+    """randn(shape) (or randint(0, high, shape)) from None, one torch.Generator, or a list of per-sample generators:
+    with a list, row i comes from generator i alone, so a sample does not depend on its batch-mates."""
+    def one(g, shp):
+        dev = g.device if g is not None else device  # draw where the generator lives, then move (as randn_tensor)
+        if high is None:
+            return torch.randn(shp, generator=g, device=dev, dtype=dtype)
+        return torch.randint(0, high, shp, generator=g, device=dev)
+    if isinstance(generator, (list, tuple)):
+        assert len(generator) == shape[0], f"{len(generator)} generators for a batch of {shape[0]}"
+        return torch.cat([one(g, (1, *shape[1:])) for g in generator]).to(device)
+    return one(generator, shape).to(device)
+
+
+def _cat_cond(uncond, cond):
+    """Concatenate uncond and cond along the batch (elementwise for tuples/lists); a batch-1 uncond is broadcast."""
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(_cat_cond(u, c) for u, c in zip(uncond, cond, strict=True))
+    return torch.cat([uncond.expand_as(cond), cond])
+
+
+#################################################################################
+#                             The diffusion process                             #
+#################################################################################
+
+
+class Diffusion:
+    def __init__(self, schedule="scaled_linear", T=1000, beta_start=0.00085, beta_end=0.012, prediction="v",
+                 zero_terminal_snr=False):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if zero_terminal_snr and prediction == "eps":
+            raise ValueError(
+                "zero_terminal_snr=True with prediction='eps' is ill-posed: at t=T-1 alphas_cumprod is 0 (SNR 0), x_t is "
+                "pure noise, so an eps prediction carries no information about x0 and x0 = (x_t - sqrt(1-a) eps) / sqrt(a) "
+                "divides by zero. Use prediction='v' (as arXiv 2305.08891 does) or 'x0', or zero_terminal_snr=False.")
+        self.schedule, self.T, self.prediction, self.zero_terminal_snr = schedule, T, prediction, zero_terminal_snr
+        betas = make_betas(schedule, T, beta_start, beta_end)
+        self.betas = rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas  # float64 [T]
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # a_t = prod_{s<=t} (1 - beta_s), float64 [T]
+        self.sqrt_ab = self.alphas_cumprod.sqrt()  # signal scale sqrt(a_t)
+        self.sqrt_1m_ab = (1 - self.alphas_cumprod).sqrt()  # noise scale sqrt(1 - a_t)
+        self.snr_table = self.alphas_cumprod / (1 - self.alphas_cumprod)  # SNR(t) = a_t / (1 - a_t), Kingma et al. 2021
+        self._moved = {}  # (table id, device, dtype) -> table: one host->device copy per table, not one per call
+
+    def _on(self, table, device, dtype):
+        """`table` cast to dtype (before moving: some devices have no float64) and moved to device, once: a copy
+        per call would make the host wait for the GPU in every training step."""
+        key = (id(table), torch.device(device), dtype)
+        if key not in self._moved:
+            self._moved[key] = table.to(dtype).to(device)
+        return self._moved[key]
+
+    def _gather(self, table, t, x):
+        """table[t] cast to x's dtype and device, shaped (B, 1, ..., 1) to broadcast against x."""
+        return self._on(table, x.device, x.dtype)[t.to(x.device).long()].view(-1, *([1] * (x.ndim - 1)))
+
+    def add_noise(self, x0, noise, t):
+        """q(x_t | x0): sqrt(a_t) x0 + sqrt(1 - a_t) noise (DDPM eq. 4)."""
+        return self._gather(self.sqrt_ab, t, x0) * x0 + self._gather(self.sqrt_1m_ab, t, x0) * noise
+
+    def velocity(self, x0, noise, t):
+        """v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (Salimans & Ho 2022, arXiv 2202.00512, sec. 4)."""
+        return self._gather(self.sqrt_ab, t, x0) * noise - self._gather(self.sqrt_1m_ab, t, x0) * x0
+
+    def snr(self, t):
+        """SNR(t) = a_t / (1 - a_t) as float32 (B,), like diffusers' compute_snr."""
+        return self._on(self.snr_table, t.device, torch.float32)[t.long()]
+
+    def target(self, x0, noise, t):
+        """What a model of this prediction kind is trained to output."""
+        if self.prediction == "eps":
+            return noise
+        return self.velocity(x0, noise, t) if self.prediction == "v" else x0
+
+    @staticmethod
+    def _x0_eps(out, x_t, a, s, kind):
+        """Model output of `kind` -> (x0, eps), given a = sqrt(a_t), s = sqrt(1 - a_t) (floats or broadcast tensors)."""
+        if kind == "eps":
+            return (x_t - s * out) / a, out  # invert x_t = a x0 + s eps (DDIM eq. 9)
+        if kind == "v":
+            return a * x_t - s * out, a * out + s * x_t  # v-prediction inverse (Salimans & Ho 2022 sec. 4)
+        return out, (x_t - a * out) / s  # x0 prediction: eps from x_t = a x0 + s eps
+
+    def convert(self, out, x_t, t, to, kind=None):
+        """Convert a prediction of `kind` (default: self.prediction) at (x_t, t) into 'eps' | 'v' | 'x0'."""
+        a, s = self._gather(self.sqrt_ab, t, x_t), self._gather(self.sqrt_1m_ab, t, x_t)
+        x0, eps = self._x0_eps(out, x_t, a, s, kind or self.prediction)
+        return {"x0": x0, "eps": eps, "v": a * eps - s * x0}[to]  # v = a eps - s x0 (Salimans & Ho 2022 sec. 4)
+
+    def loss_weight(self, t, min_snr_gamma=0.0):
+        """Min-SNR-gamma weights (Hang et al. 2023, arXiv 2303.09556; diffusers train_text_to_image.py) as float32 (B,):
+        eps min(snr, g) / snr, v min(snr, g) / (snr + 1), x0 min(snr, g); all ones when gamma is 0."""
+        if min_snr_gamma <= 0:
+            return torch.ones(t.shape, device=t.device)
+        key = ("min_snr", min_snr_gamma)
+        if key not in self._moved:
+            snr = self.snr_table
+            w = snr.clamp(max=min_snr_gamma)  # min(snr, gamma): the x0-loss weight of the paper
+            if self.prediction == "eps":
+                w = w / snr  # eps-MSE = snr * x0-MSE
+            elif self.prediction == "v":
+                w = w / (snr + 1)  # v-MSE = (snr + 1) * x0-MSE
+            self._moved[key] = w
+        return self._on(self._moved[key], t.device, torch.float32)[t.long()]
+
+    #############################################################################
+    #                               Training loss                               #
+    #############################################################################
+
+    def loss(self, model_fn, x0, cond, *, min_snr_gamma=0.0, noise_offset=0.0, input_perturbation=0.0,
+             t=None, noise=None, offset_noise=None, perturb_noise=None, generator=None):
+        """One denoising loss. Any of t (B,) / noise (B,C,H,W) / offset_noise (B,C,1,1) / perturb_noise (B,C,H,W) that is
+        None is drawn from `generator`, in that order (the last two only when their strength is > 0).
+        Returns (weighted mean loss, per-sample unweighted MSE (B,) float32 detached, t (B,) long)."""
+        B, C = x0.shape[:2]
+        if t is None:
+            t = _draw(generator, (B,), x0.device, high=self.T)  # t ~ U{0..T-1} (DDPM Algorithm 1)
+        t = t.to(x0.device)
+        if noise is None:
+            noise = _draw(generator, x0.shape, x0.device, x0.dtype)
+        if noise_offset > 0:  # offset noise (Guttenberg 2023; diffusers train_text_to_image --noise_offset)
+            if offset_noise is None:
+                offset_noise = _draw(generator, (B, C, *[1] * (x0.ndim - 2)), x0.device, x0.dtype)
+            noise = noise + noise_offset * offset_noise
+        input_noise = noise
+        if input_perturbation > 0:  # Ning et al. 2023 (arXiv 2301.11706): perturb the model input, not the target
+            if perturb_noise is None:
+                perturb_noise = _draw(generator, x0.shape, x0.device, x0.dtype)
+            input_noise = noise + input_perturbation * perturb_noise
+        pred = model_fn(self.add_noise(x0, input_noise, t), t, cond)  # (B, C, H, W)
+        err = (pred.float() - self.target(x0, noise, t).float()) ** 2  # (B, C, H, W)
+        per_sample = err.mean(dim=tuple(range(1, err.ndim)))  # (B,)
+        loss = (per_sample * self.loss_weight(t, min_snr_gamma)).mean()
+        return loss, per_sample.detach(), t
+
+    #############################################################################
+    #                                  Sampling                                 #
+    #############################################################################
+
+    def timesteps(self, steps, spacing="trailing"):
+        """Descending LongTensor of `steps` timesteps, as diffusers' set_timesteps (steps_offset=0) defines them
+        (Lin et al. 2023 table 2). Where diffusers' "trailing" returns steps+1 values ending in -1 (e.g. 61 steps, a
+        float rounding artefact of np.arange), we return the `steps` valid ones."""
+        T = self.T
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in [1, {T}], got {steps}")
+        i = torch.arange(steps, dtype=torch.float64)
+        if spacing == "leading":  # diffusers: arange(steps) * (T // steps), reversed
+            return (i * (T // steps)).flip(0).long()
+        if spacing == "trailing":  # diffusers: round(arange(T, 0, -T/steps)) - 1; numpy's arange step is (T - T/steps) - T
+            return (T + i * ((T - T / steps) - T)).round().long() - 1
+        if spacing == "linspace":  # diffusers: round(linspace(0, T-1, steps)), reversed; numpy: i * step, last = T-1
+            t = i * ((T - 1) / (steps - 1)) if steps > 1 else i
+            t[-1] = T - 1 if steps > 1 else 0
+            return t.round().flip(0).long()
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+
+    def _guided_output(self, model_fn, x, t, cond, uncond, cfg, guidance_rescale):
+        """Model output at (x, t); with uncond, classifier-free guidance from ONE batched call on [uncond; cond]."""
+        if uncond is None:
+            return model_fn(x, t, cond).to(x.dtype)
+        out = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(uncond, cond)).to(x.dtype)  # (2B, C, H, W)
+        out_uncond, out_cond = out.chunk(2)  # (B, C, H, W) each
+        out = out_uncond + cfg * (out_cond - out_uncond)  # Ho & Salimans 2022 eq. 6 (cfg = 1 + w), on every channel
+        if guidance_rescale > 0:  # applied to the raw output (eps or v), as diffusers' pipelines do
+            out = rescale_cfg(out, out_cond, guidance_rescale)
+        return out
+
+    @torch.no_grad()
+    def sample(self, model_fn, x_T, cond, uncond=None, cfg=1.0, guidance_rescale=0.0, steps=50, sampler="ddim",
+               eta=0.0, spacing="trailing", generator=None):
+        """Denoise x_T (B, C, H, W) over self.timesteps(steps, spacing) and return x0 in x_T's dtype.
+        model_fn(x_t, t (B,) long, cond) -> raw output of self.prediction's kind. uncond=None: no CFG, one call per step.
+        Every sampler steps from timesteps[i] to timesteps[i+1] and finally to a = 1 (set_alpha_to_one), so the
+        last step returns the model's x0 estimate. (DDIMScheduler steps to t - T//steps instead: the same grid for
+        "leading", and for "trailing" when steps divides T.) ddpm and ddim with eta > 0 draw noise from `generator`."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        ts = self.timesteps(steps, spacing).tolist()
+        ab = self.alphas_cumprod.tolist()  # python floats (double); scalar * tensor keeps the tensor's dtype
+        if sampler == "dpmpp_2m" and self.zero_terminal_snr:
+            ab[-1] = 2.0 ** -24  # as DPMSolverMultistepScheduler: keeps lambda_{T-1} = log(alpha/sigma) finite
+        x, B = x_T, x_T.shape[0]
+        x0_prev = h_prev = None
+        for i, t in enumerate(ts):
+            s = ts[i + 1] if i + 1 < len(ts) else -1  # the next, less noisy timestep; -1: clean data
+            a_t, a_s = ab[t], (ab[s] if s >= 0 else 1.0)
+            t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
+            out = self._guided_output(model_fn, x, t_batch, cond, uncond, cfg, guidance_rescale)
+            x0, eps = self._x0_eps(out, x, a_t ** 0.5, (1 - a_t) ** 0.5, self.prediction)
+            if sampler == "ddim":
+                std = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) ** 0.5  # DDIM eq. 16: eta * posterior std
+                x = a_s ** 0.5 * x0 + max(1 - a_s - std ** 2, 0.0) ** 0.5 * eps  # DDIM eq. 12
+                if std > 0:
+                    x = x + std * _draw(generator, x.shape, x.device, x.dtype)
+            elif sampler == "ddpm":
+                beta = 1 - a_t / a_s  # the beta of this (possibly strided) step, as DDPMScheduler.step
+                # DDPM eq. 7, posterior mean of q(x_s | x_t, x0)
+                x = (a_s ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_s) / (1 - a_t)) * x
+                if s >= 0:  # DDPM eq. 7 variance ("fixed_small"), clamped at 1e-20 as diffusers does
+                    x = x + max((1 - a_s) / (1 - a_t) * beta, 1e-20) ** 0.5 * _draw(generator, x.shape, x.device, x.dtype)
+            elif s < 0:  # dpmpp_2m's last step: first order to sigma = 0 lands exactly on x0 (diffusers final_sigmas_type="zero")
+                x = x0
+            else:  # dpmpp_2m: DPM-Solver++(2M), Lu et al. 2022 (arXiv 2211.01095) Algorithm 2, in diffusers' "midpoint" form
+                h = 0.5 * math.log(a_s / (1 - a_s)) - 0.5 * math.log(a_t / (1 - a_t))  # lambda_s - lambda_t, lambda = log(alpha/sigma)
+                # first step first order (D = x0); then D = D0 + D1 / 2 with D1 = (x0 - x0_prev) / r, r = h_prev / h
+                d = x0 if x0_prev is None else x0 + 0.5 * (h / h_prev) * (x0 - x0_prev)
+                x = ((1 - a_s) / (1 - a_t)) ** 0.5 * x - a_s ** 0.5 * math.expm1(-h) * d  # sigma_s/sigma_t x - alpha_s (e^-h - 1) D
+                x0_prev, h_prev = x0, h
+        return x

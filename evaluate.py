@@ -1,0 +1,379 @@
+"""
+Sample quality as papers report it: FID, Inception Score and CLIP score over a prompt file, optionally over a
+sweep of CFG scales, plus a pixel-level prompt-adherence probe for the built-in `shapes` set.
+
+    python evaluate.py --ckpt out/ckpt.pt --prompts coco30k.txt --ref coco30k_256/ --n 30000 --cfg 1,3,5
+    python evaluate.py --ckpt out/ckpt.pt --probe shapes --cfg 1,4
+
+FID / IS use the TF-Inception "2015-12-05" weights through torch-fidelity (the weights TTUR, pytorch-fid and
+clean-fid use). torch-fidelity resizes uint8 images to 299x299 with a bilinear resize that reproduces
+TensorFlow 1.x's tf.image.resize_bilinear (align_corners=False, no antialiasing), as the original TF FID / IS
+code did. Offline: --inception_weights weights-inception-2015-12-05-6726825d.pth (torch-fidelity's release file),
+or that file in $TORCH_HOME/hub/checkpoints/. Reference images are center-cropped to a square and resized to the
+model's resolution (PIL bicubic) before Inception; their statistics are cached in --stats_cache.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg, ndimage
+from tqdm import tqdm
+
+from data import SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, shapes_caption
+from sample import CheckpointError, generate, load_pipeline
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+#################################################################################
+#                                  Metrics                                      #
+#################################################################################
+
+def feature_stats(features) -> tuple:
+    """(N, D) features -> mean (D,), covariance (D, D), float64, as pytorch-fid's calculate_activation_statistics."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)  (Heusel et al. 2017, arXiv 1706.08500, eq. 6), computed as
+    pytorch-fid's calculate_frechet_distance: scipy sqrtm, eps added to both diagonals when the product is singular."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape, "statistics of different dimensions"
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # singular product: offset the diagonals as pytorch-fid does
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):  # rounding gives tiny imaginary parts; large ones mean a broken covariance
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(S1 S2)")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits=10) -> tuple:
+    """exp(E_x KL(p(y|x) || p(y))) per split, mean and std over splits (Salimans et al. 2016, arXiv 1606.03498;
+    split as OpenAI's inception_score.py: consecutive chunks i*N//splits, p(y) the chunk's mean)."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    n = logits.shape[0]
+    splits = min(splits, n)
+    log_p = logits.log_softmax(dim=1)  # (N, K) log p(y|x)
+    scores = []
+    for i in range(splits):
+        lp = log_p[i * n // splits:(i + 1) * n // splits]  # (n_i, K)
+        p = lp.exp()
+        log_py = p.mean(dim=0).log()  # (K,) log p(y), the split's marginal
+        kl = (p * (lp - log_py)).where(p > 0, 0.0).sum(dim=1)  # (n_i,) KL(p(y|x) || p(y)), with 0 log 0 = 0
+        scores.append(kl.mean().exp())
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
+
+#################################################################################
+#                     Feature extractors (injectable callables)                 #
+#################################################################################
+
+class InceptionV3:
+    """images uint8 (B, H, W, 3) -> (pool features (B, 2048) float32, logits over 1008 classes without the fc bias
+    (B, 1008) float64), on the CPU. The unbiased logits are what OpenAI's IS code used (matmul with the fc weights)."""
+    name = "inception-v3-compat-2015-12-05"
+
+    def __init__(self, weights_path=None, device="cpu"):
+        # imported here: only the real extractor needs torch-fidelity (tests inject small networks instead)
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        if weights_path and not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"Inception weights not found: {weights_path}")
+        try:
+            net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"],
+                                              feature_extractor_weights_path=weights_path or None)
+        except OSError as e:  # offline and not in the torch hub cache
+            raise RuntimeError(f"cannot download the Inception weights ({e}): get torch-fidelity's "
+                               "weights-inception-2015-12-05-6726825d.pth") from None
+        self.net, self.device = net.to(device), torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple:
+        pool, logits = self.net(images.permute(0, 3, 1, 2).contiguous().to(self.device))  # uint8 (B, 3, H, W) in
+        return pool.float().cpu(), logits.double().cpu()  # statistics are taken in float64 (feature_stats)
+
+
+class ClipScorer:
+    """(images uint8 (B, H, W, 3), captions) -> CLIP score per image: 100 * max(cos(image, caption), 0), the
+    convention of torchmetrics' CLIPScore (Hessel et al. 2021, arXiv 2104.08718, with w = 100)."""
+
+    def __init__(self, model, preprocess, tokenizer, name="clip", device="cpu"):
+        self.model, self.preprocess, self.tokenizer = model.eval().to(device), preprocess, tokenizer
+        self.name, self.device = name, torch.device(device)
+
+    @classmethod
+    def load(cls, name="ViT-L-14/openai", weights="", device="cpu"):
+        """name: open_clip "ARCH/pretrained_tag"; weights: a local open_clip checkpoint replacing the tag (offline)."""
+        arch, _, tag = name.partition("/")
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights or tag or None)
+        return cls(model, preprocess, open_clip.get_tokenizer(arch), name=name, device=device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, captions: list) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in images.numpy()]).to(self.device)
+        image_emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)  # (B, E)
+        text_emb = F.normalize(self.model.encode_text(self.tokenizer(captions).to(self.device)).float(), dim=-1)
+        return (100 * (image_emb * text_emb).sum(dim=-1)).clamp(min=0).double().cpu()  # (B,)
+
+#################################################################################
+#                          Reference statistics (cached)                        #
+#################################################################################
+
+def list_images(folder: str) -> list:
+    files = [os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
+             if f.lower().endswith(IMAGE_EXTS)]
+    return sorted(files)
+
+
+def load_image(path: str, resolution: int) -> np.ndarray:
+    """RGB, center-cropped to a square and resized to resolution (PIL bicubic) -> uint8 (R, R, 3)."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    if (w, h) != (resolution, resolution):
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = im.resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(im)
+
+
+def reference_stats(ref: str, extractor, resolution: int, cache_dir="cache/fid_stats", batch_size=64) -> dict:
+    """mu, sigma of `extractor`'s features over a folder of images (cached, keyed by the folder's files, the
+    resolution and the extractor's name), or read from a .npz with mu and sigma (pytorch-fid's format)."""
+    if ref.endswith(".npz"):
+        with np.load(ref) as f:
+            return dict(mu=f["mu"], sigma=f["sigma"], n=int(f["n"]) if "n" in f else None, source=ref, cached=True)
+    files = list_images(ref)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {ref}")
+    key = hashlib.sha1(json.dumps([extractor.name, resolution, os.path.abspath(ref)] + [
+        (os.path.relpath(f, ref), os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:16]
+    name = f"{os.path.basename(os.path.normpath(ref))}-{extractor.name}-{resolution}px-{key}.npz"
+    path = os.path.join(cache_dir, name)
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            return dict(mu=f["mu"], sigma=f["sigma"], n=int(f["n"]), source=ref, cache=path, cached=True)
+    feats = []
+    for i in tqdm(range(0, len(files), batch_size), desc="reference features", unit="batch"):
+        batch = torch.from_numpy(np.stack([load_image(f, resolution) for f in files[i:i + batch_size]]))
+        feats.append(extractor(batch)[0])
+    mu, sigma = feature_stats(torch.cat(feats).numpy())
+    os.makedirs(cache_dir, exist_ok=True)
+    np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, n=len(files), extractor=extractor.name, source=os.path.abspath(ref))
+    os.replace(path + ".tmp.npz", path)  # atomic: an interrupted run leaves no half-written cache
+    return dict(mu=mu, sigma=sigma, n=len(files), source=ref, cache=path, cached=False)
+
+#################################################################################
+#                                  Evaluation                                   #
+#################################################################################
+
+def read_prompts(path: str) -> list:
+    """.txt: one caption per non-empty line; .jsonl: "text" or "caption" of each record."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            records = [json.loads(line) for line in f if line.strip()]
+            prompts = [r["text"] if "text" in r else r["caption"] for r in records]
+        else:
+            prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
+def evaluate(pipe, prompts, cfgs, extractor, clip_scorer=None, ref=None, n=0, steps=50, sampler="ddim", eta=0.0,
+             guidance_rescale=0.0, seed=0, batch_size=16, save_dir="") -> list:
+    """For each CFG scale: n samples (caption k % len(prompts), seed + k; the same pairs for every scale),
+    -> [{cfg, n, fid, is_mean, is_std, clip_score}]; fid None without `ref` stats, clip_score None without a scorer."""
+    n = n or len(prompts)
+    captions = [prompts[k % len(prompts)] for k in range(n)]
+    seeds = [seed + k for k in range(n)]
+    rows = []
+    for cfg in cfgs:
+        feats, logits, clip = [], [], []
+        for i in tqdm(range(0, n, batch_size), desc=f"cfg {cfg:g}", unit="batch"):
+            images = generate(pipe, captions[i:i + batch_size], seeds[i:i + batch_size], cfg=cfg, steps=steps,
+                              sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, batch_size=batch_size)
+            pool, logit = extractor(images)
+            feats.append(pool)
+            logits.append(logit)
+            if clip_scorer is not None:
+                clip.append(clip_scorer(images, captions[i:i + batch_size]))
+            if save_dir:
+                os.makedirs(os.path.join(save_dir, f"cfg{cfg:g}"), exist_ok=True)
+                for k, im in enumerate(images.numpy()):
+                    Image.fromarray(im).save(os.path.join(save_dir, f"cfg{cfg:g}", f"{i + k:05d}.png"))
+        is_mean, is_std = inception_score(torch.cat(logits))
+        fid = None
+        if ref is not None:
+            fid = frechet_distance(*feature_stats(torch.cat(feats).numpy()), ref["mu"], ref["sigma"])
+        rows.append(dict(cfg=cfg, n=n, fid=fid, is_mean=is_mean, is_std=is_std,
+                         clip_score=float(torch.cat(clip).mean()) if clip else None))
+    return rows
+
+#################################################################################
+#                           Shapes prompt-adherence probe                       #
+#################################################################################
+
+# fill ratio of the bounding box of an axis-aligned filled shape: disc pi/4, square 1, triangle with a side on
+# the box edge and the apex on the opposite edge 1/2
+KIND_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+
+
+def largest_component(mask: np.ndarray):
+    """The largest 4-connected component of a boolean (H, W) mask, or None when the mask is empty."""
+    labels, count = ndimage.label(mask)
+    return labels == 1 + np.argmax(np.bincount(labels.ravel())[1:]) if count else None
+
+
+def shape_attributes(images, threshold=60.0, min_area=0.005, max_area=0.6) -> list:
+    """uint8 (N, H, W, 3) -> [(colour or None, kind or None)] read from the pixels, by construction of the set:
+    background = median of the border; shape = the largest connected set of pixels farther than `threshold` (RGB L2)
+    from it, then regrown as the pixels nearer its median colour than the background's; colour = palette entry
+    nearest that median, kind = KIND_FILL entry nearest the shape's bounding-box fill ratio. No shape covering
+    min_area..max_area of the image (nothing drawn) -> (None, None)."""
+    assert set(KIND_FILL) == set(SHAPE_KINDS), "KIND_FILL must cover data.SHAPE_KINDS"
+    names, palette = list(SHAPE_COLORS), np.array(list(SHAPE_COLORS.values()), dtype=np.float64)  # (P, 3)
+    out = []
+    for im in np.asarray(images, dtype=np.float64):  # (H, W, 3)
+        h, w, _ = im.shape
+        bg = np.median(np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]]), axis=0)  # (3,) background colour
+        mask = largest_component(np.linalg.norm(im - bg, axis=-1) > threshold)  # (H, W)
+        if mask is not None:
+            fg = np.median(im[mask], axis=0)  # (3,) shape colour
+            # two classes: noise far from the background but no nearer the shape's colour does not stretch the box
+            nearer = np.linalg.norm(im - fg, axis=-1) < np.linalg.norm(im - bg, axis=-1)  # (H, W)
+            mask = largest_component(nearer & ndimage.binary_dilation(mask))
+        if mask is None or not min_area <= mask.mean() <= max_area:
+            out.append((None, None))
+            continue
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        fill = mask.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
+        colour = names[np.argmin(np.linalg.norm(palette - fg, axis=-1))]
+        kind = min(KIND_FILL, key=lambda k: abs(KIND_FILL[k] - fill))
+        out.append((colour, kind))
+    return out
+
+
+def probe_accuracy(images, colors, kinds) -> dict:
+    """Share of images whose measured colour / kind / both match the prompted ones."""
+    found = shape_attributes(images)
+    color_ok = np.array([c == want for (c, _), want in zip(found, colors)])
+    kind_ok = np.array([k == want for (_, k), want in zip(found, kinds)])
+    return dict(n=len(found), color_acc=float(color_ok.mean()), shape_acc=float(kind_ok.mean()),
+                both_acc=float((color_ok & kind_ok).mean()))
+
+
+def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim", batch_size=16, progress=False) -> dict:
+    """Every (colour, kind, background) caption of the shapes set, n_per_prompt seeds each -> probe_accuracy + cfg.
+    Chance level: 1/len(SHAPE_COLORS) for colour, 1/len(SHAPE_KINDS) for shape."""
+    combos = [(c, k, b) for c in SHAPE_COLORS for k in SHAPE_KINDS for b in SHAPE_BACKGROUNDS for _ in range(n_per_prompt)]
+    prompts = [shapes_caption(c, k, b) for c, k, b in combos]
+    images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], cfg=cfg, steps=steps, sampler=sampler,
+                      batch_size=batch_size, progress=progress)
+    return dict(cfg=cfg, **probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos]))
+
+#################################################################################
+#                                  CLI                                          #
+#################################################################################
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv=None, extractor=None, clip_scorer=None):
+    """extractor / clip_scorer: injected callables (tests); by default the TF-Inception and open_clip models."""
+    p = argparse.ArgumentParser(description="FID / IS / CLIP score and the shapes probe for a train.py checkpoint.")
+    p.add_argument("--ckpt", default="out/ckpt.pt")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"))
+    p.add_argument("--prompts", default="", help=".txt (one caption per line) or .jsonl (text / caption)")
+    p.add_argument("--ref", default="", help="folder of reference images, or a .npz with mu and sigma")
+    p.add_argument("--n", type=int, default=0, help="samples per CFG scale (default: one per prompt)")
+    p.add_argument("--cfg", default="7.5", help="CFG scale(s), comma separated: 1,3,5")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmpp_2m"))
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--guidance_rescale", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32, help="images sampled together")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--inception_weights", default="", help="local TF-Inception .pth (offline)")
+    p.add_argument("--clip", default="ViT-L-14/openai", help="open_clip ARCH/TAG for the CLIP score, or none")
+    p.add_argument("--clip_weights", default="", help="local open_clip checkpoint for --clip's ARCH (offline; "
+                   "OpenAI's weights need the -quickgelu ARCH, e.g. ViT-L-14-quickgelu)")
+    p.add_argument("--stats_cache", default="cache/fid_stats", help="folder caching reference statistics")
+    p.add_argument("--probe", default="", choices=("", "shapes"), help="also run a prompt-adherence probe")
+    p.add_argument("--probe_n", type=int, default=8, help="probe images per shapes caption")
+    p.add_argument("--save_images", default="", help="folder to keep the generated images in")
+    p.add_argument("--out", default="", help="JSON results (default: eval.json beside the checkpoint)")
+    args = p.parse_args(argv)
+    if not args.prompts and not args.probe:
+        p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes")
+    try:
+        cfgs = [float(c) for c in args.cfg.split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--cfg must be comma-separated numbers, got {args.cfg!r}")
+    try:
+        pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
+    except CheckpointError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    device_name = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu"
+    report = dict(ckpt=args.ckpt, step=pipe.step, date=datetime.date.today().isoformat(), device=device_name,
+                  settings=dict(steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                                guidance_rescale=args.guidance_rescale, weights=args.weights))
+    print(f"{args.ckpt} (step {pipe.step}) on {device_name}, {report['date']}: {args.sampler} {args.steps} steps")
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+        try:  # the pretrained metric networks: on an offline machine they must come from local files
+            extractor = extractor or InceptionV3(args.inception_weights or None, device=pipe.device)
+            if clip_scorer is None and args.clip.lower() != "none":
+                clip_scorer = ClipScorer.load(args.clip, args.clip_weights, device=pipe.device)
+        except Exception as e:
+            print(f"evaluate.py: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  "(offline: --inception_weights PATH, --clip_weights PATH or --clip none)", file=sys.stderr)
+            sys.exit(2)
+        ref = reference_stats(args.ref, extractor, pipe.resolution, args.stats_cache, args.batch) if args.ref else None
+        rows = evaluate(pipe, prompts, cfgs, extractor, clip_scorer, ref, n=args.n, steps=args.steps,
+                        sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, seed=args.seed,
+                        batch_size=args.batch, save_dir=args.save_images)
+        report.update(prompts=args.prompts, feature_extractor=extractor.name,
+                      clip_model=getattr(clip_scorer, "name", None), results=rows,
+                      reference=None if ref is None else dict(source=ref["source"], n=ref["n"], cache=ref.get("cache")))
+        print(f"\nFID vs {args.ref or '(no reference)'} ({ref['n'] if ref else 0} images), {extractor.name}; "
+              f"IS over 10 splits; CLIP score {report['clip_model']}")
+        if ref is not None and rows[0]["n"] < len(ref["mu"]):
+            print(f"note: {rows[0]['n']} samples < {len(ref['mu'])} feature dimensions: FID is biased upward "
+                  "(papers use 10K-50K samples: FID-30K on COCO)")
+        print("| cfg | n | FID | IS | CLIP score |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['cfg']:g} | {r['n']} | {fmt(r['fid'])} | {r['is_mean']:.2f} ± {r['is_std']:.2f} "
+                  f"| {fmt(r['clip_score'])} |")
+    if args.probe == "shapes":
+        probe = [probe_shapes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
+                              sampler=args.sampler, batch_size=args.batch, progress=True) for c in cfgs]
+        report["probe_shapes"] = probe
+        print(f"\nshapes probe (chance: colour {1 / len(SHAPE_COLORS):.2f}, shape {1 / len(SHAPE_KINDS):.2f})")
+        print("| cfg | n | colour acc | shape acc | both |\n|---|---|---|---|---|")
+        for r in probe:
+            print(f"| {r['cfg']:g} | {r['n']} | {r['color_acc']:.3f} | {r['shape_acc']:.3f} | {r['both_acc']:.3f} |")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

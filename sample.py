@@ -1,0 +1,216 @@
+"""
+Prompts in, PNGs out: loads a checkpoint's EMA weights and everything needed to rebuild the sampler.
+
+    python sample.py --cfg 7.5 "a red fox" "a blue car"            # out/samples/0000.png ... + grid.png
+    python sample.py --ckpt out/ckpt.pt --n 8 --seed 1 --steps 30 --sampler dpmpp_2m --negative "blurry" "a red fox"
+
+Image k (prompt k // n) is sampled from its own torch.Generator seeded `seed + k`, so it is the same picture
+whatever --batch is. evaluate.py and the tests use the importable API: load_pipeline(), generate().
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm import tqdm
+
+from data import load_text_encoder, load_vae
+from diffusion import Diffusion
+from model import DiT, DiTConfig
+
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+# train.py globals sample.py rebuilds the pipeline from
+CONFIG_KEYS = ("resolution", "vae", "text_encoder", "prediction", "schedule", "zero_terminal_snr", "beta_start", "beta_end")
+
+#################################################################################
+#                                  Loading                                      #
+#################################################################################
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable (truncated, corrupt) or not a train.py checkpoint."""
+
+
+@dataclasses.dataclass
+class Pipeline:
+    model: DiT                 # denoiser with the checkpoint's EMA (or raw) weights, eval mode, no grad
+    diffusion: Diffusion       # schedule rebuilt from the checkpoint's config
+    vae: object                # data.load_vae(config["vae"])
+    text_encoder: object       # data.load_text_encoder(config["text_encoder"])
+    config: dict               # train.py globals stored in the checkpoint
+    step: int                  # optimizer step the checkpoint was saved at
+    device: torch.device
+    ckpt: str
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config["resolution"])
+
+    @property
+    def latent_shape(self) -> tuple:
+        size = self.resolution // self.vae.factor
+        return (self.vae.channels, size, size)
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load(weights_only=True) with one-line errors for a missing, truncated or foreign file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / EOFError / UnpicklingError depending on where the file ends
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {reason}") from None
+    missing = [k for k in ("ema", "config", "model_config") if not (isinstance(ckpt, dict) and k in ckpt)]
+    missing += [f"config[{k!r}]" for k in CONFIG_KEYS if not missing and k not in ckpt["config"]]
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
+    return ckpt
+
+
+def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipeline:
+    """Rebuild DiT (with `weights`: "ema" or "model"), Diffusion, VAE and text encoder from one checkpoint."""
+    device = torch.device(device)
+    ckpt = load_checkpoint(ckpt_path)
+    config = ckpt["config"]
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt[weights].items()}  # tolerate a compiled module's keys
+    try:
+        model = DiT(DiTConfig(**ckpt["model_config"]))
+        model.load_state_dict(state)
+    except (TypeError, RuntimeError) as e:  # a model_config this model.py cannot build, or weights of another shape
+        raise CheckpointError(f"{ckpt_path}: '{weights}' weights do not fit model.py: {str(e).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    diffusion = Diffusion(schedule=config["schedule"], beta_start=config["beta_start"], beta_end=config["beta_end"],
+                          prediction=config["prediction"], zero_terminal_snr=config["zero_terminal_snr"])
+    vae = load_vae(config["vae"], device=device)
+    text_encoder = load_text_encoder(config["text_encoder"], device=device)
+    assert vae.channels == model.config.in_channels, f"vae {vae.name} has {vae.channels} channels, model {model.config.in_channels}"
+    return Pipeline(model, diffusion, vae, text_encoder, config, int(ckpt.get("step", 0)), device, ckpt_path)
+
+#################################################################################
+#                                  Sampling                                     #
+#################################################################################
+
+def encode_text(pipe: Pipeline, captions: list) -> tuple:
+    states, pooled = pipe.text_encoder(list(captions))
+    return states.to(pipe.device), pooled.to(pipe.device)  # (B, L, D), (B, P)
+
+
+@torch.no_grad()
+def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler="ddim", eta=0.0,
+                   guidance_rescale=0.0, negative="") -> torch.Tensor:
+    """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise). -> (B, C, h, w) fp32"""
+    assert len(prompts) == len(seeds) and sampler in SAMPLERS
+    # CPU generators (as diffusers' randn_tensor): the same seed gives the same x_T and noise on any device
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x_T = torch.stack([torch.randn(pipe.latent_shape, generator=g) for g in gens]).to(pipe.device)  # (B, C, h, w)
+    cond = encode_text(pipe, prompts)
+    uncond = None
+    if cfg != 1.0:  # scale 1 is the conditional model alone: skip the unconditional half entirely
+        states, pooled = encode_text(pipe, [negative])  # the negative prompt takes the empty caption's place in CFG
+        uncond = (states.expand(len(prompts), -1, -1), pooled.expand(len(prompts), -1))
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if pipe.device.type == "cuda" else nullcontext()
+
+    def model_fn(x, t, c):  # diffusion.sample concatenates cond and uncond halves: one batched forward
+        with ctx:
+            return pipe.model(x, t, c[0], c[1]).float()
+
+    return pipe.diffusion.sample(model_fn, x_T, cond, uncond=uncond, cfg=cfg, guidance_rescale=guidance_rescale,
+                                 steps=steps, sampler=sampler, eta=eta, generator=gens).float()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the CPU."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler="ddim", eta=0.0,
+             guidance_rescale=0.0, negative="", batch_size=16, progress=False) -> torch.Tensor:
+    """One image per (prompt, seed), sampled batch_size at a time and decoded -> uint8 (N, H, W, 3)."""
+    assert len(prompts) == len(seeds), "one seed per prompt"
+    out = []
+    with tqdm(total=len(prompts), disable=not progress, desc=f"sampling cfg {cfg:g}", unit="img") as bar:
+        for i in range(0, len(prompts), batch_size):
+            latents = sample_latents(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], cfg=cfg, steps=steps,
+                                     sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, negative=negative)
+            out.append(to_uint8(pipe.vae.decode(latents)))
+            bar.update(len(latents))
+    return torch.cat(out)
+
+#################################################################################
+#                                  Output                                       #
+#################################################################################
+
+def make_grid(images: torch.Tensor, cols: int, pad: int = 2) -> Image.Image:
+    """uint8 (N, H, W, 3) -> one PIL image, `cols` per row, white padding."""
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for k, im in enumerate(images.numpy()):
+        r, c = divmod(k, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    return Image.fromarray(grid)
+
+
+def save_images(images: torch.Tensor, prompts: list, seeds: list, settings: dict, out_dir: str, cols: int) -> list:
+    """NNNN.png per image with prompt, seed and settings in the PNG text chunk, plus grid.png. -> paths"""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for k, (im, prompt, seed) in enumerate(zip(images.numpy(), prompts, seeds)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("prompt", prompt)
+        info.add_text("seed", str(seed))
+        info.add_text("parameters", json.dumps({"prompt": prompt, "seed": seed, **settings}))
+        paths.append(os.path.join(out_dir, f"{k:04d}.png"))
+        Image.fromarray(im).save(paths[-1], pnginfo=info)
+    make_grid(images, cols).save(os.path.join(out_dir, "grid.png"))
+    return paths
+
+#################################################################################
+#                                  CLI                                          #
+#################################################################################
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample images from a train.py checkpoint.")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="train.py checkpoint")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA weights (default) or the raw ones")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1: conditional only)")
+    p.add_argument("--guidance_rescale", type=float, default=0.0, help="CFG rescale phi (arXiv 2305.08891, sec. 3.4)")
+    p.add_argument("--negative", default="", help="negative prompt: replaces the empty caption in CFG")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="", help="output folder (default: samples/ beside the checkpoint)")
+    p.add_argument("--batch", type=int, default=16, help="images sampled together (CFG doubles the model batch)")
+    args = p.parse_args(argv)
+    if args.n < 1 or args.steps < 1 or args.batch < 1:
+        p.error("--n, --steps and --batch must be >= 1")  # exits 2
+    try:
+        pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
+    except CheckpointError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    prompts = [prompt for prompt in args.prompts for _ in range(args.n)]
+    seeds = [args.seed + k for k in range(len(prompts))]
+    settings = dict(ckpt=args.ckpt, step=pipe.step, weights=args.weights, cfg=args.cfg, steps=args.steps,
+                    sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, negative=args.negative)
+    images = generate(pipe, prompts, seeds, cfg=args.cfg, steps=args.steps, sampler=args.sampler, eta=args.eta,
+                      guidance_rescale=args.guidance_rescale, negative=args.negative, batch_size=args.batch,
+                      progress=True)
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
+    paths = save_images(images, prompts, seeds, settings, out_dir, cols=args.n)
+    print(f"wrote {len(paths)} images + grid.png to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

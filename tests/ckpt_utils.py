@@ -1,0 +1,32 @@
+"""Tiny train.py-layout checkpoints for the sample.py / evaluate.py tests (pixel space, the "tiny" text tower)."""
+import dataclasses
+
+import torch
+
+import data
+from model import DiT, DiTConfig
+
+
+def make_tiny_checkpoint(path, resolution=16, prediction="v", schedule="scaled_linear", zero_terminal_snr=False,
+                         seed=0, step=7):
+    """A 2-block DiT with random non-zero weights everywhere (an untrained DiT outputs zeros, which would make
+    every sampler test trivial); "ema" and "model" differ so a test can tell which one was loaded."""
+    text_encoder = data.load_text_encoder("tiny")
+    config = DiTConfig(in_channels=3, input_size=resolution, patch=2, depth=2, width=32, heads=2,
+                       text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim,
+                       text_len=text_encoder.context_length)
+    g = torch.Generator().manual_seed(seed)
+    model = DiT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+           for k, v in raw.items()}
+    train_config = dict(data="shapes", out_dir=str(path.parent) if hasattr(path, "parent") else ".",
+                        resolution=resolution, vae="none", text_encoder="tiny", model="DiT-S/2", prediction=prediction,
+                        schedule=schedule, zero_terminal_snr=zero_terminal_snr, beta_start=0.00085, beta_end=0.012,
+                        seed=seed)
+    torch.save({"model": raw, "ema": ema, "optimizer": {}, "step": step, "config": train_config,
+                "model_config": dataclasses.asdict(config), "loader_state": {}, "rng": {}}, path)
+    return path

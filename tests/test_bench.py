@@ -1,0 +1,137 @@
+"""bench.py: `python bench.py --tiny` runs and reports every case (ours and the PixArt peer, loader, text encoder,
+sampler) with positive finite numbers that agree with each other and with their references (model.estimate_flops,
+parameter counts of the two networks built here). Never a speed assertion. On CUDA: a training step has no host sync."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
+    out.write_text('{"kind": "earlier run"}\n')  # --out appends
+    r = subprocess.run([sys.executable, "bench.py", "--tiny", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    assert json.loads(lines[0]) == {"kind": "earlier run"}, "--out must append, not overwrite"
+    return r.stdout, [json.loads(l) for l in lines[1:]]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops gain nothing from intra-op threads (and lose 10x on a busy machine): as bench.py --tiny does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def positive(rec, *keys):
+    for k in keys:
+        v = rec[k]
+        assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{rec['model']}: {k} = {v!r}"
+
+
+def test_tiny_run_reports_every_case(tiny_run):
+    stdout, recs = tiny_run
+    assert [r["kind"] for r in recs] == ["train", "train", "loader", "text_encoder", "sampling"]
+    for r in recs:  # every line says where and with what it was measured
+        assert r["torch"] == torch.__version__ and r["card"] and r["date"] and r["cmd"].startswith("python bench.py")
+    ours, peer, loader, text, sampling = recs
+    assert (ours["model"], peer["model"]) == ("ours tiny", "pixart tiny")
+    for r in (ours, peer):
+        assert "error" not in r, r
+        positive(r, "params", "gflop_per_img", "gflop_counted", "step_ms", "img_s")
+        assert (r["batch"], r["accum"], r["latent"], r["mode"]) == (ours["batch"], 1, ours["latent"], "alternating")
+        assert r["img_s"] == pytest.approx(r["batch"] * r["accum"] / (r["step_ms"] / 1e3), rel=1e-9)
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+    positive(ours, "ratio_vs_peer")
+    assert ours["ratio_vs_peer"] == pytest.approx(ours["img_s"] / peer["img_s"], rel=1e-9)
+    positive(loader, "samples_per_s", "ms_per_batch")
+    positive(text, "ms_per_step", "captions_per_s", "params")
+    assert text["model"] == "tiny" and text["batch"] == ours["batch"] * ours["accum"]
+    positive(sampling, "s_per_batch", "img_s", "ms_per_step")
+    assert (sampling["batch"], sampling["steps"], sampling["sampler"]) == (16, 50, "ddim") and sampling["cfg"] > 1
+    # the printed report: header with card, date and torch version; a table row per case; the other sections
+    assert torch.__version__ in stdout and recs[0]["date"] in stdout and recs[0]["card"] in stdout
+    rows = [l for l in stdout.splitlines() if l.startswith("| ")]
+    assert rows[0].split("|")[1].strip() == "model" and "ours/peer" in rows[0] and "peak GB" in rows[0]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["ours tiny", "pixart tiny"]
+    for needle in ("loader:", "text encoder tiny", "sampling ours tiny"):
+        assert needle in stdout
+    assert sum(l.startswith("{") for l in stdout.splitlines()) == len(recs)  # the same JSON lines on stdout
+
+
+def test_tiny_numbers_match_their_references(tiny_run):
+    """FLOPs and parameter counts are those of the two networks at the tiny shape, rebuilt here independently."""
+    import bench
+    from diffusers import PixArtTransformer2DModel
+    from model import DiT, make_config
+    _, recs = tiny_run
+    ours, peer = recs[0], recs[1]
+    grid = ours["latent"][1]
+    mine = DiT(make_config("DiT-S/2", **bench.TINY, in_channels=4, input_size=grid, text_dim=768, pooled_dim=768))
+    assert ours["params"] == sum(p.numel() for p in mine.parameters())
+    assert ours["gflop_per_img"] == pytest.approx(mine.estimate_flops() / 1e9, rel=1e-12)
+    W, H = bench.TINY["width"], bench.TINY["heads"]
+    theirs = PixArtTransformer2DModel(num_attention_heads=H, attention_head_dim=W // H, in_channels=4, out_channels=4,
+                                      num_layers=bench.TINY["depth"], sample_size=grid, patch_size=bench.TINY["patch"],
+                                      caption_channels=768, cross_attention_dim=W, use_additional_conditions=False,
+                                      norm_type="ada_norm_single")
+    assert peer["params"] == sum(p.numel() for p in theirs.parameters())
+    # the two FLOP counts of our model agree to within the input-side weight gradients that estimate_flops
+    # also counts (the latents and text states need no input gradient): a few percent at this tiny width
+    assert ours["gflop_counted"] == pytest.approx(ours["gflop_per_img"], rel=0.25)
+
+
+def test_oom_with_both_resident_falls_back_to_one_at_a_time(monkeypatch, one_thread):
+    """The 5090 case: both XL/2 models with their AdamW state do not fit together. The first OOM reruns the shape one
+    model at a time; an OOM alone becomes an error row that the report still prints."""
+    import contextlib
+    from types import SimpleNamespace
+    import bench
+    import train
+    from diffusion import Diffusion
+    C = SimpleNamespace(**train.parse_args(["--batch", "2", "--device", "cpu"]))
+    device, ctx, diffusion = torch.device("cpu"), contextlib.nullcontext(), Diffusion()
+    real_first_step, calls = bench.first_step, []
+    def first_step(case, *a, **k):  # the peer "does not fit" beside ours; alone it does once, then never again
+        calls.append(case.impl)
+        if case.impl == "pixart" and calls.count("pixart") != 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_first_step(case, *a, **k)
+    monkeypatch.setattr(bench, "first_step", first_step)
+    run = lambda: bench.bench_training("tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, ctx, diffusion,
+                                       steps=1, rounds=1, warmup=1, log=lambda s: None)
+    (ours, peer), mode = run()
+    assert calls == ["ours", "pixart", "ours", "pixart"] and mode == "sequential"
+    assert not ours.error and not peer.error and ours.img_s > 0 and peer.img_s > 0 and ours.raw is None
+    (ours, peer), mode = run()
+    assert mode == "sequential" and not ours.error and peer.error.startswith("OOM alone")
+    rows = [bench.train_record(c, p, "tiny", bench.TINY_GRID, C, device, mode) for c, p in ((ours, peer), (peer, None))]
+    assert "ratio_vs_peer" not in rows[0] and rows[0]["img_s"] > 0 and rows[1]["error"].startswith("OOM alone")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_in_a_training_step_on_cuda():
+    """train.py's step (step_noise, train_step, ema_update), run through bench.py, should not synchronise the host."""
+    import contextlib
+    from types import SimpleNamespace
+    import bench
+    import train
+    from diffusion import Diffusion
+    C = SimpleNamespace(**train.parse_args(["--batch", "4", "--compile", "false"]))
+    device, ctx = torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
+    diffusion = Diffusion()
+    case = bench.build_case("ours", "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device)
+    bench.run_steps(case, 2, C, diffusion, ctx, device)
+    n, sites = bench.count_syncs(lambda: bench.run_steps(case, 1, C, diffusion, ctx, device), device)
+    assert n == 0, f"{n} host syncs per step at {sites}"

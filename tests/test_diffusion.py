@@ -1,0 +1,437 @@
+"""diffusion.py against diffusers (the oracle), float64 recomputations, and closed-form invariants. CPU, seconds."""
+import math
+
+import pytest
+import torch
+import diffusers.schedulers.scheduling_ddim as ddim_module
+import diffusers.schedulers.scheduling_ddpm as ddpm_module
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.guiders.guider_utils import rescale_noise_cfg  # = StableDiffusionPipeline's (whose module needs transformers)
+from diffusers.training_utils import compute_snr
+
+from diffusion import Diffusion, rescale_cfg
+
+T = 1000
+BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 0.02)}
+DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+SCHEDULE_CASES = [(s, z) for s in BETAS for z in (False, True)]
+
+
+def ours(schedule="scaled_linear", prediction="v", zero_terminal_snr=False):
+    b0, b1 = BETAS[schedule]
+    return Diffusion(schedule, T, b0, b1, prediction=prediction, zero_terminal_snr=zero_terminal_snr)
+
+
+def theirs(cls, schedule="scaled_linear", prediction="v", zero_terminal_snr=False, **kw):
+    b0, b1 = BETAS[schedule]
+    return cls(num_train_timesteps=T, beta_start=b0, beta_end=b1, beta_schedule=DIFFUSERS_SCHEDULE[schedule],
+               prediction_type=DIFFUSERS_PREDICTION[prediction], rescale_betas_zero_snr=zero_terminal_snr, **kw)
+
+
+class _Float64Torch:
+    """`torch` as a diffusers scheduler module sees it, with float32 meaning float64: diffusers hard-codes float32
+    betas, whose rounding alone exceeds 1e-6 relative (e.g. SNR near t=0); this runs diffusers' own code in double."""
+    def __getattr__(self, name):
+        return torch.float64 if name == "float32" else getattr(torch, name)
+
+
+@pytest.fixture
+def float64_diffusers(monkeypatch):
+    for module in (ddpm_module, ddim_module):
+        monkeypatch.setattr(module, "torch", _Float64Torch())
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def toy_model(d):
+    """A deterministic stand-in for a trained model of d.prediction's kind: the optimal denoiser for N(0, 1) data
+    (x0 = a x_t) plus a term nonlinear in x_t and depending on t and cond ((B, C), or a tuple whose first item is)."""
+    def model_fn(x, t, cond):
+        c = cond[0] if isinstance(cond, (tuple, list)) else cond
+        a, s = d.sqrt_ab[t].to(x.dtype).view(-1, 1, 1, 1), d.sqrt_1m_ab[t].to(x.dtype).view(-1, 1, 1, 1)
+        x0 = a * x + s * (0.5 * torch.tanh(2 * x + c.view(*c.shape, 1, 1)) + 0.2 * torch.sin(3 * x + s))
+        eps = (x - a * x0) / s
+        return {"eps": eps, "v": a * eps - s * x0, "x0": x0}[d.prediction]
+    return model_fn
+
+
+# -----------------------------------------------------------------------------
+# schedule, noising, SNR
+
+@pytest.mark.parametrize("schedule,zts", SCHEDULE_CASES)
+def test_schedule_matches_diffusers(float64_diffusers, schedule, zts):
+    d = ours(schedule, "v", zts)
+    ddpm, ddim = theirs(DDPMScheduler, schedule, "v", zts), theirs(DDIMScheduler, schedule, "v", zts)
+    assert ddpm.alphas_cumprod.dtype == torch.float64  # the float64 patch took effect
+    torch.testing.assert_close(d.betas, ddpm.betas, rtol=1e-6, atol=0)
+    for ref in (ddpm.alphas_cumprod, ddim.alphas_cumprod):
+        torch.testing.assert_close(d.alphas_cumprod, ref, rtol=1e-6, atol=0)
+    t = torch.arange(T)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, T, 2, 2, 2, generator=g, dtype=torch.float64)
+    for ref in (ddpm, ddim):
+        assert rel_err(d.add_noise(x0, noise, t), ref.add_noise(x0, noise, t)) < 1e-6
+        assert rel_err(d.velocity(x0, noise, t), ref.get_velocity(x0, noise, t)) < 1e-6
+    torch.testing.assert_close(d.snr(t), compute_snr(ddpm, t), rtol=1e-6, atol=0)
+    if zts:
+        assert d.alphas_cumprod[-1] == 0 and d.snr(t)[-1] == 0
+        assert d.alphas_cumprod[0] == pytest.approx(ours(schedule, "v").alphas_cumprod[0].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule,zts", SCHEDULE_CASES)
+def test_stock_float32_diffusers_agrees_to_float32_rounding(schedule, zts):
+    d, ref = ours(schedule, "v", zts), theirs(DDPMScheduler, schedule, "v", zts)
+    assert (d.alphas_cumprod.sqrt() - ref.alphas_cumprod.double().sqrt()).abs().max() < 1e-6  # signal scale
+    x0 = torch.randn(T, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    noise, t = torch.randn_like(x0), torch.arange(T)
+    assert rel_err(d.add_noise(x0, noise, t), ref.add_noise(x0, noise, t)) < 1e-5
+    assert rel_err(d.velocity(x0, noise, t), ref.get_velocity(x0, noise, t)) < 1e-5
+
+
+def test_zero_terminal_snr_with_eps_is_refused():
+    with pytest.raises(ValueError, match="ill-posed"):
+        ours("scaled_linear", "eps", True)
+    for bad in (dict(schedule="sigmoid"), dict(prediction="epsilon")):
+        with pytest.raises(ValueError):
+            Diffusion(**bad)
+
+
+@pytest.mark.parametrize("schedule,zts", [("scaled_linear", False), ("scaled_linear", True), ("cosine", False)])
+def test_prediction_conversions(schedule, zts):
+    d = ours(schedule, "v", zts)
+    g = torch.Generator().manual_seed(2)
+    t = torch.arange(0, T, 37).long()
+    x0, noise = torch.randn(2, len(t), 3, 2, 2, generator=g, dtype=torch.float64)
+    x_t = d.add_noise(x0, noise, t)
+    truth = {"eps": noise, "v": d.velocity(x0, noise, t), "x0": x0}
+    for kind in ("eps", "v", "x0"):
+        if not (zts and kind == "eps"):
+            assert torch.equal(ours(schedule, kind, zts).target(x0, noise, t), truth[kind])
+        for to in ("eps", "v", "x0"):
+            ok = d.alphas_cumprod[t] > 0 if kind == "eps" else torch.ones(len(t), dtype=torch.bool)  # eps -> x0 needs SNR > 0
+            got = d.convert(truth[kind], x_t, t, to, kind=kind)
+            torch.testing.assert_close(got[ok], truth[to][ok], rtol=1e-8, atol=1e-8)
+
+
+# -----------------------------------------------------------------------------
+# timesteps
+
+def test_timesteps_match_set_timesteps_for_every_step_count():
+    d = ours()
+    spurious = []
+    for spacing in ("leading", "trailing", "linspace"):
+        ref = DDPMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=0)
+        for n in range(1, T + 1):
+            ref.set_timesteps(n)
+            got, want = d.timesteps(n, spacing), ref.timesteps
+            assert len(got) == n and got.dtype == torch.long and 0 <= got.min() and got.max() < T
+            assert n == 1 or bool((got[1:] < got[:-1]).all())
+            if len(want) == n + 1:  # diffusers' trailing sometimes appends a spurious -1 (np.arange rounding)
+                assert spacing == "trailing" and want[-1] == -1
+                spurious.append(n)
+                want = want[:-1]
+            assert torch.equal(got, want), (spacing, n)
+    assert 61 in spurious  # the known case, documented in Diffusion.timesteps
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [1, 7, 10, 13, 25, 50, 999, 1000])
+def test_timesteps_match_ddim_set_timesteps(spacing, n):
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=0)
+    ref.set_timesteps(n)
+    assert torch.equal(ours().timesteps(n, spacing), ref.timesteps)
+
+
+def test_trailing_timesteps_match_dpm_solver():
+    ref = DPMSolverMultistepScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    for n in (1, 7, 10, 20, 25, 50):
+        ref.set_timesteps(n)
+        assert torch.equal(ours().timesteps(n, "trailing"), ref.timesteps)
+
+
+# -----------------------------------------------------------------------------
+# samplers vs a hand-written loop over the diffusers scheduler
+
+MODEL_CASES = [("scaled_linear", "eps", False), ("scaled_linear", "v", False), ("scaled_linear", "v", True),
+               ("cosine", "x0", False), ("linear", "eps", False)]
+SAMPLER_CASES = [  # (sampler, spacing, steps, eta): DDIMScheduler steps to t - T//n, so its grids must be regular
+    ("ddim", "trailing", 10, 0.0), ("ddim", "leading", 7, 0.0), ("ddim", "trailing", 20, 0.7),
+    ("ddpm", "trailing", 10, 0.0), ("ddpm", "linspace", 13, 0.0), ("ddpm", "leading", 7, 0.0),
+    ("dpmpp_2m", "trailing", 10, 0.0), ("dpmpp_2m", "trailing", 20, 0.0), ("dpmpp_2m", "linspace", 13, 0.0),
+    ("dpmpp_2m", "leading", 7, 0.0), ("dpmpp_2m", "trailing", 1, 0.0), ("dpmpp_2m", "trailing", 2, 0.0)]
+
+
+def diffusers_loop(sched, model_fn, x, cond, seed, **step_kw):
+    g = torch.Generator().manual_seed(seed)
+    for t in sched.timesteps:
+        out = model_fn(x, torch.full((x.shape[0],), int(t)), cond)
+        x = sched.step(out, t, x, generator=g, **step_kw).prev_sample
+    return x
+
+
+def reference_sample(model_fn, sampler, spacing, steps, eta, schedule, prediction, zts, x, cond, seed):
+    if sampler == "ddim":
+        ref = theirs(DDIMScheduler, schedule, prediction, zts, clip_sample=False, set_alpha_to_one=True,
+                     steps_offset=0, timestep_spacing=spacing)
+        ref.set_timesteps(steps)
+        return diffusers_loop(ref, model_fn, x, cond, seed, eta=eta)
+    if sampler == "ddpm":
+        ref = theirs(DDPMScheduler, schedule, prediction, zts, clip_sample=False, variance_type="fixed_small",
+                     steps_offset=0, timestep_spacing=spacing)
+        ref.set_timesteps(steps)
+        return diffusers_loop(ref, model_fn, x, cond, seed)
+    ref = theirs(DPMSolverMultistepScheduler, schedule, prediction, zts, algorithm_type="dpmsolver++", solver_order=2,
+                 solver_type="midpoint", lower_order_final=True, timestep_spacing=spacing, steps_offset=0)
+    if spacing == "trailing":  # DPMSolverMultistepScheduler's own trailing grid equals ours
+        ref.set_timesteps(steps)
+    else:  # its leading / linspace are defined differently (steps + 1 points): hand it ours
+        ref.set_timesteps(timesteps=ours(schedule, "v").timesteps(steps, spacing).tolist())
+    assert torch.equal(ref.timesteps, ours(schedule, "v").timesteps(steps, spacing))
+    return diffusers_loop(ref, model_fn, x, cond, seed)
+
+
+@pytest.mark.parametrize("schedule,prediction,zts", MODEL_CASES)
+@pytest.mark.parametrize("sampler,spacing,steps,eta", SAMPLER_CASES)
+def test_sampler_matches_diffusers_loop(sampler, spacing, steps, eta, schedule, prediction, zts):
+    g = torch.Generator().manual_seed(3)
+    x_T, cond = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, generator=g)
+    d = ours(schedule, prediction, zts)
+    got = d.sample(toy_model(d), x_T, cond, steps=steps, sampler=sampler, eta=eta, spacing=spacing,
+                   generator=torch.Generator().manual_seed(4))
+    want = reference_sample(toy_model(d), sampler, spacing, steps, eta, schedule, prediction, zts, x_T, cond, seed=4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("schedule,prediction,zts", MODEL_CASES)
+@pytest.mark.parametrize("spacing,steps", [("linspace", 13), ("trailing", 7), ("trailing", 61)])
+def test_ddim_on_irregular_grids(spacing, steps, schedule, prediction, zts):
+    """DDIMScheduler steps to t - T//steps, off our grid here; we step to the next listed timestep, which diffusers
+    checks two ways: eta=0 is DPM-Solver first order (DDIM = DPM-Solver-1), eta=1 is DDPM (DDIM paper sec. 4.1)."""
+    g = torch.Generator().manual_seed(5)
+    x_T, cond = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, generator=g)
+    d = ours(schedule, prediction, zts)
+    grid = d.timesteps(steps, spacing).tolist()
+    dpm1 = theirs(DPMSolverMultistepScheduler, schedule, prediction, zts, algorithm_type="dpmsolver++", solver_order=1)
+    dpm1.set_timesteps(timesteps=grid)
+    got = d.sample(toy_model(d), x_T, cond, steps=steps, sampler="ddim", eta=0.0, spacing=spacing)
+    if not zts:  # DPMSolver clips a_{T-1} to 2**-24 under zero terminal SNR, DDIM does not
+        torch.testing.assert_close(got, diffusers_loop(dpm1, toy_model(d), x_T, cond, 0), rtol=1e-4, atol=2e-5)
+    ddpm = theirs(DDPMScheduler, schedule, prediction, zts, clip_sample=False)
+    ddpm.set_timesteps(timesteps=grid)
+    got = d.sample(toy_model(d), x_T, cond, steps=steps, sampler="ddim", eta=1.0, spacing=spacing,
+                   generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(got, diffusers_loop(ddpm, toy_model(d), x_T, cond, 6), rtol=1e-4, atol=2e-5)
+
+
+def test_sampler_rejects_unknown_names():
+    x = torch.zeros(1, 3, 2, 2)
+    with pytest.raises(ValueError):
+        ours().sample(toy_model(ours()), x, torch.zeros(1, 3), sampler="euler")
+    with pytest.raises(ValueError):
+        ours().timesteps(10, "uniform")
+
+
+# -----------------------------------------------------------------------------
+# classifier-free guidance and generators
+
+def test_cfg_scale_one_equals_conditional():
+    g = torch.Generator().manual_seed(7)
+    x_T, cond, uncond = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+    d = ours()
+    plain = d.sample(toy_model(d), x_T, cond, steps=10)
+    guided = d.sample(toy_model(d), x_T, cond, uncond=uncond, cfg=1.0, steps=10)
+    torch.testing.assert_close(guided, plain, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(d.sample(toy_model(d), x_T, cond, uncond=uncond, cfg=3.0, steps=10), plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction,guidance_rescale", [("v", 0.0), ("v", 0.7), ("eps", 0.5)])
+def test_cfg_one_batched_call_equals_diffusers_pipeline_loop(prediction, guidance_rescale):
+    g = torch.Generator().manual_seed(8)
+    B, cfg, steps = 2, 4.0, 10
+    x_T = torch.randn(B, 3, 4, 4, generator=g)
+    cond = (torch.randn(B, 3, generator=g), torch.randn(B, 5, generator=g))  # (text states, pooled) stand-ins
+    uncond = (torch.randn(1, 3, generator=g), torch.randn(1, 5, generator=g))  # batch 1: broadcast over the batch
+    calls = []
+
+    def model_fn(x, t, c):
+        calls.append((x.shape[0], t.shape[0], c[0].shape[0], c[1].shape[0]))
+        return toy(x, t, c) + 0.1 * c[1][:, :3].view(-1, 3, 1, 1)
+
+    d = ours("scaled_linear", prediction)
+    toy = toy_model(d)
+    got = d.sample(model_fn, x_T, cond, uncond=uncond, cfg=cfg, guidance_rescale=guidance_rescale, steps=steps)
+    assert calls == [(2 * B,) * 4] * steps  # one batched call per step
+    ref = theirs(DDIMScheduler, "scaled_linear", prediction, clip_sample=False, set_alpha_to_one=True,
+                 steps_offset=0, timestep_spacing="trailing")
+    ref.set_timesteps(steps)
+    x, u = x_T, tuple(a.expand(B, -1) for a in uncond)
+    for t in ref.timesteps:
+        tb = torch.full((B,), int(t))
+        out_c, out_u = model_fn(x, tb, cond), model_fn(x, tb, u)
+        out = out_u + cfg * (out_c - out_u)  # as StableDiffusionPipeline
+        if guidance_rescale > 0:
+            out = rescale_noise_cfg(out, out_c, guidance_rescale=guidance_rescale)
+        x = ref.step(out, t, x).prev_sample
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=2e-5)
+
+
+def test_rescale_cfg_equals_rescale_noise_cfg():
+    g = torch.Generator().manual_seed(9)
+    out, out_cond = 3 * torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    for phi in (0.0, 0.3, 0.7, 1.0):
+        torch.testing.assert_close(rescale_cfg(out, out_cond, phi), rescale_noise_cfg(out, out_cond, phi))
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpmpp_2m", 0.0)])
+def test_list_of_generators_makes_each_sample_independent_of_its_batch(sampler, eta):
+    g = torch.Generator().manual_seed(10)
+    x_T, cond, uncond = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+    d = ours()
+    kw = dict(cfg=2.0, guidance_rescale=0.5, steps=8, sampler=sampler, eta=eta)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    batch = d.sample(toy_model(d), x_T, cond, uncond=uncond, generator=gens((11, 12, 13)), **kw)
+    for i, s in enumerate((11, 12, 13)):
+        alone = d.sample(toy_model(d), x_T[i:i + 1], cond[i:i + 1], uncond=uncond[i:i + 1], generator=gens((s,)), **kw)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-6, atol=1e-6)
+    if sampler == "ddpm":  # and the noise really comes from the generators
+        other = d.sample(toy_model(d), x_T, cond, uncond=uncond, generator=gens((11, 12, 14)), **kw)
+        assert torch.equal(other[:2], batch[:2]) and not torch.allclose(other[2], batch[2])
+
+
+# -----------------------------------------------------------------------------
+# end to end, independent of diffusers: for these data the optimal denoiser E[x0 | x_t] is known in closed form
+
+def exact_denoiser(d, posterior_mean):
+    """model_fn returning the optimal prediction of d.prediction's kind, from E[x0 | x_t] = posterior_mean(x_t, a, s)."""
+    def model_fn(x, t, cond):
+        a, s = d.sqrt_ab[t].view(-1, 1).float(), d.sqrt_1m_ab[t].view(-1, 1).float()
+        x0 = posterior_mean(x, a, s)
+        eps = (x - a * x0) / s
+        return {"eps": eps, "v": a * eps - s * x0, "x0": x0}[d.prediction]
+    return model_fn
+
+
+@pytest.mark.parametrize("schedule,prediction,zts,sampler", [
+    ("scaled_linear", "eps", False, "ddim"), ("scaled_linear", "v", True, "ddim"), ("cosine", "x0", False, "ddim"),
+    ("linear", "v", False, "ddim"), ("scaled_linear", "v", False, "dpmpp_2m"), ("cosine", "eps", False, "dpmpp_2m")])
+def test_two_point_mixture_50_steps_reproduce_mean_and_std(schedule, prediction, zts, sampler):
+    p, n = 0.7, 20_000  # x0 = +1 with probability p, else -1: mean 2p - 1, std 2 sqrt(p (1 - p))
+    d = ours(schedule, prediction, zts)
+    # posterior log-odds of +1 given x_t = a x0 + s eps: log(p / (1 - p)) + 2 a x_t / s^2
+    model_fn = exact_denoiser(d, lambda x, a, s: torch.tanh(0.5 * math.log(p / (1 - p)) + a * x / s ** 2))
+    n_plus = round(p * n)  # stratified draw of x_T from its exact marginal: x0 in proportion, Gaussian quantiles as noise
+    quantiles = lambda m: torch.special.ndtri((torch.arange(m, dtype=torch.float64) + 0.5) / m).float()
+    x0, z = torch.cat([torch.ones(n_plus), -torch.ones(n - n_plus)]), torch.cat([quantiles(n_plus), quantiles(n - n_plus)])
+    a_T = d.alphas_cumprod[d.timesteps(50)[0]].item()  # the first timestep's signal level (0 with zero terminal SNR)
+    x = d.sample(model_fn, (a_T ** 0.5 * x0 + (1 - a_T) ** 0.5 * z).view(n, 1), None, steps=50, sampler=sampler)
+    mean, std = 2 * p - 1, 2 * (p * (1 - p)) ** 0.5
+    assert abs(x.mean().item() - mean) < 0.02 * mean and abs(x.std().item() - std) < 0.02 * std
+
+
+@pytest.mark.parametrize("schedule,prediction,zts", [("scaled_linear", "eps", False), ("scaled_linear", "v", True),
+                                                      ("cosine", "x0", False)])
+def test_gaussian_data_ddim_trajectory_is_the_closed_form_affine_map(schedule, prediction, zts):
+    """x0 ~ N(mu, sd^2): E[x0 | x_t] = mu + a sd^2 / V_t (x_t - a mu), V_t = a^2 sd^2 + s^2, and one DDIM step
+    (x_s = a_s x0 + s_s eps) gives x_s - a_s mu = c (x_t - a_t mu), c = (a_s a_t sd^2 + s_s s_t) / V_t. By Cauchy-Schwarz
+    c^2 V_t <= V_s: DDIM shrinks the variance a little each step (about 3% in std over 50 steps at sd = 1)."""
+    mu, sd = 0.5, 1.0
+    d = ours(schedule, prediction, zts)
+    model_fn = exact_denoiser(d, lambda x, a, s: mu + a * sd ** 2 / (a ** 2 * sd ** 2 + s ** 2) * (x - a * mu))
+    ts = d.timesteps(50).tolist()
+    x_T = torch.randn(1000, 1, generator=torch.Generator().manual_seed(17))
+    c = 1.0
+    for t, s in zip(ts, ts[1:] + [-1]):
+        a_t, a_s = d.alphas_cumprod[t].item(), (d.alphas_cumprod[s].item() if s >= 0 else 1.0)
+        c *= (a_s ** 0.5 * a_t ** 0.5 * sd ** 2 + ((1 - a_s) * (1 - a_t)) ** 0.5) / (a_t * sd ** 2 + 1 - a_t)
+    want = mu + c * (x_T.double() - d.alphas_cumprod[ts[0]].item() ** 0.5 * mu)
+    torch.testing.assert_close(d.sample(model_fn, x_T, None, steps=50).double(), want, rtol=1e-5, atol=1e-5)
+    assert 0.95 < c * (d.alphas_cumprod[ts[0]].item() * sd ** 2 + 1 - d.alphas_cumprod[ts[0]].item()) ** 0.5 / sd < 0.99
+
+
+# -----------------------------------------------------------------------------
+# min-SNR weights and the loss
+
+@pytest.mark.parametrize("schedule,prediction,zts", [(s, p, z) for s, z in SCHEDULE_CASES for p in ("eps", "v")
+                                                     if not (z and p == "eps")])
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights_equal_train_text_to_image(float64_diffusers, schedule, prediction, zts, gamma):
+    d, sched = ours(schedule, prediction, zts), theirs(DDPMScheduler, schedule, prediction, zts)
+    timesteps = torch.arange(T)
+    # diffusers examples/text_to_image/train_text_to_image.py, recomputed:
+    snr = compute_snr(sched, timesteps)
+    mse_loss_weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if sched.config.prediction_type == "epsilon":
+        mse_loss_weights = mse_loss_weights / snr
+    elif sched.config.prediction_type == "v_prediction":
+        mse_loss_weights = mse_loss_weights / (snr + 1)
+    torch.testing.assert_close(d.loss_weight(timesteps, gamma), mse_loss_weights, rtol=1e-6, atol=0)
+    assert torch.equal(d.loss_weight(timesteps, 0.0), torch.ones(T))
+
+
+def test_min_snr_weight_for_x0_prediction():
+    d = ours("scaled_linear", "x0")
+    t = torch.arange(T)
+    snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+    torch.testing.assert_close(d.loss_weight(t, 5.0), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)).float())
+
+
+def linear_model(x, t, cond):
+    return 0.7 * x - 0.2 * x.flip(1) + (t.to(x.dtype) / T).view(-1, 1, 1, 1) + 0.1 * cond.view(-1, 1, 1, 1)
+
+
+def loss_inputs(B=4, seed=15):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x0=torch.randn(B, 3, 4, 4, generator=g), cond=torch.randn(B, generator=g),
+                t=torch.tensor([0, 999, 500, 17, 250, 998][:B]), noise=torch.randn(B, 3, 4, 4, generator=g),
+                offset_noise=torch.randn(B, 3, 1, 1, generator=g), perturb_noise=torch.randn(B, 3, 4, 4, generator=g))
+
+
+@pytest.mark.parametrize("prediction,zts", [("eps", False), ("v", False), ("v", True), ("x0", False)])
+@pytest.mark.parametrize("gamma,offset,rho", [(0.0, 0.0, 0.0), (5.0, 0.1, 0.0), (5.0, 0.1, 0.2), (1.0, 0.0, 0.3)])
+def test_loss_equals_float64_recomputation(prediction, zts, gamma, offset, rho):
+    d, k = ours("scaled_linear", prediction, zts), loss_inputs()
+    loss, per_sample, t = d.loss(linear_model, k["x0"], k["cond"], min_snr_gamma=gamma, noise_offset=offset,
+                                 input_perturbation=rho, t=k["t"], noise=k["noise"], offset_noise=k["offset_noise"],
+                                 perturb_noise=k["perturb_noise"])
+    x0, ab = k["x0"].double(), d.alphas_cumprod[k["t"]].view(-1, 1, 1, 1)
+    noise = k["noise"].double() + offset * k["offset_noise"].double()
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * (noise + rho * k["perturb_noise"].double())
+    target = {"eps": noise, "v": ab.sqrt() * noise - (1 - ab).sqrt() * x0, "x0": x0}[prediction]
+    mse = ((linear_model(x_t, k["t"], k["cond"].double()) - target) ** 2).mean(dim=(1, 2, 3))
+    snr = (ab / (1 - ab)).flatten()
+    w = {"eps": snr.clamp(max=gamma) / snr, "v": snr.clamp(max=gamma) / (snr + 1), "x0": snr.clamp(max=gamma)}[prediction]
+    w = w if gamma > 0 else torch.ones_like(snr)
+    assert per_sample.dtype == torch.float32 and not per_sample.requires_grad and torch.equal(t, k["t"])
+    torch.testing.assert_close(per_sample.double(), mse, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.double(), (mse * w).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_loss_of_half_batches_equals_full_batch():
+    d, k = ours("scaled_linear", "v"), loss_inputs(B=6)
+    kw = dict(min_snr_gamma=5.0, noise_offset=0.1, input_perturbation=0.1)
+    run = lambda rows: d.loss(linear_model, k["x0"][rows], k["cond"][rows], t=k["t"][rows], noise=k["noise"][rows],
+                              offset_noise=k["offset_noise"][rows], perturb_noise=k["perturb_noise"][rows], **kw)
+    full, halves = run(slice(0, 6)), (run(slice(0, 3)), run(slice(3, 6)))
+    torch.testing.assert_close(torch.cat([h[1] for h in halves]), full[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close((halves[0][0] + halves[1][0]) / 2, full[0], rtol=1e-6, atol=0)
+
+
+def test_loss_draws_t_noise_offset_perturb_from_generator_in_order():
+    d, k = ours("scaled_linear", "v"), loss_inputs()
+    scale = torch.nn.Parameter(torch.tensor(1.0))
+    model_fn = lambda x, t, c: scale * linear_model(x, t, c)
+    kw = dict(min_snr_gamma=5.0, noise_offset=0.1, input_perturbation=0.1)
+    loss, per_sample, t = d.loss(model_fn, k["x0"], k["cond"], generator=torch.Generator().manual_seed(16), **kw)
+    g = torch.Generator().manual_seed(16)
+    t2 = torch.randint(0, T, (4,), generator=g)
+    noise, offset = torch.randn(4, 3, 4, 4, generator=g), torch.randn(4, 3, 1, 1, generator=g)
+    perturb = torch.randn(4, 3, 4, 4, generator=g)
+    loss2, per_sample2, _ = d.loss(model_fn, k["x0"], k["cond"], t=t2, noise=noise, offset_noise=offset,
+                                   perturb_noise=perturb, **kw)
+    assert torch.equal(t, t2) and torch.equal(per_sample, per_sample2) and torch.equal(loss, loss2)
+    loss.backward()
+    assert scale.grad is not None and torch.isfinite(scale.grad)

@@ -1,0 +1,124 @@
+"""sample.py: reproducible per-image seeds, batch independence, CFG wiring, checkpoint errors, the CLI's files."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from ckpt_utils import make_tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red circle on a white background", "a blue square on a black background", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return sample.load_pipeline(str(ckpt), "cpu")
+
+
+def reference_sample(pipe, prompts, seeds, uncond_caption=None, cfg=1.0, **kw):
+    """diffusion.sample driven directly with the model (no sample.py code): the oracle for the wiring."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x_T = torch.stack([torch.randn(pipe.latent_shape, generator=g) for g in gens])
+    cond = pipe.text_encoder(prompts)
+    uncond = None if uncond_caption is None else pipe.text_encoder([uncond_caption] * len(prompts))
+    model_fn = lambda x, t, c: pipe.model(x, t, c[0], c[1])
+    return pipe.diffusion.sample(model_fn, x_T, cond, uncond=uncond, cfg=cfg, generator=gens, **kw)
+
+
+def test_loads_ema_weights_and_config(ckpt, pipe):
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for k, v in pipe.model.state_dict().items():
+        torch.testing.assert_close(v, saved["ema"][k], rtol=0, atol=0)
+    assert not pipe.model.training and pipe.step == 7 and pipe.latent_shape == (3, 16, 16)
+    assert pipe.diffusion.prediction == saved["config"]["prediction"]
+
+
+def test_same_seed_same_image(pipe):
+    kw = dict(cfg=3.0, steps=4, sampler="ddpm")
+    a = sample.generate(pipe, PROMPTS[:2], [5, 6], **kw)
+    b = sample.generate(pipe, PROMPTS[:2], [5, 6], **kw)
+    c = sample.generate(pipe, PROMPTS[:2], [7, 6], **kw)
+    assert a.dtype == torch.uint8 and a.shape == (2, 16, 16, 3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])  # image 1 does not depend on image 0's seed
+    assert a.float().std() > 5  # the tiny random model gives non-trivial pictures
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
+def test_image_in_batch_equals_image_alone(pipe, sampler, eta):
+    kw = dict(cfg=4.0, steps=4, sampler=sampler, eta=eta, guidance_rescale=0.5)
+    batch = sample.sample_latents(pipe, PROMPTS, [10, 11, 12], **kw)
+    for i in range(3):
+        alone = sample.sample_latents(pipe, PROMPTS[i:i + 1], [10 + i], **kw)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    # and through generate() with different batch sizes, down to the uint8 pixels
+    a = sample.generate(pipe, PROMPTS, [10, 11, 12], batch_size=3, **kw)
+    b = sample.generate(pipe, PROMPTS, [10, 11, 12], batch_size=2, **kw)
+    assert (a.int() - b.int()).abs().max() <= 1
+
+
+def test_cfg_one_is_the_conditional_sampler(pipe):
+    kw = dict(steps=5, sampler="ddim")
+    got = sample.sample_latents(pipe, PROMPTS, [1, 2, 3], cfg=1.0, **kw)
+    torch.testing.assert_close(got, reference_sample(pipe, PROMPTS, [1, 2, 3], **kw), rtol=0, atol=1e-6)
+    # the CFG path at scale 1 gives the same samples (invariant: uncond + 1 * (cond - uncond) = cond)
+    cfg_path = reference_sample(pipe, PROMPTS, [1, 2, 3], uncond_caption="", cfg=1.0, **kw)
+    torch.testing.assert_close(got, cfg_path, rtol=1e-4, atol=1e-4)
+
+
+def test_negative_prompt_is_the_unconditional_caption(pipe):
+    kw = dict(steps=4, sampler="dpmpp_2m")
+    got = sample.sample_latents(pipe, PROMPTS, [4, 5, 6], cfg=5.0, negative="a purple square", **kw)
+    ref = reference_sample(pipe, PROMPTS, [4, 5, 6], uncond_caption="a purple square", cfg=5.0, **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    plain = sample.sample_latents(pipe, PROMPTS, [4, 5, 6], cfg=5.0, **kw)
+    torch.testing.assert_close(plain, reference_sample(pipe, PROMPTS, [4, 5, 6], uncond_caption="", cfg=5.0, **kw),
+                               rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_truncated_checkpoint_exits_2(ckpt, tmp_path):
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(bad), "--device", "cpu", "a red circle"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "truncated" in lines[0] and str(bad) in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign"])
+def test_missing_or_foreign_checkpoint_exits_2(tmp_path, capsys, case):
+    path = tmp_path / "ckpt.pt"
+    if case == "foreign":  # a readable file without train.py's keys
+        torch.save({"model": {}, "config": {}}, path)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(path), "a red circle"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    want = "not found" if case == "missing" else "not a train.py checkpoint: missing ema, model_config"
+    assert len(err) == 1 and want in err[0], err
+
+
+def test_cli_writes_pngs_and_grid(ckpt, pipe, tmp_path):
+    out = tmp_path / "samples"
+    sample.main(["--ckpt", str(ckpt), "--device", "cpu", "--n", "2", "--seed", "3", "--steps", "3", "--cfg", "2.5",
+                 "--batch", "3", "--out", str(out), PROMPTS[0], PROMPTS[1]])
+    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
+    want = sample.generate(pipe, [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, [3, 4, 5, 6], cfg=2.5, steps=3)
+    for k in range(4):
+        im = Image.open(out / f"{k:04d}.png")
+        assert im.text["prompt"] == PROMPTS[k // 2] and im.text["seed"] == str(3 + k)
+        assert '"cfg": 2.5' in im.text["parameters"] and '"sampler": "ddim"' in im.text["parameters"]
+        assert np.abs(np.asarray(im).astype(int) - want[k].numpy().astype(int)).max() <= 1
+    assert Image.open(out / "grid.png").size == (2 * 18 + 2, 2 * 18 + 2)  # 2 x 2 tiles of 16 px, 2 px padding
