@@ -64,6 +64,20 @@ def rope_2d(h, w, head_dim, device, theta=10000.0):
     ang = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (h*w, head_dim/2)
     return ang.cos(), ang.sin()
 
+def sincos_2d(h, w, dim, base, device):
+    """Fixed 2-D sin-cos position embedding (h*w, dim) added to the patch tokens (DiT / MAE), so that even a token
+    the self-attention has not yet learned to use knows where it is. Positions are measured on the training grid
+    `base` (rows and columns scaled by base/h, base/w): a larger grid interpolates between trained positions
+    instead of extrapolating (PixArt-alpha's pe_interpolation)."""
+    n = dim // 4                                                               # frequencies per axis and per sin/cos
+    omega = 10000.0 ** (-torch.arange(n, dtype=torch.float32, device=device) / n)  # (n,)
+    ys = torch.arange(h, dtype=torch.float32, device=device) * (base / h)      # (h,)
+    xs = torch.arange(w, dtype=torch.float32, device=device) * (base / w)      # (w,)
+    ey, ex = ys[:, None] * omega, xs[:, None] * omega                          # (h, n), (w, n)
+    ey = torch.cat([ey.sin(), ey.cos()], dim=1)[:, None].expand(h, w, 2 * n)   # (h, w, dim/2)
+    ex = torch.cat([ex.sin(), ex.cos()], dim=1)[None, :].expand(h, w, 2 * n)   # (h, w, dim/2)
+    return torch.cat([ey, ex], dim=-1).reshape(h * w, 4 * n)                   # (h*w, dim)
+
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, H, N, D) by the angles in cos/sin (N, D/2)."""
     x1, x2 = x.chunk(2, dim=-1)                                                # (B, H, N, D/2) each
@@ -149,6 +163,7 @@ class DiT(nn.Module):
         super().__init__()
         assert config.adaln in ("single", "zero"), f"adaln must be 'single' or 'zero', got {config.adaln!r}"
         assert config.width % config.heads == 0 and (config.width // config.heads) % 4 == 0, "head dim % 4 != 0"
+        assert config.width % 4 == 0, "width % 4 != 0 (2-D sin-cos positions)"
         self.config = config
         W = config.width
         self.x_embedder = nn.Conv2d(config.in_channels, W, config.patch, stride=config.patch)
@@ -201,6 +216,7 @@ class DiT(nn.Module):
         p = self.config.patch
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W), N = h*w
+        x = x + sincos_2d(h, w, self.config.width, self.config.input_size // p, x.device).to(x.dtype)  # (B, N, W)
         rope = rope_2d(h, w, self.config.width // self.config.heads, x.device)  # cos, sin (N, D/2)
         c = self.t_embedder(timestep_embedding(t).to(x.dtype)) + self.pooled_embedder(pooled.to(x.dtype))  # (B, W)
         text = self.text_embedder(text.to(x.dtype))                            # (B, L, W)
