@@ -267,7 +267,7 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {path!r} ({type(e).__name__}: {e}); "
-                          "it is truncated or not a checkpoint of this project: pass --resume never to start over") from None
+                          "it is truncated or not a checkpoint of this project: move it away (or use another --out_dir) to start over") from None
 
 
 # -----------------------------------------------------------------------------
@@ -277,6 +277,10 @@ def main(argv):
         C = SimpleNamespace(**parse_args(argv))
         if C.resume not in ("auto", "never") and not os.path.isfile(C.resume):
             raise ConfigError(f"--resume {C.resume!r}: no such checkpoint")
+        existing = os.path.join(C.out_dir, "ckpt.pt")
+        if C.resume != "auto" and os.path.exists(existing) and os.path.abspath(C.resume) != os.path.abspath(existing):
+            raise ConfigError(f"{existing} exists and --resume {C.resume} would overwrite it: "
+                              "use another --out_dir, or move the checkpoint away")
         if C.zero_terminal_snr and C.prediction == "eps":
             raise ConfigError("zero_terminal_snr with eps prediction is ill-posed (SNR 0 at the last step): use --prediction v")
     except ConfigError as e:
@@ -370,7 +374,8 @@ def main(argv):
            f"{C.max_steps} steps max{f', {C.max_hours} h budget' if C.max_hours > 0 else ''} | device {C.device}")
 
     # ---- bookkeeping: stop on SIGTERM/SIGINT after the current step, with a checkpoint
-    os.makedirs(os.path.join(C.out_dir, "samples"), exist_ok=True) if master else None
+    if master:
+        os.makedirs(os.path.join(C.out_dir, "samples"), exist_ok=True)
     stop = {"signal": None}
     def on_signal(signum, frame):
         stop["signal"] = signum

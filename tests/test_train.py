@@ -180,3 +180,15 @@ def test_nan_step_is_skipped_and_counted(cache, tmp_path):
     assert all(torch.isfinite(p).all() for p in out["ema"].parameters())
     recs = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert recs[-1]["skipped"] == expected and all(np.isfinite(r["loss"]) for r in recs)
+
+
+def test_existing_checkpoint_is_never_overwritten_and_a_truncated_one_is_a_clear_error(cache, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    junk = b"PK\x03\x04 a truncated checkpoint"
+    (out / "ckpt.pt").write_bytes(junk)
+    for extra, needle in ((["--resume", "never"], "would overwrite"), ([], "truncated")):
+        r = subprocess.run([sys.executable, "train.py", *args(cache, out), *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
+    assert (out / "ckpt.pt").read_bytes() == junk
