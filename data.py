@@ -288,7 +288,10 @@ def load_vae(name, device="cpu"):
     try:  # offline first: a local folder or the Hugging Face cache; the network only when neither has it
         model = AutoencoderKL.from_pretrained(name, local_files_only=True, **sub)
     except OSError:
-        model = AutoencoderKL.from_pretrained(name, **sub)
+        try:
+            model = AutoencoderKL.from_pretrained(name, **sub)
+        except OSError as e:
+            raise DataError(f"cannot load the VAE {name!r} ({e}): offline, give a local diffusers folder, or use 'none'") from None
     return VAE(name, model.eval().requires_grad_(False).to(device), device)
 
 class TextEncoder:
@@ -348,7 +351,11 @@ def load_text_encoder(name, device="cpu"):
         model, tokenizer = open_clip.create_model("ViT-L-14", pretrained=name), open_clip.get_tokenizer("ViT-L-14")
     else:
         arch, _, tag = name.partition("/")
-        model, tokenizer = open_clip.create_model(arch, pretrained=tag or None), open_clip.get_tokenizer(arch)
+        try:
+            model, tokenizer = open_clip.create_model(arch, pretrained=tag or None), open_clip.get_tokenizer(arch)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise DataError(f"cannot load the text encoder {name!r} ({type(e).__name__}: {e}): offline, give a local "
+                            "open_clip checkpoint, or use 'tiny'") from None
     model.visual = None  # only the text tower is used (frees ~300M parameters for ViT-L/14)
     return TextEncoder(name, model.eval().requires_grad_(False).to(device), tokenizer, device)
 

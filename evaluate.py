@@ -28,7 +28,7 @@ from PIL import Image
 from scipy import linalg, ndimage
 from tqdm import tqdm
 
-from data import SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, shapes_caption
+from data import DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, shapes_caption
 from sample import CheckpointError, generate, load_pipeline
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -326,7 +326,7 @@ def main(argv=None, extractor=None, clip_scorer=None):
         p.error(f"--cfg must be comma-separated numbers, got {args.cfg!r}")
     try:
         pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     device_name = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu"

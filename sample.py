@@ -20,7 +20,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from data import load_text_encoder, load_vae
+from data import DataError, load_text_encoder, load_vae
 from diffusion import Diffusion
 from model import DiT, DiTConfig
 
@@ -197,7 +197,7 @@ def main(argv=None):
         p.error("--n, --steps and --batch must be >= 1")  # exits 2
     try:
         pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:  # a bad checkpoint, or its VAE / text encoder cannot be loaded
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     prompts = [prompt for prompt in args.prompts for _ in range(args.n)]

@@ -317,10 +317,10 @@ def main(argv):
             dist.broadcast_object_list(holder, src=0)
             cache_path = holder[0]
         cache = datalib.LatentCache(cache_path)
+        text_encoder = datalib.load_text_encoder(C.text_encoder, device=C.device)
     except datalib.DataError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    text_encoder = datalib.load_text_encoder(C.text_encoder, device=C.device)
     loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=rank, world_size=world, cond_drop=C.cond_drop,
                             flip=C.flip, device=C.device)
     latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)

@@ -192,3 +192,13 @@ def test_existing_checkpoint_is_never_overwritten_and_a_truncated_one_is_a_clear
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
     assert (out / "ckpt.pt").read_bytes() == junk
+
+
+def test_an_encoder_that_cannot_be_loaded_is_a_clear_error(tmp_path):
+    (tmp_path / "empty_vae").mkdir()
+    r = subprocess.run([sys.executable, "train.py", "--data=shapes:8", f"--cache_dir={tmp_path / 'c'}",
+                        f"--vae={tmp_path / 'empty_vae'}", "--text_encoder=tiny", "--resolution=16",
+                        f"--out_dir={tmp_path / 'o'}", "--device=cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "cannot load the VAE" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
