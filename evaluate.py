@@ -15,6 +15,7 @@ model's resolution (PIL bicubic) before Inception; their statistics are cached i
 import argparse
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -89,15 +90,21 @@ class InceptionV3:
 
     def __init__(self, weights_path=None, device="cpu"):
         # imported here: only the real extractor needs torch-fidelity (tests inject small networks instead)
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
         if weights_path and not os.path.isfile(weights_path):
             raise FileNotFoundError(f"Inception weights not found: {weights_path}")
+        # torch-fidelity unpickles the weights with weights_only=False (a pickle can run code): load them here
+        # as tensors only, and hand it a re-serialised copy of that plain state dict
         try:
-            net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"],
-                                              feature_extractor_weights_path=weights_path or None)
+            state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path else
+                     torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", weights_only=True))
         except OSError as e:  # offline and not in the torch hub cache
             raise RuntimeError(f"cannot download the Inception weights ({e}): get torch-fidelity's "
                                "weights-inception-2015-12-05-6726825d.pth") from None
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"], feature_extractor_weights_path=buffer)
         self.net, self.device = net.to(device), torch.device(device)
 
     @torch.no_grad()

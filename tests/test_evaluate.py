@@ -1,6 +1,7 @@
 """evaluate.py: FID / IS / CLIP score against references, the offline end-to-end run, the shapes probe."""
 import json
 import math
+import pickle
 import random
 
 import numpy as np
@@ -93,6 +94,10 @@ def test_inception_score_matches_torch_fidelity():
     assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-10)
     assert std == pytest.approx(ref["inception_score_std"], rel=1e-8)
 
+class PicklePayload:
+    """Any class outside torch's weights-only allow-list stands for code a pickle could run."""
+
+
 def test_inception_wrapper_feeds_torch_fidelity(tmp_path, monkeypatch):
     """The real extractor's wiring, offline: randomly initialised TF-Inception weights saved to a local file, loaded
     the way --inception_weights loads them, must give torch-fidelity's own outputs for the same images."""
@@ -111,6 +116,10 @@ def test_inception_wrapper_feeds_torch_fidelity(tmp_path, monkeypatch):
     torch.testing.assert_close(logits, ref_logits.double(), rtol=1e-5, atol=1e-5)
     with pytest.raises(FileNotFoundError):
         evaluate.InceptionV3(str(tmp_path / "missing.pth"))
+    # a weights file that is more than tensors (a pickle can run code) is refused, not unpickled
+    torch.save({"fc.weight": torch.zeros(1), "payload": PicklePayload()}, tmp_path / "pickled.pth")
+    with pytest.raises(pickle.UnpicklingError):
+        evaluate.InceptionV3(str(tmp_path / "pickled.pth"))
 
 #################################################################################
 #                                  CLIP score                                   #
