@@ -226,7 +226,7 @@ def no_text_encoder(tokens):
 def run_steps(case, n, C, diffusion, ctx, device):
     """n optimizer steps of `case`: the body of train.py's loop, minus its logging accumulators."""
     for _ in range(n):
-        rand = train.step_noise(C.seed, case.step, C.batch * C.accum, case.shape, device, C, diffusion.T)
+        rand = train.step_noise(case.step, C.batch * C.accum, case.shape, device, C, diffusion.T)
         lr = train.lr_at(case.step, C.max_steps, C)
         train.train_step(case.model, case.optimizer, diffusion, case.loader, no_text_encoder, rand, lr, C, ctx)
         train.ema_update(case.ema_params, case.params, min(C.ema_decay, (1 + case.step) / (10 + case.step)))

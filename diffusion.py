@@ -93,6 +93,7 @@ class Diffusion:
         self.sqrt_1m_ab = (1 - self.alphas_cumprod).sqrt()  # noise scale sqrt(1 - a_t)
         self.snr_table = self.alphas_cumprod / (1 - self.alphas_cumprod)  # SNR(t) = a_t / (1 - a_t), Kingma et al. 2021
         self._moved = {}  # (table id, device, dtype) -> table: one host->device copy per table, not one per call
+        self._min_snr = {}  # gamma -> float64 [T] min-SNR weights
 
     def _on(self, table, device, dtype):
         """`table` cast to dtype (before moving: some devices have no float64) and moved to device, once: a copy
@@ -144,16 +145,15 @@ class Diffusion:
         eps min(snr, g) / snr, v min(snr, g) / (snr + 1), x0 min(snr, g); all ones when gamma is 0."""
         if min_snr_gamma <= 0:
             return torch.ones(t.shape, device=t.device)
-        key = ("min_snr", min_snr_gamma)
-        if key not in self._moved:
+        if min_snr_gamma not in self._min_snr:  # one float64 table per gamma, moved to the device once by _on
             snr = self.snr_table
             w = snr.clamp(max=min_snr_gamma)  # min(snr, gamma): the x0-loss weight of the paper
             if self.prediction == "eps":
                 w = w / snr  # eps-MSE = snr * x0-MSE
             elif self.prediction == "v":
                 w = w / (snr + 1)  # v-MSE = (snr + 1) * x0-MSE
-            self._moved[key] = w
-        return self._on(self._moved[key], t.device, torch.float32)[t.long()]
+            self._min_snr[min_snr_gamma] = w
+        return self._on(self._min_snr[min_snr_gamma], t.device, torch.float32)[t.long()]
 
     #############################################################################
     #                               Training loss                               #

@@ -178,10 +178,10 @@ def lr_at(step, horizon, C):
     return C.lr * (1 - progress)
 
 
-def step_noise(seed, step, n, shape, device, C, T):
+def step_noise(step, n, shape, device, C, T):
     """All randomness of one optimizer step, a function of (seed, step) alone: the same samples get the same
     t and noise whatever the micro-batch, accumulation or number of ranks (exact resume, accum and DDP)."""
-    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    g = torch.Generator(device=device).manual_seed(C.seed * 1_000_003 + step)
     t = torch.randint(0, T, (n,), generator=g, device=device)
     noise = torch.randn((n, *shape), generator=g, device=device)
     offset = torch.randn((n, shape[0], 1, 1), generator=g, device=device) if C.noise_offset > 0 else None
@@ -392,7 +392,6 @@ def main(argv):
     bad_streak = torch.zeros((), device=C.device)
     skipped_total = 0
     log_file = open(os.path.join(C.out_dir, "log.jsonl"), "a") if master else None
-    encode_text = lambda tokens: text_encoder.encode(tokens)
     t_start = t_log = time.time()
     step_log = step
     bar, vae_model = None, None
@@ -402,9 +401,9 @@ def main(argv):
 
     # ---- the loop
     while step < horizon:
-        rand = step_noise(C.seed, step, G, latent_shape, C.device, C, diffusion.T)
+        rand = step_noise(step, G, latent_shape, C.device, C, diffusion.T)
         lr = lr_at(step, horizon, C)
-        per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank, world)
+        per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, text_encoder.encode, rand, lr, C, ctx, rank, world)
         ema_update(ema_params, params, min(C.ema_decay, (1 + step) / (10 + step)))
         step += 1
         ok = 1.0 - found_inf  # skipped steps stay out of the averages

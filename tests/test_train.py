@@ -161,19 +161,14 @@ def test_sigterm_saves_a_checkpoint_that_resumes(cache, tmp_path):
 def test_nan_step_is_skipped_and_counted(cache, tmp_path):
     poisoned = tmp_path / "poisoned"
     shutil.copytree(cache, poisoned)
-    lat = np.load(poisoned / "latents.npy", mmap_mode="r+") if (poisoned / "latents.npy").exists() else None
-    c = datalib.LatentCache(str(poisoned))
-    if lat is None:  # whatever file backs the memmap: write through the cache's own memmap
-        lat = c.latents
-    bad = 5
-    lat[bad] = np.nan
+    lat = np.load(poisoned / "latents.npy", mmap_mode="r+")  # the cache's latents (N, 2, C, h, w)
+    lat[5] = np.nan  # both flips of sample 5
     lat.flush()
     steps = 12
     # how many of the run's optimizer steps see the poisoned sample (the loader order is deterministic)
     loader = datalib.Loader(datalib.LatentCache(str(poisoned)), 4, seed=1, cond_drop=0.2)
     expected = sum(bool(torch.isnan(next(loader)["latents"]).any()) for _ in range(steps))
     assert expected >= 1
-    before = datalib.LatentCache(str(poisoned))
     out = train.main(args(str(poisoned), tmp_path / "o", max_steps=steps))
     assert out["step"] == steps and out["skipped"] == expected
     assert all(torch.isfinite(p).all() for p in out["model"].parameters())
