@@ -55,7 +55,7 @@ SHAPE_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128,
 SHAPES_DEFAULT_COUNT = 20000
 
 def shapes_caption(color, kind, background):
-    return f"a {color} {kind} on a {background} background"
+    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {kind} on a {background} background"
 
 def render_shape(color, kind, background, resolution, rng):
     """One filled shape, 35-70% of the side, at a random position fully inside the image."""
@@ -117,7 +117,7 @@ def source_fingerprint(data):
     """sha1 over (relative path, size, mtime) of every file; for shapes, over (count, seed, renderer)."""
     h, kind = hashlib.sha1(), source_kind(data)
     if kind == "shapes":
-        h.update(("shapes-v1:%d:%d" % _shapes_args(data)).encode())
+        h.update(("shapes-v2:%d:%d" % _shapes_args(data)).encode())
     else:
         for p in _files(data):
             st = os.stat(p)

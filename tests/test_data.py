@@ -86,7 +86,8 @@ def test_shapes_are_deterministic_and_match_their_captions():
         caption, img = data.shape_sample(i, 7, 32)
         caption2, img2 = data.shape_sample(i, 7, 32)
         assert caption == caption2 and np.array_equal(np.asarray(img), np.asarray(img2))
-        _, color, kind, _, _, background, _ = caption.split()
+        article, color, kind, _, _, background, _ = caption.split()
+        assert article == ("an" if color == "orange" else "a"), caption
         assert caption == data.shapes_caption(color, kind, background) and kind in data.SHAPE_KINDS
         a = np.asarray(img)
         bg = (a == data.SHAPE_BACKGROUNDS[background]).all(-1)
