@@ -220,8 +220,10 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model_fn, x_T, cond, uncond=None, cfg=1.0, guidance_rescale=0.0, steps=50, sampler="ddim",
-               eta=0.0, spacing="trailing", generator=None):
+               eta=0.0, spacing="trailing", generator=None, t_start=None):
         """Denoise x_T (B, C, H, W) over self.timesteps(steps, spacing) and return x0 in x_T's dtype.
+        t_start: x_T is x_{t_start}, e.g. add_noise(x0, noise, t_start) of an image (SDEdit, arXiv 2108.01073):
+        the steps are t_start, then the grid's timesteps below it.
         model_fn(x_t, t (B,) long, cond) -> raw output of self.prediction's kind. uncond=None: no CFG, one call per step.
         Every sampler steps from timesteps[i] to timesteps[i+1] and finally to a = 1 (set_alpha_to_one), so the
         last step returns the model's x0 estimate. (DDIMScheduler steps to t - T//steps instead: the same grid for
@@ -229,6 +231,10 @@ class Diffusion:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         ts = self.timesteps(steps, spacing).tolist()
+        if t_start is not None:
+            if not 0 <= t_start < self.T:
+                raise ValueError(f"t_start must be in [0, {self.T - 1}], got {t_start}")
+            ts = [t_start] + [t for t in ts if t < t_start]
         ab = self.alphas_cumprod.tolist()  # python floats (double); scalar * tensor keeps the tensor's dtype
         if sampler == "dpmpp_2m" and self.zero_terminal_snr:
             ab[-1] = 2.0 ** -24  # as DPMSolverMultistepScheduler: keeps lambda_{T-1} = log(alpha/sigma) finite

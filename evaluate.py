@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import random
 import sys
 
 import numpy as np
@@ -29,7 +30,7 @@ from PIL import Image
 from scipy import linalg, ndimage
 from tqdm import tqdm
 
-from data import DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, shapes_caption
+from data import DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, render_shape, shapes_caption
 from sample import CheckpointError, generate, load_pipeline
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -282,14 +283,23 @@ def probe_accuracy(images, colors, kinds) -> dict:
                 both_acc=float((color_ok & kind_ok).mean()))
 
 
-def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim", batch_size=16, progress=False) -> dict:
+def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim", batch_size=16, progress=False,
+                 t_start=None) -> dict:
     """Every (colour, kind, background) caption of the shapes set, n_per_prompt seeds each -> probe_accuracy + cfg.
-    Chance level: 1/len(SHAPE_COLORS) for colour, 1/len(SHAPE_KINDS) for shape."""
+    Chance level: 1/len(SHAPE_COLORS) for colour, 1/len(SHAPE_KINDS) for shape.
+    t_start: start from a true render of each caption noised to t_start instead of pure noise (SDEdit), to find
+    the noise level below which the model keeps the prompted shape (a perfect model: 1.0 from any t_start)."""
     combos = [(c, k, b) for c in SHAPE_COLORS for k in SHAPE_KINDS for b in SHAPE_BACKGROUNDS for _ in range(n_per_prompt)]
     prompts = [shapes_caption(c, k, b) for c, k, b in combos]
+    init = None
+    if t_start is not None:
+        rng = random.Random(f"probe-{seed}")
+        renders = np.stack([np.asarray(render_shape(c, k, b, pipe.resolution, rng)) for c, k, b in combos])  # (N, H, W, 3)
+        images = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
+        init = torch.cat([pipe.vae.encode(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
     images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], cfg=cfg, steps=steps, sampler=sampler,
-                      batch_size=batch_size, progress=progress)
-    return dict(cfg=cfg, **probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos]))
+                      batch_size=batch_size, progress=progress, init=init, t_start=t_start)
+    return dict(cfg=cfg, t_start=t_start, **probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos]))
 
 #################################################################################
 #                                  CLI                                          #
@@ -322,6 +332,8 @@ def main(argv=None, extractor=None, clip_scorer=None):
     p.add_argument("--stats_cache", default="cache/fid_stats", help="folder caching reference statistics")
     p.add_argument("--probe", default="", choices=("", "shapes"), help="also run a prompt-adherence probe")
     p.add_argument("--probe_n", type=int, default=8, help="probe images per shapes caption")
+    p.add_argument("--probe_from", default="", help="also probe from true renders noised to these timesteps "
+                   "(comma separated, e.g. 200,400): where the model loses the prompted shape")
     p.add_argument("--save_images", default="", help="folder to keep the generated images in")
     p.add_argument("--out", default="", help="JSON results (default: eval.json beside the checkpoint)")
     args = p.parse_args(argv)
@@ -332,10 +344,18 @@ def main(argv=None, extractor=None, clip_scorer=None):
     except ValueError:
         p.error(f"--cfg must be comma-separated numbers, got {args.cfg!r}")
     try:
+        t_starts = [int(t) for t in args.probe_from.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--probe_from must be comma-separated timesteps: 200,400, got {args.probe_from!r}")
+    if t_starts and not args.probe:
+        p.error("--probe_from needs --probe shapes")
+    try:
         pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
     except (CheckpointError, DataError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if any(not 0 <= t < pipe.diffusion.T for t in t_starts):
+        p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
     device_name = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu"
     report = dict(ckpt=args.ckpt, step=pipe.step, date=datetime.date.today().isoformat(), device=device_name,
                   settings=dict(steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
@@ -369,12 +389,15 @@ def main(argv=None, extractor=None, clip_scorer=None):
                   f"| {fmt(r['clip_score'])} |")
     if args.probe == "shapes":
         probe = [probe_shapes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
-                              sampler=args.sampler, batch_size=args.batch, progress=True) for c in cfgs]
+                              sampler=args.sampler, batch_size=args.batch, progress=True, t_start=t)
+                 for t in [None] + t_starts for c in cfgs]
         report["probe_shapes"] = probe
-        print(f"\nshapes probe (chance: colour {1 / len(SHAPE_COLORS):.2f}, shape {1 / len(SHAPE_KINDS):.2f})")
-        print("| cfg | n | colour acc | shape acc | both |\n|---|---|---|---|---|")
+        print(f"\nshapes probe (chance: colour {1 / len(SHAPE_COLORS):.2f}, shape {1 / len(SHAPE_KINDS):.2f}; "
+              "from: sampled from pure noise, or from a true render noised to timestep t)")
+        print("| from | cfg | n | colour acc | shape acc | both |\n|---|---|---|---|---|---|")
         for r in probe:
-            print(f"| {r['cfg']:g} | {r['n']} | {r['color_acc']:.3f} | {r['shape_acc']:.3f} | {r['both_acc']:.3f} |")
+            print(f"| {'noise' if r['t_start'] is None else 't=%d' % r['t_start']} | {r['cfg']:g} | {r['n']} "
+                  f"| {r['color_acc']:.3f} | {r['shape_acc']:.3f} | {r['both_acc']:.3f} |")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -103,12 +103,15 @@ def encode_text(pipe: Pipeline, captions: list) -> tuple:
 
 @torch.no_grad()
 def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler="ddim", eta=0.0,
-                   guidance_rescale=0.0, negative="") -> torch.Tensor:
-    """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise). -> (B, C, h, w) fp32"""
+                   guidance_rescale=0.0, negative="", init=None, t_start=None) -> torch.Tensor:
+    """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise). -> (B, C, h, w) fp32
+    init (B, C, h, w) latents + t_start: start from init noised to t_start instead of pure noise (SDEdit)."""
     assert len(prompts) == len(seeds) and sampler in SAMPLERS
     # CPU generators (as diffusers' randn_tensor): the same seed gives the same x_T and noise on any device
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x_T = torch.stack([torch.randn(pipe.latent_shape, generator=g) for g in gens]).to(pipe.device)  # (B, C, h, w)
+    if init is not None:
+        x_T = pipe.diffusion.add_noise(init.to(pipe.device), x_T, torch.full((len(x_T),), t_start, device=pipe.device))
     cond = encode_text(pipe, prompts)
     uncond = None
     if cfg != 1.0:  # scale 1 is the conditional model alone: skip the unconditional half entirely
@@ -121,7 +124,7 @@ def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50
             return pipe.model(x, t, c[0], c[1]).float()
 
     return pipe.diffusion.sample(model_fn, x_T, cond, uncond=uncond, cfg=cfg, guidance_rescale=guidance_rescale,
-                                 steps=steps, sampler=sampler, eta=eta, generator=gens).float()
+                                 steps=steps, sampler=sampler, eta=eta, generator=gens, t_start=t_start).float()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -131,14 +134,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler="ddim", eta=0.0,
-             guidance_rescale=0.0, negative="", batch_size=16, progress=False) -> torch.Tensor:
-    """One image per (prompt, seed), sampled batch_size at a time and decoded -> uint8 (N, H, W, 3)."""
+             guidance_rescale=0.0, negative="", batch_size=16, progress=False, init=None, t_start=None) -> torch.Tensor:
+    """One image per (prompt, seed), sampled batch_size at a time and decoded -> uint8 (N, H, W, 3).
+    init: (N, C, h, w) latents to start from, noised to t_start (SDEdit); None: pure noise."""
     assert len(prompts) == len(seeds), "one seed per prompt"
     out = []
     with tqdm(total=len(prompts), disable=not progress, desc=f"sampling cfg {cfg:g}", unit="img") as bar:
         for i in range(0, len(prompts), batch_size):
             latents = sample_latents(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], cfg=cfg, steps=steps,
-                                     sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, negative=negative)
+                                     sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, negative=negative,
+                                     init=None if init is None else init[i:i + batch_size], t_start=t_start)
             out.append(to_uint8(pipe.vae.decode(latents)))
             bar.update(len(latents))
     return torch.cat(out)

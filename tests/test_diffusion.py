@@ -235,6 +235,34 @@ def test_sampler_rejects_unknown_names():
         ours().timesteps(10, "uniform")
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_sample_from_t_start(sampler):
+    """SDEdit start: the steps are t_start then the grid below it; a model that knows x0 gives x0 back (float64);
+    t_start = T-1 is the plain trailing-grid sample."""
+    d = ours()
+    g = torch.Generator().manual_seed(9)
+    x0, noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    seen = []
+
+    def oracle(x, t, c):  # the exact v of x_t for this x0
+        seen.append(int(t[0]))
+        a = d.alphas_cumprod[t].view(-1, 1, 1, 1).to(torch.float64)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    t0 = 437
+    x_t = d.add_noise(x0, noise, torch.full((2,), t0))
+    got = d.sample(oracle, x_t, None, steps=10, sampler=sampler, t_start=t0)
+    assert seen == [t0] + [t for t in d.timesteps(10).tolist() if t < t0]
+    torch.testing.assert_close(got, x0, rtol=1e-9, atol=1e-9)
+    x_T = torch.randn(2, 3, 4, 4, generator=g)
+    cond = torch.randn(2, 3, generator=g)
+    torch.testing.assert_close(d.sample(toy_model(d), x_T, cond, steps=10, sampler=sampler, t_start=T - 1),
+                               d.sample(toy_model(d), x_T, cond, steps=10, sampler=sampler), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        d.sample(oracle, x_t, None, steps=10, t_start=T)
+
+
 # -----------------------------------------------------------------------------
 # classifier-free guidance and generators
 

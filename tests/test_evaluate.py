@@ -276,4 +276,24 @@ def test_probe_shapes_on_a_pipeline(ckpt):
     images = sample.generate(pipe, [data.shapes_caption(*c) for c in combos], [3 + i for i in range(len(combos))],
                              cfg=2.0, steps=2, batch_size=27)
     want = evaluate.probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos])
-    assert got == dict(cfg=2.0, **want) and got["n"] == 54
+    assert got == dict(cfg=2.0, t_start=None, **want) and got["n"] == 54
+
+
+def test_probe_from_a_noised_render(ckpt, tmp_path, capsys):
+    """From t_start = 0 the sampler starts at the true render (noise std 0.03): even this untrained model hands it
+    back, so colour and shape are read right; from pure noise it is near chance. The CLI reports both rows."""
+    pipe = sample.load_pipeline(str(ckpt), "cpu")
+    near = evaluate.probe_shapes(pipe, cfg=2.0, n_per_prompt=1, steps=2, seed=3, batch_size=27, t_start=0)
+    assert near["t_start"] == 0 and near["color_acc"] >= 0.95 and near["shape_acc"] >= 0.95, near
+    far = evaluate.probe_shapes(pipe, cfg=2.0, n_per_prompt=1, steps=2, seed=3, batch_size=27)
+    assert far["shape_acc"] < 0.7 and far["color_acc"] < 0.7, far
+    out = tmp_path / "eval.json"
+    evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--probe", "shapes", "--probe_from", "0", "--probe_n", "1",
+                   "--cfg", "2", "--steps", "2", "--seed", "3", "--batch", "27", "--out", str(out)])
+    rows = json.loads(out.read_text())["probe_shapes"]
+    assert [r["t_start"] for r in rows] == [None, 0] and rows == [far, near]
+    assert "| t=0 | 2 | 54 |" in capsys.readouterr().out
+    for bad in (["--probe_from", "1000"], ["--probe_from", "x"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--probe", "shapes", "--out", str(out)] + bad)
+        assert e.value.code == 2
