@@ -246,7 +246,7 @@ def all_combos(copies):
             for _ in range(copies)]
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("resolution", [16, 32, 64])
 def test_probe_scores_ground_truth_renders(resolution):
     combos = all_combos(4)
     rng = random.Random(resolution)
