@@ -228,6 +228,10 @@ def preprocess(img, resolution):
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
 
+def to_pixels(arrays):
+    """uint8 (N, H, W, 3) images -> float (N, 3, H, W) in [-1, 1], what VAE.encode takes."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
 def _decode(raw, resolution):
     """Image bytes or PIL image -> uint8 array, or the reason it is skipped (runs in worker threads)."""
     if not isinstance(raw, Image.Image) and len(raw) == 0:
@@ -417,7 +421,7 @@ def _encode_group(group, resolution, vae, te, text_states, pool, skipped, fixed)
             keep.append((key, text, arr))
     if not keep:
         return None
-    x = torch.from_numpy(np.stack([a for _, _, a in keep])).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, R, R) in [-1, 1]
+    x = to_pixels([a for _, _, a in keep])  # (n, 3, R, R) in [-1, 1]
     lat = vae.encode(torch.cat([x, x.flip(-1)])).float().cpu()  # (2n, C, h, w): images, then their mirror images
     ids = [te._ids(text) for _, text, _ in keep]
     fixed["caption_truncated"] += sum(len(i) > CONTEXT_LENGTH for i in ids)

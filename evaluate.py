@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import linalg, ndimage
 from tqdm import tqdm
 
-from data import DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, render_shape, shapes_caption
+from data import DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, render_shape, shapes_caption, to_pixels
 from sample import CheckpointError, generate, load_pipeline
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -294,9 +294,8 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim"
     init = None
     if t_start is not None:
         rng = random.Random(f"probe-{seed}")
-        renders = np.stack([np.asarray(render_shape(c, k, b, pipe.resolution, rng)) for c, k, b in combos])  # (N, H, W, 3)
-        images = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
-        init = torch.cat([pipe.vae.encode(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
+        pixels = to_pixels([np.asarray(render_shape(c, k, b, pipe.resolution, rng)) for c, k, b in combos])  # (N, 3, H, W)
+        init = torch.cat([pipe.vae.encode(pixels[i:i + batch_size]).float().cpu() for i in range(0, len(pixels), batch_size)])
     images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], cfg=cfg, steps=steps, sampler=sampler,
                       batch_size=batch_size, progress=progress, init=init, t_start=t_start)
     return dict(cfg=cfg, t_start=t_start, **probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos]))

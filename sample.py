@@ -107,6 +107,7 @@ def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50
     """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise). -> (B, C, h, w) fp32
     init (B, C, h, w) latents + t_start: start from init noised to t_start instead of pure noise (SDEdit)."""
     assert len(prompts) == len(seeds) and sampler in SAMPLERS
+    assert init is None or t_start is not None, "init latents need the t_start they are noised to"
     # CPU generators (as diffusers' randn_tensor): the same seed gives the same x_T and noise on any device
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x_T = torch.stack([torch.randn(pipe.latent_shape, generator=g) for g in gens]).to(pipe.device)  # (B, C, h, w)
