@@ -162,6 +162,25 @@ def test_sample_independent_of_batch():
     assert (changed[1:] - full[1:]).abs().amax() > 1e-3
 
 
+def test_text_len_keeps_the_first_tokens_and_ignores_the_rest():
+    """text_len = k: the output is that of the first k text states alone, and the states after them do not matter."""
+    cfg = DiTConfig(**TINY)                                                    # text_len 7
+    model = randomized(cfg).eval()
+    x, t, text, pooled = inputs(dataclasses.replace(cfg, text_len=12), B=3)   # 12 states: more than the model uses
+    with torch.no_grad():
+        full = model(x, t, text, pooled)
+        torch.testing.assert_close(full, model(x, t, text[:, :7], pooled), rtol=0, atol=0)
+        tail = text.clone()
+        tail[:, 7:] = torch.randn_like(tail[:, 7:]) * 10
+        torch.testing.assert_close(full, model(x, t, tail, pooled), rtol=0, atol=0)
+        head = text.clone()
+        head[:, 6] += 1.0
+        assert (model(x, t, head, pooled) - full).abs().amax() > 1e-4          # the last kept token still counts
+        longer = DiT(dataclasses.replace(cfg, text_len=12))
+        longer.load_state_dict(model.state_dict())                             # same weights, sees all 12
+        assert (longer.eval()(x, t, tail, pooled) - full).abs().amax() > 1e-4
+
+
 def test_rope_is_relative_and_two_dimensional():
     """q_i . k_j after RoPE depends only on the 2-D offset between tokens i and j, and on both axes."""
     D, h, w = 16, 5, 6

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -72,7 +73,9 @@ def test_cli_parses_both_forms_and_config_files(tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [(["--bacth", "64"], "did you mean --batch"),
                                          (["--batch", "x"], "--batch expects int"),
-                                         (["--compile", "maybe"], "boolean")])
+                                         (["--compile", "maybe"], "boolean"),
+                                         (["--text_len", "0"], "must be 1..77"),
+                                         (["--text_len", "78"], "must be 1..77")])
 def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     r = subprocess.run([sys.executable, "train.py", *argv, "--out_dir", str(tmp_path / "o")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
@@ -197,3 +200,20 @@ def test_an_encoder_that_cannot_be_loaded_is_a_clear_error(tmp_path):
                        timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "cannot load the VAE" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 0.0), (0.5, 1.0), (-1.0, 0.5)])
+def test_timesteps_follow_uniform_or_logit_normal(mean, std):
+    """step_noise's t against the exact CDF in float64: uniform on 0..T-1, or floor(T * sigmoid(N(mean, std)))."""
+    from scipy.stats import norm
+    C = SimpleNamespace(**train.parse_args(["--t_logit_mean", str(mean), "--t_logit_std", str(std), "--device", "cpu"]))
+    T = 1000
+    t = torch.cat([train.step_noise(s, 4096, (1, 1, 1), "cpu", C, T)[0] for s in range(50)]).numpy()
+    assert t.min() >= 0 and t.max() <= T - 1
+    k = np.arange(T - 1, dtype=np.float64)
+    edge = (k + 1) / T                                           # P(t <= k) = P(sigmoid(z) < (k + 1) / T)
+    cdf = edge if std == 0 else norm.cdf((np.log(edge / (1 - edge)) - mean) / std)
+    ecdf = np.searchsorted(np.sort(t), k, side="right") / len(t)
+    assert np.abs(ecdf - cdf).max() < 0.01                       # KS distance; ~0.003 expected from 204,800 draws
+    torch.testing.assert_close(train.step_noise(7, 64, (1, 1, 1), "cpu", C, T)[0],
+                               train.step_noise(7, 64, (1, 1, 1), "cpu", C, T)[0], rtol=0, atol=0)
