@@ -1,4 +1,4 @@
-# The offline demo: python train.py configs/shapes.py  (CPU, no network, ~8.5 minutes: max_hours below)
+# The offline demo: python train.py configs/shapes.py  (CPU, no network, ~9.5 minutes: max_hours below)
 # Pixel space (vae none), the tiny random CLIP-style text tower, the built-in coloured shapes.
 data = "shapes:6000"
 out_dir = "out/shapes"
@@ -9,18 +9,22 @@ model = "DiT-S/2"
 depth = 6
 width = 128
 heads = 4
+qk_norm = False                      # measured: +19% img/s on the CPU, and at equal time shape acc 0.588 / 0.616 vs 0.514 / 0.569 with it (CFG 3 / 5)
+text_len = 16                        # the captions are 9 tokens: cross-attend to 16 of the 77 (+15% img/s)
 batch = 32
 accum = 1
 lr = 1e-3
 warmup = 100
 max_steps = 100_000                  # effectively unbounded: max_hours ends the run
-max_hours = 0.14                     # ~8.5 minutes of training; the LR decay is planned to end on time
+max_hours = 0.155                    # ~9.3 minutes of training; the LR decay is planned to end on time
 lr_schedule = "wsd"
 decay_frac = 0.3
 ema_decay = 0.995
 cond_drop = 0.1
 prediction = "v"
 min_snr_gamma = 0.0                  # plain v loss: min-SNR-5 downweights the high-noise steps where the shape is decided (measured: shape acc 0.37 -> 0.43 at CFG 3 in 3.5 min)
+t_logit_mean = 0.5                   # timesteps from a logit-normal leaning to noise, where the shape is decided
+t_logit_std = 1.0                    # (measured at equal time: shape acc 0.588 -> 0.833 at CFG 3; README)
 compile = False
 device = "cpu"
 log_every = 50
