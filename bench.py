@@ -507,11 +507,12 @@ def main(argv):
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     meta = {"cmd": " ".join(["python bench.py", *argv]), "card": card_name(device), "date": date, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "device": str(device), "dtype": C.dtype if device.type == "cuda" else "float32",
-            "compile": compiled}
+            "compile": compiled, "qk_norm": C.qk_norm, "text_len": C.text_len}
     print(f"# bench.py | {meta['card']} | {date} | torch {torch.__version__} | diffusers {diffusers.__version__}")
     print(f"# {C.resolution if not args.tiny else grid * 8} px -> latents 4x{grid}x{grid}, text {TEXT_LEN}x{TEXT_DIM} | "
           f"micro-batch {C.batch} x accum {C.accum} | autocast {meta['dtype']} | compile {compiled} | "
-          f"grad_ckpt {C.grad_ckpt} | adaln {C.adaln} | {warmup} warm-up + {rounds} rounds x {steps} timed steps per case")
+          f"grad_ckpt {C.grad_ckpt} | adaln {C.adaln} | qk_norm {C.qk_norm} | text_len {C.text_len} | "
+          f"{warmup} warm-up + {rounds} rounds x {steps} timed steps per case")
     print(f"# peak FLOP/s for MFU: {fmt(peak_flops(device) and peak_flops(device) / 1e12, '.1f', 'unknown')} TFLOP/s (model.PEAK_FLOPS)")
     sys.stdout.flush()
     log = lambda s: print(s, file=sys.stderr, flush=True)
