@@ -193,14 +193,19 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
+def our_config(preset, shape, grid, C):
+    """Our DiT at the bench shape with train.py's model keys (grad_ckpt acts in training only)."""
+    return make_config(preset, depth=shape["depth"], width=shape["width"], heads=shape["heads"], patch=shape["patch"],
+                       in_channels=4, input_size=grid, text_dim=TEXT_DIM, pooled_dim=TEXT_DIM, adaln=C.adaln,
+                       qk_norm=C.qk_norm, text_len=C.text_len, grad_ckpt=C.grad_ckpt)
+
+
 def build_case(impl, label, preset, shape, grid, C, device):
     """Model, EMA, optimizer and a device batch, built as train.py builds them."""
     case = Case(f"{impl} {label}", impl, base=mem_now(device))
     torch.manual_seed(C.seed)
     if impl == "ours":
-        mcfg = make_config(preset, depth=shape["depth"], width=shape["width"], heads=shape["heads"], patch=shape["patch"],
-                           in_channels=4, input_size=grid, text_dim=TEXT_DIM, pooled_dim=TEXT_DIM, adaln=C.adaln,
-                           qk_norm=C.qk_norm, text_len=C.text_len, grad_ckpt=C.grad_ckpt)
+        mcfg = our_config(preset, shape, grid, C)
         build = lambda: DiT(mcfg)
         case.raw = build().to(device)
         case.flops = case.raw.estimate_flops()  # what model.mfu() uses
@@ -394,9 +399,7 @@ def bench_text_encoder(name, C, device, ctx, reps):
 
 def bench_sampling(preset, shape, grid, C, device, ctx, diffusion, batch=16, steps=50, cfg=7.5):
     """50-step DDIM with CFG (one batched forward of [uncond; cond]) at batch 16, as sample.py runs it (eager, eval)."""
-    mcfg = make_config(preset, depth=shape["depth"], width=shape["width"], heads=shape["heads"], patch=shape["patch"],
-                       in_channels=4, input_size=grid, text_dim=TEXT_DIM, pooled_dim=TEXT_DIM, adaln=C.adaln,
-                       qk_norm=C.qk_norm, text_len=C.text_len)
+    mcfg = our_config(preset, shape, grid, C)
     torch.manual_seed(C.seed)
     model = DiT(mcfg).to(device).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(C.seed)
