@@ -339,6 +339,13 @@ class TextEncoder:
     def __call__(self, captions):
         return self.encode(self.tokenize(captions))
 
+def open_clip_quick_gelu(arch, tag):
+    """Whether open_clip's pretrained tag was trained with QuickGELU (OpenAI's weights are). open_clip builds ARCH's
+    config as written, GELU for ViT-L-14, and loads the tag's weights into it with only a warning: pass this as
+    create_model's force_quick_gelu, also when the weights come from a local file standing in for the tag."""
+    import open_clip
+    return bool(tag) and bool((open_clip.get_pretrained_cfg(arch, tag) or {}).get("quick_gelu", False))
+
 def load_text_encoder(name, device="cpu"):
     """'ARCH/TAG' (open_clip pretrained), a local open_clip folder (open_clip_config.json) or checkpoint file
     (ViT-L-14 architecture), or 'tiny': a random 2-layer width-64 tower, the same in every process."""
@@ -356,7 +363,8 @@ def load_text_encoder(name, device="cpu"):
     else:
         arch, _, tag = name.partition("/")
         try:
-            model, tokenizer = open_clip.create_model(arch, pretrained=tag or None), open_clip.get_tokenizer(arch)
+            model = open_clip.create_model(arch, pretrained=tag or None, force_quick_gelu=open_clip_quick_gelu(arch, tag))
+            tokenizer = open_clip.get_tokenizer(arch)
         except (OSError, RuntimeError, ValueError) as e:
             raise DataError(f"cannot load the text encoder {name!r} ({type(e).__name__}: {e}): offline, give a local "
                             "open_clip checkpoint, or use 'tiny'") from None

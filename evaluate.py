@@ -30,7 +30,8 @@ from PIL import Image
 from scipy import linalg, ndimage
 from tqdm import tqdm
 
-from data import DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, render_shape, shapes_caption, to_pixels
+from data import (DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, open_clip_quick_gelu, render_shape,
+                  shapes_caption, to_pixels)
 from sample import CheckpointError, generate, load_pipeline
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -124,9 +125,12 @@ class ClipScorer:
 
     @classmethod
     def load(cls, name="ViT-L-14/openai", weights="", device="cpu"):
-        """name: open_clip "ARCH/pretrained_tag"; weights: a local open_clip checkpoint replacing the tag (offline)."""
+        """name: open_clip "ARCH/pretrained_tag"; weights: a local open_clip checkpoint of that tag (offline). The
+        tag decides the activation: ViT-L-14/openai is OpenAI's QuickGELU model, the one torchmetrics' CLIPScore
+        uses (open_clip would otherwise build ViT-L-14 with GELU and load OpenAI's weights into it)."""
         arch, _, tag = name.partition("/")
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights or tag or None)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=weights or tag or None, force_quick_gelu=open_clip_quick_gelu(arch, tag))
         return cls(model, preprocess, open_clip.get_tokenizer(arch), name=name, device=device)
 
     @torch.no_grad()
@@ -326,8 +330,8 @@ def main(argv=None, extractor=None, clip_scorer=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inception_weights", default="", help="local TF-Inception .pth (offline)")
     p.add_argument("--clip", default="ViT-L-14/openai", help="open_clip ARCH/TAG for the CLIP score, or none")
-    p.add_argument("--clip_weights", default="", help="local open_clip checkpoint for --clip's ARCH (offline; "
-                   "OpenAI's weights need the -quickgelu ARCH, e.g. ViT-L-14-quickgelu)")
+    p.add_argument("--clip_weights", default="", help="local open_clip checkpoint of --clip's ARCH/TAG (offline; "
+                   "the TAG still decides QuickGELU vs GELU)")
     p.add_argument("--stats_cache", default="cache/fid_stats", help="folder caching reference statistics")
     p.add_argument("--probe", default="", choices=("", "shapes"), help="also run a prompt-adherence probe")
     p.add_argument("--probe_n", type=int, default=8, help="probe images per shapes caption")

@@ -149,6 +149,24 @@ def test_clip_score_equals_direct_cosine(tiny_clip):
     torch.testing.assert_close(got, 100 * raw.clamp(min=0), rtol=1e-5, atol=1e-4)
     assert (raw < 0).any() and (raw > 0).any()  # both sides of the floor are exercised
 
+@pytest.mark.parametrize("tag, oracle_arch, other_arch", [("openai", "ViT-B-32-quickgelu", "ViT-B-32"),
+                                                          ("laion2b_s34b_b79k", "ViT-B-32", "ViT-B-32-quickgelu")])
+def test_clip_load_takes_the_activation_from_the_tag(tmp_path, tag, oracle_arch, other_arch):
+    """OpenAI's CLIP weights were trained with QuickGELU, LAION's with GELU. ClipScorer.load('ViT-B-32/TAG') with a
+    local weights file must build what open_clip's own config for those weights builds (the oracle), not the
+    bare ARCH's activation (open_clip's default, which only warns)."""
+    torch.manual_seed(0)
+    oracle = open_clip.create_model(oracle_arch).eval()
+    path = tmp_path / "weights.pt"
+    torch.save(oracle.state_dict(), path)
+    got = evaluate.ClipScorer.load(f"ViT-B-32/{tag}", weights=str(path))
+    other = open_clip.create_model(other_arch, pretrained=str(path)).eval()  # same weights, the wrong activation
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = oracle.encode_image(x)
+        torch.testing.assert_close(got.model.encode_image(x), want)
+        assert (other.encode_image(x) - want).abs().max() > 1e-3  # the activation is visible in the output
+
 #################################################################################
 #                    End to end, offline, injected feature networks             #
 #################################################################################
