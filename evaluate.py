@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data import (DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, open_clip_quick_gelu, render_shape,
                   shapes_caption, to_pixels)
-from sample import CheckpointError, generate, load_pipeline
+from sample import CheckpointError, check_args, fresh_path, generate, load_pipeline, save_png
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -43,6 +43,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def feature_stats(features) -> tuple:
     """(N, D) features -> mean (D,), covariance (D, D), float64, as pytorch-fid's calculate_activation_statistics."""
     features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise ValueError(f"a covariance needs >= 2 images, got {len(features)}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -53,7 +55,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape, "statistics of different dimensions"
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    try:
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+    except linalg.LinAlgError:  # newer scipy raises where older returned non-finite values
+        covmean = np.full_like(sigma1, np.nan)
     if not np.isfinite(covmean).all():  # singular product: offset the diagonals as pytorch-fid does
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
@@ -69,7 +74,8 @@ def inception_score(logits, splits=10) -> tuple:
     split as OpenAI's inception_score.py: consecutive chunks i*N//splits, p(y) the chunk's mean)."""
     logits = torch.as_tensor(logits, dtype=torch.float64)
     n = logits.shape[0]
-    splits = min(splits, n)
+    if n < splits:  # a split of one image has KL 0: IS would read exactly 1 whatever the images
+        raise ValueError(f"Inception Score over {splits} splits needs >= {splits} images, got {n}")
     log_p = logits.log_softmax(dim=1)  # (N, K) log p(y|x)
     scores = []
     for i in range(splits):
@@ -168,8 +174,8 @@ def reference_stats(ref: str, extractor, resolution: int, cache_dir="cache/fid_s
         with np.load(ref) as f:
             return dict(mu=f["mu"], sigma=f["sigma"], n=int(f["n"]) if "n" in f else None, source=ref, cached=True)
     files = list_images(ref)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {ref}")
+    if len(files) < 2:
+        raise FileNotFoundError(f"{len(files)} images ({', '.join(IMAGE_EXTS)}) under {ref}: FID needs a reference set")
     key = hashlib.sha1(json.dumps([extractor.name, resolution, os.path.abspath(ref)] + [
         (os.path.relpath(f, ref), os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:16]
     name = f"{os.path.basename(os.path.normpath(ref))}-{extractor.name}-{resolution}px-{key}.npz"
@@ -225,7 +231,7 @@ def evaluate(pipe, prompts, cfgs, extractor, clip_scorer=None, ref=None, n=0, st
             if save_dir:
                 os.makedirs(os.path.join(save_dir, f"cfg{cfg:g}"), exist_ok=True)
                 for k, im in enumerate(images.numpy()):
-                    Image.fromarray(im).save(os.path.join(save_dir, f"cfg{cfg:g}", f"{i + k:05d}.png"))
+                    save_png(Image.fromarray(im), os.path.join(save_dir, f"cfg{cfg:g}", f"{i + k:05d}.png"))
         is_mean, is_std = inception_score(torch.cat(logits))
         fid = None
         if ref is not None:
@@ -337,15 +343,31 @@ def main(argv=None, extractor=None, clip_scorer=None):
     p.add_argument("--probe_n", type=int, default=8, help="probe images per shapes caption")
     p.add_argument("--probe_from", default="", help="also probe from true renders noised to these timesteps "
                    "(comma separated, e.g. 200,400): where the model loses the prompted shape")
-    p.add_argument("--save_images", default="", help="folder to keep the generated images in")
-    p.add_argument("--out", default="", help="JSON results (default: eval.json beside the checkpoint)")
+    p.add_argument("--save_images", default="", help="folder to keep the generated images in (a new one: "
+                   "if it holds files, the next free FOLDER-2, ... is used)")
+    p.add_argument("--out", default="", help="JSON results (default: eval.json beside the checkpoint; an existing "
+                   "file is kept and eval-2.json, ... written instead)")
     args = p.parse_args(argv)
     if not args.prompts and not args.probe:
         p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes")
+    check_args(p, args)
+    if args.n < 0 or args.probe_n < 1:
+        p.error("--n must be >= 0 (0: one sample per prompt) and --probe_n >= 1")
     try:
         cfgs = [float(c) for c in args.cfg.split(",") if c.strip()]
     except ValueError:
         p.error(f"--cfg must be comma-separated numbers, got {args.cfg!r}")
+    if not cfgs:
+        p.error(f"--cfg needs at least one scale, got {args.cfg!r}")
+    prompts = []
+    if args.prompts:
+        try:
+            prompts = read_prompts(args.prompts)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--prompts {args.prompts}: {type(e).__name__}: {e}")
+        if (args.n or len(prompts)) < 10:
+            p.error(f"{args.n or len(prompts)} samples per scale: the Inception Score over 10 splits needs >= 10 "
+                    "(--n N samples cycles through the prompts; papers use 10K-50K)")
     try:
         t_starts = [int(t) for t in args.probe_from.split(",") if t.strip()]
     except ValueError:
@@ -357,6 +379,8 @@ def main(argv=None, extractor=None, clip_scorer=None):
     except (CheckpointError, DataError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.steps > pipe.diffusion.T:
+        p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")
     if any(not 0 <= t < pipe.diffusion.T for t in t_starts):
         p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
     device_name = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu"
@@ -365,7 +389,6 @@ def main(argv=None, extractor=None, clip_scorer=None):
                                 guidance_rescale=args.guidance_rescale, weights=args.weights))
     print(f"{args.ckpt} (step {pipe.step}) on {device_name}, {report['date']}: {args.sampler} {args.steps} steps")
     if args.prompts:
-        prompts = read_prompts(args.prompts)
         try:  # the pretrained metric networks: on an offline machine they must come from local files
             extractor = extractor or InceptionV3(args.inception_weights or None, device=pipe.device)
             if clip_scorer is None and args.clip.lower() != "none":
@@ -374,10 +397,15 @@ def main(argv=None, extractor=None, clip_scorer=None):
             print(f"evaluate.py: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                   "(offline: --inception_weights PATH, --clip_weights PATH or --clip none)", file=sys.stderr)
             sys.exit(2)
-        ref = reference_stats(args.ref, extractor, pipe.resolution, args.stats_cache, args.batch) if args.ref else None
+        try:
+            ref = reference_stats(args.ref, extractor, pipe.resolution, args.stats_cache, args.batch) if args.ref else None
+        except (OSError, KeyError, ValueError) as e:  # a missing or too small folder, an .npz without mu / sigma
+            print(f"evaluate.py: error: --ref {args.ref}: {e}", file=sys.stderr)
+            sys.exit(2)
         rows = evaluate(pipe, prompts, cfgs, extractor, clip_scorer, ref, n=args.n, steps=args.steps,
                         sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, seed=args.seed,
-                        batch_size=args.batch, save_dir=args.save_images)
+                        batch_size=args.batch,
+                        save_dir=fresh_path(args.save_images, folder=True) if args.save_images else "")
         report.update(prompts=args.prompts, feature_extractor=extractor.name,
                       clip_model=getattr(clip_scorer, "name", None), results=rows,
                       reference=None if ref is None else dict(source=ref["source"], n=ref["n"], cache=ref.get("cache")))
@@ -401,10 +429,11 @@ def main(argv=None, extractor=None, clip_scorer=None):
         for r in probe:
             print(f"| {'noise' if r['t_start'] is None else 't=%d' % r['t_start']} | {r['cfg']:g} | {r['n']} "
                   f"| {r['color_acc']:.3f} | {r['shape_acc']:.3f} | {r['both_acc']:.3f} |")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json")
+    out = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    with open(out + ".part", "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(out + ".part", out)
     print(f"\nwrote {out}")
 
 

@@ -78,6 +78,8 @@ def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipelin
     device = torch.device(device)
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt["config"]
+    if not isinstance(ckpt.get(weights), dict):  # e.g. --weights model on a release that ships only the EMA
+        raise CheckpointError(f"{ckpt_path} has no '{weights}' weights" + (" (try --weights ema)" if weights == "model" else ""))
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt[weights].items()}  # tolerate a compiled module's keys
     try:
         model = DiT(DiTConfig(**ckpt["model_config"]))
@@ -85,8 +87,11 @@ def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipelin
     except (TypeError, RuntimeError) as e:  # a model_config this model.py cannot build, or weights of another shape
         raise CheckpointError(f"{ckpt_path}: '{weights}' weights do not fit model.py: {str(e).splitlines()[0]}") from None
     model.to(device).eval().requires_grad_(False)
-    diffusion = Diffusion(schedule=config["schedule"], beta_start=config["beta_start"], beta_end=config["beta_end"],
-                          prediction=config["prediction"], zero_terminal_snr=config["zero_terminal_snr"])
+    try:
+        diffusion = Diffusion(schedule=config["schedule"], beta_start=config["beta_start"], beta_end=config["beta_end"],
+                              prediction=config["prediction"], zero_terminal_snr=config["zero_terminal_snr"])
+    except (ValueError, AssertionError) as e:
+        raise CheckpointError(f"{ckpt_path}: its diffusion settings are invalid: {e}") from None
     vae = load_vae(config["vae"], device=device)
     text_encoder = load_text_encoder(config["text_encoder"], device=device)
     assert vae.channels == model.config.in_channels, f"vae {vae.name} has {vae.channels} channels, model {model.config.in_channels}"
@@ -164,6 +169,38 @@ def make_grid(images: torch.Tensor, cols: int, pad: int = 2) -> Image.Image:
     return Image.fromarray(grid)
 
 
+def fresh_path(path: str, folder: bool = False) -> str:
+    """path, or the first free of path-2, path-3, ... (before the extension for a file: eval-2.json): a missing
+    path, or an empty folder, is free. A run never overwrites, or mixes its files with, an earlier run's."""
+    root, ext = (path, "") if folder else os.path.splitext(path)
+    candidate, k = path, 1
+    while os.path.exists(candidate) and not (folder and os.path.isdir(candidate) and not os.listdir(candidate)):
+        k += 1
+        candidate = f"{root}-{k}{ext}"
+    return candidate
+
+
+def save_png(image: Image.Image, path: str, pnginfo=None):
+    """Write to a temporary name, then rename: a killed run or a full disk leaves no truncated PNG under `path`."""
+    tmp = path + ".part"
+    image.save(tmp, format="PNG", pnginfo=pnginfo)
+    os.replace(tmp, path)
+
+
+def check_args(p: argparse.ArgumentParser, args):
+    """Exit 2 on settings that would otherwise fail only after loading the models (shared with evaluate.py)."""
+    if args.steps < 1 or args.batch < 1:
+        p.error("--steps and --batch must be >= 1")
+    if args.eta < 0:
+        p.error(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here (use --device cpu)")
+
+
 def save_images(images: torch.Tensor, prompts: list, seeds: list, settings: dict, out_dir: str, cols: int) -> list:
     """NNNN.png per image with prompt, seed and settings in the PNG text chunk, plus grid.png. -> paths"""
     os.makedirs(out_dir, exist_ok=True)
@@ -174,8 +211,8 @@ def save_images(images: torch.Tensor, prompts: list, seeds: list, settings: dict
         info.add_text("seed", str(seed))
         info.add_text("parameters", json.dumps({"prompt": prompt, "seed": seed, **settings}))
         paths.append(os.path.join(out_dir, f"{k:04d}.png"))
-        Image.fromarray(im).save(paths[-1], pnginfo=info)
-    make_grid(images, cols).save(os.path.join(out_dir, "grid.png"))
+        save_png(Image.fromarray(im), paths[-1], pnginfo=info)
+    save_png(make_grid(images, cols), os.path.join(out_dir, "grid.png"))
     return paths
 
 #################################################################################
@@ -196,16 +233,21 @@ def main(argv=None):
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="CFG rescale phi (arXiv 2305.08891, sec. 3.4)")
     p.add_argument("--negative", default="", help="negative prompt: replaces the empty caption in CFG")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="", help="output folder (default: samples/ beside the checkpoint)")
+    p.add_argument("--out", default="", help="output folder (default: samples/ beside the checkpoint); if it "
+                   "holds files already, the next free OUT-2, OUT-3, ... is used: nothing is overwritten")
     p.add_argument("--batch", type=int, default=16, help="images sampled together (CFG doubles the model batch)")
     args = p.parse_args(argv)
-    if args.n < 1 or args.steps < 1 or args.batch < 1:
-        p.error("--n, --steps and --batch must be >= 1")  # exits 2
+    if args.n < 1:
+        p.error("--n must be >= 1")  # exits 2
+    check_args(p, args)
+    out_dir = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples"), folder=True)
     try:
         pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
     except (CheckpointError, DataError) as e:  # a bad checkpoint, or its VAE / text encoder cannot be loaded
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.steps > pipe.diffusion.T:
+        p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")
     prompts = [prompt for prompt in args.prompts for _ in range(args.n)]
     seeds = [args.seed + k for k in range(len(prompts))]
     settings = dict(ckpt=args.ckpt, step=pipe.step, weights=args.weights, cfg=args.cfg, steps=args.steps,
@@ -213,7 +255,6 @@ def main(argv=None):
     images = generate(pipe, prompts, seeds, cfg=args.cfg, steps=args.steps, sampler=args.sampler, eta=args.eta,
                       guidance_rescale=args.guidance_rescale, negative=args.negative, batch_size=args.batch,
                       progress=True)
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
     paths = save_images(images, prompts, seeds, settings, out_dir, cols=args.n)
     print(f"wrote {len(paths)} images + grid.png to {out_dir}")
 

@@ -55,7 +55,8 @@ def test_frechet_distance_is_zero_for_identical_stats():
     assert abs(evaluate.frechet_distance(mu, s, mu, s)) < 1e-6
 
 
-def test_frechet_distance_singular_covariance(monkeypatch):
+@pytest.mark.parametrize("failure", ["nan", "raise"])  # older scipy returns NaN, newer raises LinAlgError
+def test_frechet_distance_singular_covariance(monkeypatch, failure):
     rng = np.random.default_rng(2)
     (mu1, s1), (mu2, s2) = random_stats(rng, 32, 6), random_stats(rng, 32, 9)  # rank 5 and 8 in 32 dims
     got = evaluate.frechet_distance(mu1, s1, mu2, s2)
@@ -65,6 +66,8 @@ def test_frechet_distance_singular_covariance(monkeypatch):
 
     def failing_first(m):
         calls.append(m)
+        if len(calls) == 1 and failure == "raise":
+            raise linalg.LinAlgError("Internal error in scipy.linalg.sqrtm: -102")
         return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
 
     monkeypatch.setattr(evaluate.linalg, "sqrtm", failing_first)
@@ -84,6 +87,15 @@ def test_inception_score_invariants():
     onehot[torch.arange(len(onehot)), torch.arange(len(onehot)) % k] = 0  # each split uses the k classes equally
     mean, std = evaluate.inception_score(onehot)
     assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_too_few_images_are_refused_not_scored():
+    """IS over 10 splits of < 10 images would have one-image splits (KL 0: IS exactly 1 whatever the images),
+    and a covariance needs 2 images: both raise instead of returning a number."""
+    with pytest.raises(ValueError, match="needs >= 10 images"):
+        evaluate.inception_score(torch.randn(9, 1008))
+    with pytest.raises(ValueError, match=">= 2 images"):
+        evaluate.feature_stats(np.ones((1, 16)))
 
 
 def test_inception_score_matches_torch_fidelity():
@@ -238,12 +250,13 @@ def test_evaluate_end_to_end(ckpt, tmp_path, tiny_clip, capsys):
     net.calls = 0
     evaluate.main(argv, extractor=net, clip_scorer=tiny_clip)
     assert net.calls == 4
-    again = json.loads((tmp_path / "eval.json").read_text())
+    again = json.loads((tmp_path / "eval-2.json").read_text())  # the first run's eval.json is kept, not overwritten
+    assert json.loads((tmp_path / "eval.json").read_text()) == report
     assert [r["fid"] for r in again["results"]] == [r["fid"] for r in report["results"]]
     # invariant: the saved cfg-1 samples as the reference set give FID 0 at cfg 1 (PNG round trip included)
     argv[argv.index("--ref") + 1] = str(tmp_path / "samples" / "cfg1")
     evaluate.main(argv, extractor=net, clip_scorer=tiny_clip)
-    self_fid = json.loads((tmp_path / "eval.json").read_text())["results"]
+    self_fid = json.loads((tmp_path / "eval-3.json").read_text())["results"]
     assert abs(self_fid[0]["fid"]) < 1e-6 and self_fid[1]["fid"] > 1e-3  # cfg 3 gives other pictures
     # a cached .npz works as --ref on its own
     stats = evaluate.reference_stats(str(cached[0]), net, 16)
@@ -315,3 +328,26 @@ def test_probe_from_a_noised_render(ckpt, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--probe", "shapes", "--out", str(out)] + bad)
         assert e.value.code == 2
+
+
+@pytest.mark.parametrize("args, want", [
+    (["--cfg", ","], "--cfg needs at least one scale"),
+    (["--batch", "0"], "--steps and --batch must be >= 1"),
+    (["--eta", "-0.5"], "--eta must be >= 0"),
+    (["--n", "5"], "5 samples per scale: the Inception Score over 10 splits needs >= 10"),
+    (["--prompts", "MISSING"], "--prompts"),
+    (["--steps", "5000"], "--steps must be <= the 1000 training timesteps"),
+    (["--ref", "EMPTY"], "FID needs a reference set"),
+])
+def test_bad_settings_exit_2_before_sampling(ckpt, tmp_path, capsys, args, want):
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "empty").mkdir()
+    args = [{"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty")}.get(a, a) for a in args]
+    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt"), "--n", "20", "--clip", "none",
+            "--out", str(tmp_path / "eval.json")]
+    net = TinyFeatures()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + args, extractor=net, clip_scorer=None)
+    assert e.value.code == 2
+    assert want in capsys.readouterr().err.strip().splitlines()[-1]
+    assert net.calls == 0 and not (tmp_path / "eval.json").exists()  # nothing sampled, nothing written

@@ -122,3 +122,51 @@ def test_cli_writes_pngs_and_grid(ckpt, pipe, tmp_path):
         assert '"cfg": 2.5' in im.text["parameters"] and '"sampler": "ddim"' in im.text["parameters"]
         assert np.abs(np.asarray(im).astype(int) - want[k].numpy().astype(int)).max() <= 1
     assert Image.open(out / "grid.png").size == (2 * 18 + 2, 2 * 18 + 2)  # 2 x 2 tiles of 16 px, 2 px padding
+
+
+def test_a_second_run_never_overwrites_the_first(ckpt, tmp_path):
+    """Same --out twice: the first run's files stay byte for byte, the second goes to OUT-2; a user's folder of
+    other files is left alone too (OUT-3), and no temporary .part file is left anywhere."""
+    out = tmp_path / "samples"
+    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--n", "1", "--steps", "2", "--out", str(out)]
+    sample.main(argv + [PROMPTS[0]])
+    first = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    sample.main(argv + [PROMPTS[1]])
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == first
+    assert sorted(os.listdir(tmp_path / "samples-2")) == ["0000.png", "grid.png"]
+    assert Image.open(tmp_path / "samples-2" / "0000.png").text["prompt"] == PROMPTS[1]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "0000.png").write_bytes(b"a user's file")
+    sample.main(argv[:-1] + [str(tmp_path / "mine"), PROMPTS[1]])
+    assert (tmp_path / "mine" / "0000.png").read_bytes() == b"a user's file"
+    assert sorted(os.listdir(tmp_path / "mine-2")) == ["0000.png", "grid.png"]
+    assert not [p for p in tmp_path.rglob("*.part")]
+
+
+@pytest.mark.parametrize("args, want", [
+    (["--eta", "-1"], "--eta must be >= 0"),
+    (["--steps", "0"], "--steps and --batch must be >= 1"),
+    (["--steps", "1001"], "--steps must be <= the 1000 training timesteps"),
+    (["--device", "bogus"], "--device 'bogus'"),
+    (["--weights", "model", "STRIP"], "has no 'model' weights (try --weights ema)"),
+])
+def test_bad_settings_exit_2_with_one_line(ckpt, tmp_path, capsys, args, want):
+    if "STRIP" in args:  # a release checkpoint that ships only the EMA weights
+        stripped = {k: v for k, v in torch.load(ckpt, weights_only=True).items() if k != "model"}
+        torch.save(stripped, tmp_path / "ema_only.pt")
+        args = [a for a in args if a != "STRIP"] + ["--ckpt", str(tmp_path / "ema_only.pt")]
+    else:
+        args = args + ["--ckpt", str(ckpt)]
+    with pytest.raises(SystemExit) as e:
+        sample.main(args + ["--device", "cpu"] * ("--device" not in args) + ["--out", str(tmp_path / "o"), "a red circle"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert want in err[-1], err
+    assert not (tmp_path / "o").exists()  # nothing was sampled or written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_exits_2(ckpt, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(ckpt), "--device", "cuda", "a red circle"])
+    assert e.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
