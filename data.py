@@ -94,8 +94,8 @@ def source_kind(data):
     if _shapes_args(data):
         return "shapes"
     if os.path.isdir(data):
-        if os.path.exists(os.path.join(data, "manifest.json")):
-            return "cache"
+        if all(os.path.exists(os.path.join(data, f)) for f in ("manifest.json", "latents.npy")):
+            return "cache"  # a data folder that merely holds some manifest.json is read as data
         if os.path.exists(os.path.join(data, "metadata.jsonl")):
             return "imagefolder"
         return "webdataset" if glob.glob(os.path.join(data, "*.tar")) else "captioned_images"
@@ -342,7 +342,8 @@ class TextEncoder:
 def open_clip_quick_gelu(arch, tag):
     """Whether open_clip's pretrained tag was trained with QuickGELU (OpenAI's weights are). open_clip builds ARCH's
     config as written, GELU for ViT-L-14, and loads the tag's weights into it with only a warning: pass this as
-    create_model's force_quick_gelu, also when the weights come from a local file standing in for the tag."""
+    create_model's force_quick_gelu, also where a local file stands in for the tag (evaluate.py --clip_weights).
+    A bare local file here is taken as ViT-L-14 with GELU, the LAION checkpoint this project uses."""
     import open_clip
     return bool(tag) and bool((open_clip.get_pretrained_cfg(arch, tag) or {}).get("quick_gelu", False))
 
@@ -453,22 +454,25 @@ def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_sta
     settings = dict(format=CACHE_FORMAT, fingerprint=source_fingerprint(data), resolution=resolution, vae=_name(vae),
                     text_encoder=_name(text_encoder), text_states=bool(text_states), min_side=resolution / 2)
     manifest_path, progress_path = os.path.join(out, "manifest.json"), os.path.join(out, "progress.json")
-    manifest = _read_json(manifest_path)
+    manifest, prog = _read_json(manifest_path), _read_json(progress_path)
     if manifest and all(manifest.get(k) == v for k, v in settings.items()):
         return out
+    built = manifest or (prog or {}).get("settings")
+    if os.path.exists(manifest_path) or (built and built != settings):  # hours of encoding: never thrown away here
+        differ = [k for k in settings if (built or {}).get(k) != settings[k]]
+        raise DataError(f"{out} holds a {'finished' if manifest else 'partly built'} cache with other settings "
+                        f"({', '.join(differ) or 'unreadable manifest'}; 'fingerprint' = the source's files changed); it is "
+                        "left as it is: give another cache_dir, or delete that folder to rebuild")
     items, total = source_items(data, resolution)
     vae = load_vae(vae, device) if isinstance(vae, str) else vae
     te = load_text_encoder(text_encoder, device) if isinstance(text_encoder, str) else text_encoder
     os.makedirs(out, exist_ok=True)
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)  # first: a cache being rewritten must never look finished
     h = resolution // vae.factor
     rows = {"latents.npy": (np.float16, (2, vae.channels, h, h)), "tokens.npy": (np.int32, (CONTEXT_LENGTH,)), "captions.jsonl": None}
     if text_states:
         rows.update({"states.npy": (np.float16, (CONTEXT_LENGTH, te.dim)), "pooled.npy": (np.float16, (te.pooled_dim,))})
     names = list(rows)
-    prog = _read_json(progress_path)
-    if not prog or prog["settings"] != settings:
+    if not prog:
         prog = dict(settings=settings, items=0, count=0, skipped={}, fixed={}, sizes={n: 0 for n in names})
     for n in names:  # drop whatever a killed run appended after its last commit
         with open(os.path.join(out, n), "ab") as f:

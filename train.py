@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datalib
 from diffusion import Diffusion
-from model import DiT, make_config
+from model import PRESETS, DiT, make_config
 
 # -----------------------------------------------------------------------------
 # defaults: the real run (SD VAE latents, CLIP ViT-L/14 text, 256 px)
@@ -135,12 +136,16 @@ def parse_args(argv):
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
         scope = {}
-        exec(builtins.compile(open(path).read(), path, "exec"), scope)  # `compile` is a key here
-        for key, value in scope.items():
-            if key.startswith("_") or type(value).__name__ == "module":
-                continue
+        try:
+            exec(builtins.compile(open(path).read(), path, "exec"), scope)  # `compile` is a key here
+        except Exception as e:  # a syntax error, a NameError: one line, not a traceback
+            raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from None
+        keys = [k for k, v in scope.items() if not k.startswith("_") and type(v).__name__ != "module"]
+        if not keys:  # e.g. JSON, or `batch: 8` (a bare annotation binds nothing)
+            raise ConfigError(f"config file {path} assigns no keys: it is Python, one `key = value` per line")
+        for key in keys:
             _check_key(key)
-            config[key] = _convert(key, value, DEFAULTS[key])
+            config[key] = _convert(key, scope[key], DEFAULTS[key])
     while args:
         arg = args.pop(0)
         if not arg.startswith("--"):
@@ -155,6 +160,58 @@ def parse_args(argv):
     return config
 
 
+CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), dtype=("bfloat16", "float32"), prediction=("v", "eps", "x0"),
+               schedule=("linear", "scaled_linear", "cosine"), adaln=("single", "zero"), model=tuple(PRESETS))
+AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, warmup=0, max_hours=0,
+                depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0, min_snr_gamma=0,
+                t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)
+UNIT = ("cond_drop", "decay_frac", "ema_decay", "adam_beta1", "adam_beta2")  # in [0, 1]
+
+
+def check_config(C):
+    """Values that would fail later (after an hours-long cache build, or after the first step): ConfigError now."""
+    for key, options in CHOICES.items():
+        if getattr(C, key) not in options:
+            close = difflib.get_close_matches(str(getattr(C, key)), options, n=1)
+            raise ConfigError(f"--{key} {getattr(C, key)!r}: one of {', '.join(options)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for key, low in AT_LEAST.items():
+        if not getattr(C, key) >= low:
+            raise ConfigError(f"--{key} {getattr(C, key)}: must be >= {low}")
+    for key in UNIT:
+        if not 0 <= getattr(C, key) <= 1:
+            raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1]")
+    if not (math.isfinite(C.lr) and C.lr > 0):
+        raise ConfigError(f"--lr {C.lr}: must be a positive number")
+    if not 1 <= C.text_len <= datalib.CONTEXT_LENGTH:
+        raise ConfigError(f"--text_len {C.text_len}: must be 1..{datalib.CONTEXT_LENGTH} (the encoder's tokens)")
+    if C.zero_terminal_snr and C.prediction == "eps":
+        raise ConfigError("zero_terminal_snr with eps prediction is ill-posed (SNR 0 at the last step): use --prediction v")
+    if C.sample_every > 0 and not [q for q in C.sample_prompts.split("|") if q.strip()]:
+        raise ConfigError("--sample_prompts has no prompt ('|'-separated); or --sample_every 0")
+    if C.device != "auto":
+        try:
+            dev = torch.device(C.device)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {C.device!r}: {e}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {C.device}: torch sees no CUDA device here (use --device cpu)")
+
+
+def check_checkpoint(ck, path):
+    """A train.py checkpoint with what resuming needs; `progress` and `rng` may be missing (DESIGN's layout)."""
+    need = ("model", "ema", "optimizer", "step", "model_config", "loader_state")
+    missing = [k for k in need if not (isinstance(ck, dict) and k in ck)]
+    if missing:
+        raise ConfigError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)}): "
+                          "use another --out_dir, or --resume never")
+
+
+def usage():
+    width = max(map(len, CONFIG_KEYS))
+    lines = [f"  --{k:<{width}}  {DEFAULTS[k]!r}" for k in CONFIG_KEYS]
+    return (__doc__.strip() + "\n\nkeys (--key value or --key=value; defaults shown):\n" + "\n".join(lines))
+
 # -----------------------------------------------------------------------------
 # the pieces of a step (bench.py and the tests call these very functions)
 
@@ -167,13 +224,18 @@ def configure_optimizer(model, lr, weight_decay, betas, device_type):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
+def lr_decay_start(horizon, C):
+    """The step the LR starts to fall: the end of warmup for cosine, the last decay_frac of the run for wsd."""
+    return C.warmup if C.lr_schedule == "cosine" else int(horizon * (1 - C.decay_frac))
+
+
 def lr_at(step, horizon, C):
     """Linear warmup, then constant, cosine (to 0 at `horizon`) or warmup-stable-decay (linear to 0 over the last decay_frac)."""
     if step < C.warmup:
         return C.lr * (step + 1) / C.warmup
     if C.lr_schedule == "constant":
         return C.lr
-    start = C.warmup if C.lr_schedule == "cosine" else int(horizon * (1 - C.decay_frac))
+    start = lr_decay_start(horizon, C)
     if step < start:
         return C.lr
     progress = min(1.0, (step - start) / max(1, horizon - start))
@@ -281,20 +343,22 @@ def load_checkpoint(path):
 # -----------------------------------------------------------------------------
 
 def main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        sys.exit(0)
     try:
         C = SimpleNamespace(**parse_args(argv))
+        check_config(C)
         if C.resume not in ("auto", "never") and not os.path.isfile(C.resume):
             raise ConfigError(f"--resume {C.resume!r}: no such checkpoint")
-        existing = os.path.join(C.out_dir, "ckpt.pt")
-        if C.resume != "auto" and os.path.exists(existing) and os.path.abspath(C.resume) != os.path.abspath(existing):
-            raise ConfigError(f"{existing} exists and --resume {C.resume} would overwrite it: "
+        ckpt_path = os.path.join(C.out_dir, "ckpt.pt")
+        if C.resume != "auto" and os.path.exists(ckpt_path) and os.path.abspath(C.resume) != os.path.abspath(ckpt_path):
+            raise ConfigError(f"{ckpt_path} exists and --resume {C.resume} would overwrite it: "
                               "use another --out_dir, or move the checkpoint away")
-        if C.t_logit_std < 0:
-            raise ConfigError(f"--t_logit_std {C.t_logit_std}: must be >= 0 (0 = uniform timesteps)")
-        if not 1 <= C.text_len <= datalib.CONTEXT_LENGTH:
-            raise ConfigError(f"--text_len {C.text_len}: must be 1..{datalib.CONTEXT_LENGTH} (the encoder's tokens)")
-        if C.zero_terminal_snr and C.prediction == "eps":
-            raise ConfigError("zero_terminal_snr with eps prediction is ill-posed (SNR 0 at the last step): use --prediction v")
+        resume_from = ckpt_path if C.resume == "auto" and os.path.exists(ckpt_path) else (None if C.resume in ("auto", "never") else C.resume)
+        ck = load_checkpoint(resume_from) if resume_from else None  # before the cache build: a bad file fails fast
+        if ck is not None:
+            check_checkpoint(ck, resume_from)
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -306,6 +370,9 @@ def main(argv):
     if ddp:
         dist.init_process_group(backend="nccl" if C.device.startswith("cuda") else "gloo")
         rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        # host-side control messages (the cache path, stop and horizon decisions) over gloo on CPU tensors: they
+        # never wait for the GPU. The long timeout covers rank 0 building the cache while the others wait.
+        ctrl = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         if C.device.startswith("cuda"):
             C.device = f"cuda:{local_rank}"
             torch.cuda.set_device(C.device)
@@ -326,15 +393,19 @@ def main(argv):
                                               device=C.device, text_states=C.text_states)
         if ddp:
             holder = [cache_path if master else None]
-            dist.broadcast_object_list(holder, src=0)
+            dist.broadcast_object_list(holder, src=0, group=ctrl)
             cache_path = holder[0]
         cache = datalib.LatentCache(cache_path)
         text_encoder = datalib.load_text_encoder(C.text_encoder, device=C.device)
     except datalib.DataError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=rank, world_size=world, cond_drop=C.cond_drop,
-                            flip=C.flip, device=C.device)
+    try:
+        loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=rank, world_size=world, cond_drop=C.cond_drop,
+                                flip=C.flip, device=C.device)
+    except ValueError as e:  # fewer samples than one global batch
+        print(f"train.py: error: {e}: lower --batch", file=sys.stderr)
+        sys.exit(2)
     latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
 
     # ---- model, EMA, optimizer, schedule
@@ -343,6 +414,11 @@ def main(argv):
                        in_channels=latent_shape[0], input_size=latent_shape[1], text_dim=text_encoder.dim,
                        pooled_dim=text_encoder.pooled_dim, text_len=C.text_len, adaln=C.adaln, qk_norm=C.qk_norm,
                        grad_ckpt=C.grad_ckpt)
+    if latent_shape[1] % mcfg.patch:
+        loader.close()
+        print(f"train.py: error: {latent_shape[1]} x {latent_shape[2]} latents are not divisible by patch {mcfg.patch}: "
+              "change --resolution or --patch", file=sys.stderr)
+        sys.exit(2)
     raw_model = DiT(mcfg).to(C.device)
     ema_model = DiT(mcfg).to(C.device).requires_grad_(False)
     ema_model.load_state_dict(raw_model.state_dict())
@@ -351,26 +427,29 @@ def main(argv):
                           prediction=C.prediction, zero_terminal_snr=C.zero_terminal_snr)
 
     step, elapsed, horizon = 0, 0.0, C.max_steps
-    ckpt_path = os.path.join(C.out_dir, "ckpt.pt")
-    resume_from = ckpt_path if C.resume == "auto" and os.path.exists(ckpt_path) else (None if C.resume in ("auto", "never") else C.resume)
-    if resume_from:
-        try:
-            ck = load_checkpoint(resume_from)
-        except ConfigError as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            sys.exit(2)
+    if ck is not None:
         if ck["model_config"] != dataclasses.asdict(mcfg):
+            loader.close()
             print(f"train.py: error: {resume_from} holds a different model ({ck['model_config']}); "
                   "use another --out_dir or --resume never", file=sys.stderr)
             sys.exit(2)
         raw_model.load_state_dict(ck["model"])
         ema_model.load_state_dict(ck["ema"])
         optimizer.load_state_dict(ck["optimizer"])
+        # the optimizer's state dict brings back its hyperparameters too: this run's settings win
+        for group, wd in zip(optimizer.param_groups, (C.weight_decay, 0.0)):
+            group.update(betas=(C.adam_beta1, C.adam_beta2), weight_decay=wd)
         loader.load_state_dict(ck["loader_state"])
-        torch.set_rng_state(ck["rng"]["cpu"])
-        step, elapsed = ck["step"], ck["progress"]["elapsed_s"]
-        horizon = min(ck["progress"]["horizon"], C.max_steps) if C.max_hours > 0 else C.max_steps  # keep a planned horizon
+        if "rng" in ck:
+            torch.set_rng_state(ck["rng"]["cpu"])
+        progress = ck.get("progress", {})
+        step, elapsed = ck["step"], progress.get("elapsed_s", 0.0)
+        horizon = min(progress.get("horizon", C.max_steps), C.max_steps) if C.max_hours > 0 else C.max_steps  # keep a planned horizon
         print0(f"resumed from {resume_from} at step {step}")
+        del ck
+    if C.max_hours == 0 and C.lr_schedule != "constant" and C.warmup >= lr_decay_start(C.max_steps, C):
+        print0(f"warning: warmup {C.warmup} >= the LR decay start at step {lr_decay_start(C.max_steps, C)} "
+               f"of {C.max_steps}: the LR will not follow its schedule (lower --warmup)")
     model = torch.compile(raw_model) if C.compile and device_type == "cuda" else raw_model
     if ddp:
         model = DDP(model, device_ids=[torch.device(C.device).index] if device_type == "cuda" else None)
@@ -406,8 +485,8 @@ def main(argv):
     skipped_total = 0
     log_file = open(os.path.join(C.out_dir, "log.jsonl"), "a") if master else None
     t_start = t_log = time.time()
-    step_log = step
-    bar, vae_model = None, None
+    step_log, plan_from = step, None  # plan_from: (time, step) of this process's first log step, for the step rate
+    bar, vae_model, sampling = None, None, C.sample_every > 0
     if master:
         from tqdm import tqdm
         bar = tqdm(total=horizon, initial=step, dynamic_ncols=True, disable=None)
@@ -432,8 +511,8 @@ def main(argv):
         if bar is not None:
             bar.update(1)
 
-        last = step >= horizon
-        if step % C.log_every == 0 or last:
+        time_up = False
+        if step % C.log_every == 0 or step >= horizon:
             if ddp:
                 for v in (*acc.values(), bin_sum, bin_cnt):
                     dist.all_reduce(v)
@@ -442,14 +521,18 @@ def main(argv):
             imgs = (step - step_log) * G / dt
             skipped_total += int(round(acc["skipped"].item() / world))
             now = elapsed + time.time() - t_start
-            if C.max_hours > 0:  # plan the horizon from the measured step time, frozen once the LR decay has begun
-                decaying = (step - C.log_every >= C.warmup) if C.lr_schedule == "cosine" else \
-                    (C.lr_schedule == "wsd" and step >= int(horizon * (1 - C.decay_frac)))
-                if not decaying:
-                    horizon = min(C.max_steps, step + int((C.max_hours * 3600 - now) / (dt / (step - step_log))))
-                    horizon = max(horizon, step)
+            if C.max_hours > 0:  # plan the horizon (rank 0's clock decides under DDP, below) so the LR ends on time
+                # seconds per step averaged since this process's first log step (compile excluded; checkpoint
+                # writes and sample grids included, as they recur); until then, the last interval's
+                plan_from = plan_from or (time.time() - dt, step_log)
+                rate = (time.time() - plan_from[0]) / max(step - plan_from[1], 1)
+                # wsd freezes the horizon once its decay has begun (moving it would make the LR jump); cosine
+                # decays from the end of warmup, so its horizon keeps being corrected (a smooth change)
+                if not (C.lr_schedule == "wsd" and step >= lr_decay_start(horizon, C)):
+                    horizon = max(step, min(C.max_steps, step + int((C.max_hours * 3600 - now) / rate)))
                     if bar is not None:
                         bar.total = horizon
+                time_up = now >= C.max_hours * 3600
             rec = {"step": step, "loss": acc["loss"].item() / n, "lr": lr, "grad_norm": acc["grad_norm"].item() / n,
                    "images_per_s": imgs, "mfu": raw_model.mfu(imgs / world, C.device), "skipped": skipped_total,
                    "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if device_type == "cuda" else 0.0,
@@ -468,26 +551,31 @@ def main(argv):
             for v in (*acc.values(), bin_sum, bin_cnt):
                 v.zero_()
             t_log, step_log = time.time(), step
-            if C.max_hours > 0 and now >= C.max_hours * 3600:
-                last = True
-                horizon = step
 
-        stopping = stop["signal"] is not None
-        if ddp:  # all ranks must stop at the same step: they agree at log steps only (no per-step host sync)
-            stopping = False
-            if step % C.log_every == 0 or last:
-                flag = torch.tensor(float(stop["signal"] is not None), device=C.device)
-                dist.all_reduce(flag)
-                stopping = flag.item() > 0
-        if master and C.sample_every > 0 and (step % C.sample_every == 0 or last):
-            prompts = [p for p in C.sample_prompts.split("|") if p]
-            vae_model = vae_model or datalib.load_vae(C.vae, device=C.device)  # loaded on first use only
-            sample_grid(ema_model, diffusion, text_encoder, vae_model, prompts, C.sample_cfg, latent_shape[1],
-                        C.device, ctx, os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
-        if master and (step % C.ckpt_every == 0 or last or stopping):
-            save_checkpoint(ckpt_path, state())
-        if stopping:
-            print0(f"signal {stop['signal']}: checkpoint saved at step {step}, exiting")
+        signalled = stop["signal"] is not None
+        if ddp:  # every step, all ranks take rank 0's horizon and time-up, and stop together on any rank's signal
+            # (torchrun gives SIGTERM'd workers 30 s): a few bytes over the host-side gloo group, no GPU sync
+            msg = torch.tensor([float(signalled), horizon if master else 0, float(time_up) if master else 0],
+                               dtype=torch.float64)
+            dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=ctrl)
+            signalled, horizon, time_up = bool(msg[0] > 0), int(msg[1]), bool(msg[2] > 0)
+        if time_up:
+            horizon = step
+        last = step >= horizon  # after the re-planning: a horizon moved to this very step ends the run here
+        if master and (step % C.ckpt_every == 0 or last or signalled):
+            save_checkpoint(ckpt_path, state())  # before sampling: a failed preview never costs training
+        if master and sampling and (step % C.sample_every == 0 or last):
+            prompts = [p for p in C.sample_prompts.split("|") if p.strip()]
+            try:
+                vae_model = vae_model or datalib.load_vae(C.vae, device=C.device)  # loaded on first use only
+                sample_grid(ema_model, diffusion, text_encoder, vae_model, prompts, C.sample_cfg, latent_shape[1],
+                            C.device, ctx, os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
+            except Exception as e:  # out of memory, a VAE that cannot be loaded offline, ...: training goes on
+                print(f"warning: sample grid at step {step} failed ({type(e).__name__}: {str(e)[:200]}); no more "
+                      "sample grids this run (training continues; sample.py works on the checkpoint)", file=sys.stderr)
+                sampling = False
+        if signalled:
+            print0(f"signal {stop['signal'] or 'on another rank'}: checkpoint saved at step {step}, exiting")
             break
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)

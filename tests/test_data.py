@@ -376,3 +376,35 @@ def test_loader_flip_and_drop_do_not_depend_on_batch_size(cache):
     assert 0 < sum(f for f, _ in values) < 24 and 0 < sum(d for _, d in values) < 24
     no_flip = data.Loader(cache, 4, seed=4, flip=False)
     assert not no_flip.plan(0)[1].any() and torch.equal(next(no_flip)["latents"], torch.from_numpy(cache.latents[no_flip.plan(0)[0], 0]).float())
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_cache_of_other_settings_is_never_thrown_away(tmp_path):
+    """An explicit cache_dir that holds a finished cache of other settings, or whose source changed since, is an
+    error that leaves every byte as it was (it used to be deleted and rebuilt: hours of VAE encoding)."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"caption {i}")
+    out = tmp_path / "c"
+    data.ensure_cache(str(src), 16, "none", "tiny", cache_dir=str(out))
+    before = files_of(out)
+    with pytest.raises(data.DataError, match="other settings.*resolution"):
+        data.ensure_cache(str(src), 8, "none", "tiny", cache_dir=str(out))
+    os.utime(src / "0.png", (1, 1))  # the source changed since the build
+    with pytest.raises(data.DataError, match="fingerprint"):
+        data.ensure_cache(str(src), 16, "none", "tiny", cache_dir=str(out))
+    assert files_of(out) == before
+
+
+def test_a_data_folder_with_a_stray_manifest_is_data_not_a_cache(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / "a.png")
+    (src / "a.txt").write_text("a black square")
+    (src / "manifest.json").write_text('{"made by": "another tool"}')
+    assert data.source_kind(str(src)) == "captioned_images"

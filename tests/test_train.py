@@ -2,6 +2,7 @@
 Small models on the CPU: pixel space (vae none), the tiny text tower, 16 px shapes."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,6 +83,42 @@ def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
     assert not os.path.exists(tmp_path / "o")  # nothing was started
+
+
+@pytest.mark.parametrize("over,needle", [
+    (dict(lr_schedule="cosin"), "did you mean 'cosine'"), (dict(batch=0), "--batch 0: must be >= 1"),
+    (dict(accum=0), "--accum 0"), (dict(log_every=0), "--log_every 0"), (dict(ckpt_every=0), "--ckpt_every 0"),
+    (dict(dtype="float16"), "--dtype 'float16'"), (dict(prediction="epsilon"), "did you mean 'eps'"),
+    (dict(model="DiT-Q/2"), "--model 'DiT-Q/2'"), (dict(device="bogus"), "--device 'bogus'"),
+    (dict(ema_decay=1.5), "--ema_decay 1.5: must be in [0, 1]"), (dict(lr="nan"), "--lr nan"),
+    (dict(t_logit_std=-1), "--t_logit_std -1.0: must be >= 0"), (dict(sample_every=5, sample_prompts="|"), "no prompt"),
+    (dict(batch=64), "lower --batch"), (dict(resolution=18, patch=4), "not divisible by patch 4"),
+])
+def test_bad_values_exit_2_before_training(cache, tmp_path, capsys, over, needle):
+    """Every value that would otherwise fail later (after the cache build, after a step) or silently do something
+    else exits 2 with one message, and no training step runs (no checkpoint, no log)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(args(cache if "resolution" not in over else "shapes:8", tmp_path / "o", **over,
+                        **({"cache_dir": str(tmp_path / "c")} if "resolution" in over else {})))
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt") and not os.path.exists(tmp_path / "o" / "log.jsonl")
+
+
+@pytest.mark.parametrize("text,needle", [('{"batch": 8}', "assigns no keys"), ("batch: 8\n", "assigns no keys"),
+                                         ("batch = = 8\n", "SyntaxError"), ("batch = eight\n", "NameError")])
+def test_config_files_that_set_nothing_or_do_not_parse_are_errors(tmp_path, text, needle):
+    cfg = tmp_path / "c.py"
+    cfg.write_text(text)
+    with pytest.raises(train.ConfigError, match=needle):
+        train.parse_args([str(cfg)])
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    printed = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"--{k} " in printed for k in train.CONFIG_KEYS)
 
 
 # ----------------------------------------------------------------------------- learning
@@ -190,6 +227,65 @@ def test_existing_checkpoint_is_never_overwritten_and_a_truncated_one_is_a_clear
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
     assert (out / "ckpt.pt").read_bytes() == junk
+
+
+def test_foreign_checkpoints_are_clear_errors_and_designs_layout_resumes(cache, tmp_path, capsys):
+    """A bare state dict or a list in out_dir/ckpt.pt: exit 2 before any work. A checkpoint with only DESIGN.md's
+    keys (no `progress`, no `rng`) resumes."""
+    out = tmp_path / "o"
+    out.mkdir()
+    for foreign in ({"weight": torch.zeros(2)}, [1, 2]):
+        torch.save(foreign, out / "ckpt.pt")
+        with pytest.raises(SystemExit) as e:
+            train.main(args(cache, out))
+        assert e.value.code == 2 and "not a train.py checkpoint" in capsys.readouterr().err
+    (out / "ckpt.pt").unlink()
+    train.main(args(cache, out, max_steps=2))
+    ck = load(out / "ckpt.pt")
+    torch.save({k: v for k, v in ck.items() if k not in ("progress", "rng")}, out / "ckpt.pt")
+    assert train.main(args(cache, out, max_steps=4))["step"] == 4
+
+
+def test_resume_takes_this_runs_optimizer_settings(cache, tmp_path):
+    """optimizer.load_state_dict restores the saved betas and weight decay: the resumed run's own settings win."""
+    train.main(args(cache, tmp_path / "o", max_steps=2))
+    out = train.main(args(cache, tmp_path / "o", max_steps=4, weight_decay=0.1, adam_beta2=0.95))
+    decay, no_decay = out["optimizer"].param_groups
+    assert decay["betas"] == (0.9, 0.95) and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_a_failing_sample_grid_costs_no_checkpoint(cache, tmp_path, monkeypatch, capsys):
+    """The checkpoint of a step is written before its sample grid, and a grid that fails warns and training goes on."""
+    def fail(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(train, "sample_grid", fail)
+    out = train.main(args(cache, tmp_path / "o", max_steps=6, ckpt_every=2, sample_every=2))
+    assert out["step"] == 6 and load(tmp_path / "o" / "ckpt.pt")["step"] == 6
+    assert "sample grid at step 2 failed" in capsys.readouterr().err
+
+
+def test_ddp_ranks_follow_rank_0s_clock_under_max_hours(cache, tmp_path):
+    """max_hours plans the horizon from measured time; rank 1's clock here runs 1.5x fast. The ranks must still take
+    the same horizon, LR and stop step (else they hang in a collective or diverge), and the run must end with a
+    checkpoint of its final step."""
+    wrapper = tmp_path / "skewed.py"
+    wrapper.write_text(f"""import os, sys, time
+sys.path.insert(0, {ROOT!r})
+if os.environ["RANK"] == "1":
+    real, t0 = time.time, time.time()
+    time.time = lambda: t0 + 1.5 * (real() - t0)
+import train
+out = train.main(sys.argv[1:])
+print("FINAL", os.environ["RANK"], out["step"], out["optimizer"].param_groups[0]["lr"], flush=True)
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+                        *args(cache, tmp_path / "o", batch=4, max_steps=100000, max_hours=0.0015, log_every=3,
+                              warmup=2)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    finals = sorted(re.findall(r"FINAL (\d) (\d+) (\S+)", r.stdout))
+    assert len(finals) == 2 and finals[0][1:] == finals[1][1:], finals  # same final step and LR on both ranks
+    assert load(tmp_path / "o" / "ckpt.pt")["step"] == int(finals[0][1]) > 3
 
 
 def test_an_encoder_that_cannot_be_loaded_is_a_clear_error(tmp_path):
