@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -208,8 +209,10 @@ def check_checkpoint(ck, path):
 
 
 def usage():
+    """The docstring, then every key with its default and the comment it has at the top of this file."""
+    notes = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", open(__file__).read(), flags=re.M))
     width = max(map(len, CONFIG_KEYS))
-    lines = [f"  --{k:<{width}}  {DEFAULTS[k]!r}" for k in CONFIG_KEYS]
+    lines = [f"  --{k:<{width}}  {DEFAULTS[k]!r:<12}  {notes.get(k, '')}" for k in CONFIG_KEYS]
     return (__doc__.strip() + "\n\nkeys (--key value or --key=value; defaults shown):\n" + "\n".join(lines))
 
 # -----------------------------------------------------------------------------
