@@ -525,10 +525,12 @@ def main(argv):
             skipped_total += int(round(acc["skipped"].item() / world))
             now = elapsed + time.time() - t_start
             if C.max_hours > 0:  # plan the horizon (rank 0's clock decides under DDP, below) so the LR ends on time
-                # seconds per step averaged since this process's first log step (compile excluded; checkpoint
-                # writes and sample grids included, as they recur); until then, the last interval's
-                plan_from = plan_from or (time.time() - dt, step_log)
-                rate = (time.time() - plan_from[0]) / max(step - plan_from[1], 1)
+                # seconds per step: the first interval's (it holds the compile) at the first log step, then the
+                # mean since that step (checkpoint writes and sample grids included, as they recur)
+                if plan_from is None:
+                    rate, plan_from = dt / max(step - step_log, 1), (time.time(), step)
+                else:
+                    rate = (time.time() - plan_from[0]) / max(step - plan_from[1], 1)
                 # wsd freezes the horizon once its decay has begun (moving it would make the LR jump); cosine
                 # decays from the end of warmup, so its horizon keeps being corrected (a smooth change)
                 if not (C.lr_schedule == "wsd" and step >= lr_decay_start(horizon, C)):
