@@ -538,16 +538,18 @@ def main(argv):
                     if bar is not None:
                         bar.total = horizon
                 time_up = now >= C.max_hours * 3600
+            mfu = raw_model.mfu(imgs / world, C.device)  # nan where the peak is unknown (CPU)
             rec = {"step": step, "loss": acc["loss"].item() / n, "lr": lr, "grad_norm": acc["grad_norm"].item() / n,
-                   "images_per_s": imgs, "mfu": raw_model.mfu(imgs / world, C.device), "skipped": skipped_total,
+                   "images_per_s": imgs, "mfu": mfu if math.isfinite(mfu) else None, "skipped": skipped_total,
                    "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if device_type == "cuda" else 0.0,
                    "eta_h": (horizon - step) * dt / max(step - step_log, 1) / 3600, "elapsed_h": now / 3600,
                    "loss_by_t": [round(s / max(c, 1e-9), 5) for s, c in zip(bin_sum.tolist(), bin_cnt.tolist())]}
             if master:
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
+                mfu_s = "-" if rec["mfu"] is None else f"{rec['mfu'] * 100:.1f}%"
                 bar.write(f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | "
-                          f"{imgs:.1f} img/s | mfu {rec['mfu'] * 100:.1f}% | mem {rec['peak_mem_gb']:.1f} GB | "
+                          f"{imgs:.1f} img/s | mfu {mfu_s} | mem {rec['peak_mem_gb']:.1f} GB | "
                           f"skipped {skipped_total} | eta {rec['eta_h']:.2f} h")
             if bad_streak.item() >= C.max_bad_steps:
                 print(f"train.py: error: {int(bad_streak.item())} non-finite steps in a row at step {step}; stopping. "
