@@ -120,6 +120,7 @@ def test_inception_wrapper_feeds_torch_fidelity(tmp_path, monkeypatch):
         net = tfi.FeatureExtractorInceptionV3("ref", ["2048", "logits_unbiased"])
     torch.save(net.state_dict(), tmp_path / "inception.pth")
     extractor = evaluate.InceptionV3(str(tmp_path / "inception.pth"))
+    (tmp_path / "inception.pth").unlink()  # 92 MB: pytest keeps the tmp dirs of its last 3 runs
     images = torch.randint(0, 256, (1, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pool, logits = extractor(images)
     ref_pool, ref_logits = net(images.permute(0, 3, 1, 2).contiguous())  # torch-fidelity takes uint8 (B, 3, H, W)
@@ -173,6 +174,7 @@ def test_clip_load_takes_the_activation_from_the_tag(tmp_path, tag, oracle_arch,
     torch.save(oracle.state_dict(), path)
     got = evaluate.ClipScorer.load(f"ViT-B-32/{tag}", weights=str(path))
     other = open_clip.create_model(other_arch, pretrained=str(path)).eval()  # same weights, the wrong activation
+    path.unlink()  # 600 MB: pytest keeps the tmp dirs of its last 3 runs
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = oracle.encode_image(x)
