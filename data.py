@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 CONTEXT_LENGTH = 77  # CLIP's token window
-CACHE_FORMAT = 1     # bump when the cache layout changes: old caches are then rebuilt
+CACHE_FORMAT = 1     # bump when the cache layout changes: an old cache is then refused (with a message), not misread
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
 

@@ -430,7 +430,6 @@ def main(argv=None, extractor=None, clip_scorer=None):
             print(f"| {'noise' if r['t_start'] is None else 't=%d' % r['t_start']} | {r['cfg']:g} | {r['n']} "
                   f"| {r['color_acc']:.3f} | {r['shape_acc']:.3f} | {r['both_acc']:.3f} |")
     out = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".part", "w") as f:
         json.dump(report, f, indent=2)
     os.replace(out + ".part", out)

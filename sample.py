@@ -170,14 +170,23 @@ def make_grid(images: torch.Tensor, cols: int, pad: int = 2) -> Image.Image:
 
 
 def fresh_path(path: str, folder: bool = False) -> str:
-    """path, or the first free of path-2, path-3, ... (before the extension for a file: eval-2.json): a missing
-    path, or an empty folder, is free. A run never overwrites, or mixes its files with, an earlier run's."""
+    """path, or the first free of path-2, path-3, ... (before the extension for a file: eval-2.json), reserved by
+    creating it (an empty folder, or an empty file to be replaced), so that a run never overwrites, or mixes its
+    files with, an earlier or a concurrent run's. An existing empty folder counts as free."""
     root, ext = (path, "") if folder else os.path.splitext(path)
-    candidate, k = path, 1
-    while os.path.exists(candidate) and not (folder and os.path.isdir(candidate) and not os.listdir(candidate)):
-        k += 1
-        candidate = f"{root}-{k}{ext}"
-    return candidate
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for k in range(1, 1_000_000):
+        candidate = path if k == 1 else f"{root}-{k}{ext}"
+        try:
+            if folder:
+                os.mkdir(candidate)
+            else:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return candidate
+        except FileExistsError:
+            if folder and os.path.isdir(candidate) and not os.listdir(candidate):
+                return candidate
+    raise FileExistsError(f"no free name for {path}")
 
 
 def save_png(image: Image.Image, path: str, pnginfo=None):
@@ -240,7 +249,6 @@ def main(argv=None):
     if args.n < 1:
         p.error("--n must be >= 1")  # exits 2
     check_args(p, args)
-    out_dir = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples"), folder=True)
     try:
         pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
     except (CheckpointError, DataError) as e:  # a bad checkpoint, or its VAE / text encoder cannot be loaded
@@ -248,6 +256,7 @@ def main(argv=None):
         sys.exit(2)
     if args.steps > pipe.diffusion.T:
         p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")
+    out_dir = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples"), folder=True)
     prompts = [prompt for prompt in args.prompts for _ in range(args.n)]
     seeds = [args.seed + k for k in range(len(prompts))]
     settings = dict(ckpt=args.ckpt, step=pipe.step, weights=args.weights, cfg=args.cfg, steps=args.steps,

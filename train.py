@@ -166,7 +166,7 @@ CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), dtype=("bfloat16", "fl
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, warmup=0, max_hours=0,
                 depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0, min_snr_gamma=0,
                 t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)
-UNIT = ("cond_drop", "decay_frac", "ema_decay", "adam_beta1", "adam_beta2")  # in [0, 1]
+UNIT = ("cond_drop", "decay_frac", "ema_decay")  # in [0, 1]
 
 
 def check_config(C):
@@ -182,6 +182,12 @@ def check_config(C):
     for key in UNIT:
         if not 0 <= getattr(C, key) <= 1:
             raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1]")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(C, key) < 1:
+            raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1)")
+    m = make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch)
+    if m.width % m.heads or (m.width // m.heads) % 4:
+        raise ConfigError(f"width {m.width} / heads {m.heads}: the head size must be a whole multiple of 4 (2-D RoPE)")
     if not (math.isfinite(C.lr) and C.lr > 0):
         raise ConfigError(f"--lr {C.lr}: must be a positive number")
     if not 1 <= C.text_len <= datalib.CONTEXT_LENGTH:
@@ -391,13 +397,19 @@ def main(argv):
 
     # ---- data: build the latent cache once (rank 0), then everyone opens it
     try:
+        cache_path = error = None
         if master:
-            cache_path = datalib.ensure_cache(C.data, C.resolution, C.vae, C.text_encoder, cache_dir=C.cache_dir,
-                                              device=C.device, text_states=C.text_states)
-        if ddp:
-            holder = [cache_path if master else None]
+            try:
+                cache_path = datalib.ensure_cache(C.data, C.resolution, C.vae, C.text_encoder, cache_dir=C.cache_dir,
+                                                  device=C.device, text_states=C.text_states)
+            except datalib.DataError as e:
+                error = str(e)
+        if ddp:  # the others learn the path, or rank 0's error, and exit with the same message
+            holder = [(cache_path, error)]
             dist.broadcast_object_list(holder, src=0, group=ctrl)
-            cache_path = holder[0]
+            cache_path, error = holder[0]
+        if error:
+            raise datalib.DataError(error)
         cache = datalib.LatentCache(cache_path)
         text_encoder = datalib.load_text_encoder(C.text_encoder, device=C.device)
     except datalib.DataError as e:
@@ -431,7 +443,8 @@ def main(argv):
 
     step, elapsed, horizon = 0, 0.0, C.max_steps
     if ck is not None:
-        if ck["model_config"] != dataclasses.asdict(mcfg):
+        same = lambda a: {k: v for k, v in a.items() if k != "grad_ckpt"}  # checkpointing changes no weight
+        if same(ck["model_config"]) != same(dataclasses.asdict(mcfg)):
             loader.close()
             print(f"train.py: error: {resume_from} holds a different model ({ck['model_config']}); "
                   "use another --out_dir or --resume never", file=sys.stderr)
@@ -450,9 +463,11 @@ def main(argv):
         horizon = min(progress.get("horizon", C.max_steps), C.max_steps) if C.max_hours > 0 else C.max_steps  # keep a planned horizon
         print0(f"resumed from {resume_from} at step {step}")
         del ck
-    if C.max_hours == 0 and C.lr_schedule != "constant" and C.warmup >= lr_decay_start(C.max_steps, C):
-        print0(f"warning: warmup {C.warmup} >= the LR decay start at step {lr_decay_start(C.max_steps, C)} "
-               f"of {C.max_steps}: the LR will not follow its schedule (lower --warmup)")
+    # cosine decays over (warmup, max_steps], wsd from its decay start: a warmup past that eats the decay
+    decay_from = C.max_steps - 1 if C.lr_schedule == "cosine" else lr_decay_start(C.max_steps, C)
+    if C.max_hours == 0 and C.lr_schedule != "constant" and C.warmup > decay_from:
+        print0(f"warning: warmup {C.warmup} runs past step {decay_from} of {C.max_steps}, where the LR should be "
+               "decaying: the LR will not follow its schedule (lower --warmup)")
     model = torch.compile(raw_model) if C.compile and device_type == "cuda" else raw_model
     if ddp:
         model = DDP(model, device_ids=[torch.device(C.device).index] if device_type == "cuda" else None)
@@ -525,15 +540,15 @@ def main(argv):
             skipped_total += int(round(acc["skipped"].item() / world))
             now = elapsed + time.time() - t_start
             if C.max_hours > 0:  # plan the horizon (rank 0's clock decides under DDP, below) so the LR ends on time
-                # seconds per step: the first interval's (it holds the compile) at the first log step, then the
-                # mean since that step (checkpoint writes and sample grids included, as they recur)
+                # seconds per step: the mean since this process's first log step (checkpoint writes and sample
+                # grids included, as they recur). The first interval is not used: it holds the compile and, after a
+                # resume, may be a few steps long; planning from it would freeze wsd's horizon far too early.
                 if plan_from is None:
-                    rate, plan_from = dt / max(step - step_log, 1), (time.time(), step)
-                else:
-                    rate = (time.time() - plan_from[0]) / max(step - plan_from[1], 1)
+                    plan_from = (time.time(), step)
                 # wsd freezes the horizon once its decay has begun (moving it would make the LR jump); cosine
                 # decays from the end of warmup, so its horizon keeps being corrected (a smooth change)
-                if not (C.lr_schedule == "wsd" and step >= lr_decay_start(horizon, C)):
+                elif not (C.lr_schedule == "wsd" and step >= lr_decay_start(horizon, C)):
+                    rate = (time.time() - plan_from[0]) / max(step - plan_from[1], 1)
                     horizon = max(step, min(C.max_steps, step + int((C.max_hours * 3600 - now) / rate)))
                     if bar is not None:
                         bar.total = horizon
@@ -571,7 +586,7 @@ def main(argv):
         last = step >= horizon  # after the re-planning: a horizon moved to this very step ends the run here
         if master and (step % C.ckpt_every == 0 or last or signalled):
             save_checkpoint(ckpt_path, state())  # before sampling: a failed preview never costs training
-        if master and sampling and (step % C.sample_every == 0 or last):
+        if master and sampling and not signalled and (step % C.sample_every == 0 or last):
             prompts = [p for p in C.sample_prompts.split("|") if p.strip()]
             try:
                 vae_model = vae_model or datalib.load_vae(C.vae, device=C.device)  # loaded on first use only

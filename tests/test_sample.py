@@ -170,3 +170,14 @@ def test_cuda_without_a_gpu_exits_2(ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(ckpt), "--device", "cuda", "a red circle"])
     assert e.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_fresh_path_reserves_what_it_returns(tmp_path):
+    """Two runs choosing at the same moment get different names: the name is created when it is chosen."""
+    a, b = sample.fresh_path(str(tmp_path / "s"), folder=True), sample.fresh_path(str(tmp_path / "s"), folder=True)
+    assert (a, b) == (str(tmp_path / "s"), str(tmp_path / "s")) or a != b  # an empty folder is free: reused
+    (tmp_path / "s" / "0000.png").write_bytes(b"x")
+    assert sample.fresh_path(str(tmp_path / "s"), folder=True) == str(tmp_path / "s-2")
+    assert sample.fresh_path(str(tmp_path / "s"), folder=True) == str(tmp_path / "s-2")  # still empty: reused
+    files = [sample.fresh_path(str(tmp_path / "eval.json")) for _ in range(3)]
+    assert files == [str(tmp_path / n) for n in ("eval.json", "eval-2.json", "eval-3.json")]

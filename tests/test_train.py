@@ -91,7 +91,8 @@ def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     (dict(dtype="float16"), "--dtype 'float16'"), (dict(prediction="epsilon"), "did you mean 'eps'"),
     (dict(model="DiT-Q/2"), "--model 'DiT-Q/2'"), (dict(device="bogus"), "--device 'bogus'"),
     (dict(ema_decay=1.5), "--ema_decay 1.5: must be in [0, 1]"), (dict(lr="nan"), "--lr nan"),
-    (dict(t_logit_std=-1), "--t_logit_std -1.0: must be >= 0"), (dict(sample_every=5, sample_prompts="|"), "no prompt"),
+    (dict(t_logit_std=-1), "--t_logit_std -1.0: must be >= 0"), (dict(adam_beta2=1), "must be in [0, 1)"),
+    (dict(width=64, heads=3), "head size must be a whole multiple of 4"), (dict(sample_every=5, sample_prompts="|"), "no prompt"),
     (dict(batch=64), "lower --batch"), (dict(resolution=18, patch=4), "not divisible by patch 4"),
 ])
 def test_bad_values_exit_2_before_training(cache, tmp_path, capsys, over, needle):
@@ -286,6 +287,32 @@ print("FINAL", os.environ["RANK"], out["step"], out["optimizer"].param_groups[0]
     finals = sorted(re.findall(r"FINAL (\d) (\d+) (\S+)", r.stdout))
     assert len(finals) == 2 and finals[0][1:] == finals[1][1:], finals  # same final step and LR on both ranks
     assert load(tmp_path / "o" / "ckpt.pt")["step"] == int(finals[0][1]) > 3
+
+
+def test_ddp_cache_error_on_rank_0_reaches_every_rank(cache, tmp_path):
+    """Only rank 0 builds the cache; when it refuses (here: a cache_dir holding a cache of other settings), every rank
+    exits 2 with its message instead of the others dying on a closed connection."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *args("shapes:32", tmp_path / "o", cache_dir=cache, resolution=8)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("train.py: error:") == 2 and r.stderr.count("other settings") >= 2, r.stderr[-3000:]
+    assert "Connection closed" not in r.stderr and "Connection reset" not in r.stderr
+
+
+def test_warmup_warning_only_where_warmup_eats_the_decay(cache, tmp_path, capsys):
+    train.main(args(cache, tmp_path / "a", lr_schedule="cosine", warmup=3, max_steps=6))
+    train.main(args(cache, tmp_path / "b", lr_schedule="wsd", warmup=3, max_steps=6, decay_frac=0.5))
+    assert "warning: warmup" not in capsys.readouterr().out
+    train.main(args(cache, tmp_path / "c", lr_schedule="wsd", warmup=5, max_steps=6, decay_frac=0.5))
+    assert "warning: warmup 5 runs past step 3 of 6" in capsys.readouterr().out
+
+
+def test_resume_with_activation_checkpointing_switched_on(cache, tmp_path):
+    """grad_ckpt changes memory, not weights: a run may be resumed with it (the week config's advice on OOM)."""
+    train.main(args(cache, tmp_path / "o", max_steps=2))
+    assert train.main(args(cache, tmp_path / "o", max_steps=4, grad_ckpt=True))["step"] == 4
 
 
 def test_an_encoder_that_cannot_be_loaded_is_a_clear_error(tmp_path):
