@@ -315,6 +315,33 @@ def test_resume_with_activation_checkpointing_switched_on(cache, tmp_path):
     assert train.main(args(cache, tmp_path / "o", max_steps=4, grad_ckpt=True))["step"] == 4
 
 
+def test_max_hours_ends_annealed_on_time_across_a_resume(cache, tmp_path, monkeypatch):
+    """A virtual clock: every step takes 1 s, the first step of each process 120 s (a compile). The run is stopped by
+    SIGTERM at a step between two log steps and resumed, so the resumed process's first interval is short and holds
+    the compile. The LR must still reach ~0 with the budget used: ~(budget - 2 compiles) steps."""
+    clock = {"t": 1e6, "steps": 0, "first": True}
+    monkeypatch.setattr(train.time, "time", lambda: clock["t"])
+    real_step = train.train_step
+
+    def timed_step(*a, **k):
+        clock["t"] += 120.0 if clock["first"] else 1.0
+        clock["first"] = False
+        clock["steps"] += 1
+        if clock["steps"] == 301:
+            os.kill(os.getpid(), signal.SIGTERM)  # train.main's handler: checkpoint after this step, then return
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", timed_step)
+    over = dict(max_steps=100000, max_hours=(600 + 240) / 3600, log_every=10, warmup=5, decay_frac=0.2,
+                lr_schedule="wsd", ckpt_every=100000)
+    first = train.main(args(cache, tmp_path / "o", **over))
+    assert first["step"] == 301
+    clock["first"] = True
+    out = train.main(args(cache, tmp_path / "o", **over))
+    assert 580 <= out["step"] <= 602, out["step"]                  # the budget is used, not cut at the first plan
+    assert out["optimizer"].param_groups[0]["lr"] < 0.05 * 1e-3     # and the LR ends annealed
+
+
 def test_an_encoder_that_cannot_be_loaded_is_a_clear_error(tmp_path):
     (tmp_path / "empty_vae").mkdir()
     r = subprocess.run([sys.executable, "train.py", "--data=shapes:8", f"--cache_dir={tmp_path / 'c'}",
