@@ -199,6 +199,26 @@ def test_sigterm_saves_a_checkpoint_that_resumes(cache, tmp_path):
     assert res["step"] == ck["step"] + 2
 
 
+def test_sigterm_under_torchrun_saves_between_log_steps(cache, tmp_path):
+    """torchrun SIGKILLs its workers 30 s after SIGTERM: the ranks must agree on the stop at the next optimizer step,
+    not at the next log step (here never: log_every is huge), and rank 0 must save that step."""
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *args(cache, out, batch=4, max_steps=10**6, log_every=10**6, ckpt_every=25)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / "ckpt.pt").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=120)
+    saved = re.findall(r"checkpoint saved at step (\d+)", stdout)
+    assert len(saved) == 1, (stdout[-2000:], err[-2000:])
+    assert load(out / "ckpt.pt")["step"] == int(saved[0]) > 25
+    assert "forcefully exiting via 9" not in err
+
+
 def test_nan_step_is_skipped_and_counted(cache, tmp_path):
     poisoned = tmp_path / "poisoned"
     shutil.copytree(cache, poisoned)
