@@ -290,23 +290,24 @@ def test_ddp_ranks_follow_rank_0s_clock_under_max_hours(cache, tmp_path):
     the same horizon, LR and stop step (else they hang in a collective or diverge), and the run must end with a
     checkpoint of its final step."""
     wrapper = tmp_path / "skewed.py"
-    wrapper.write_text(f"""import os, sys, time
+    wrapper.write_text(f"""import json, os, sys, time
 sys.path.insert(0, {ROOT!r})
 if os.environ["RANK"] == "1":
     real, t0 = time.time, time.time()
     time.time = lambda: t0 + 1.5 * (real() - t0)
 import train
 out = train.main(sys.argv[1:])
-print("FINAL", os.environ["RANK"], out["step"], out["optimizer"].param_groups[0]["lr"], flush=True)
+with open(os.path.join({str(tmp_path)!r}, "final" + os.environ["RANK"]), "w") as f:
+    json.dump([out["step"], out["optimizer"].param_groups[0]["lr"]], f)
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
                         *args(cache, tmp_path / "o", batch=4, max_steps=100000, max_hours=0.0015, log_every=3,
                               warmup=2)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    finals = sorted(re.findall(r"FINAL (\d) (\d+) (\S+)", r.stdout))
-    assert len(finals) == 2 and finals[0][1:] == finals[1][1:], finals  # same final step and LR on both ranks
-    assert load(tmp_path / "o" / "ckpt.pt")["step"] == int(finals[0][1]) > 3
+    finals = [json.loads((tmp_path / f"final{rank}").read_text()) for rank in (0, 1)]  # [step, last LR] per rank
+    assert finals[0] == finals[1], finals  # the same final step and LR on both ranks
+    assert load(tmp_path / "o" / "ckpt.pt")["step"] == finals[0][0] > 3
 
 
 def test_ddp_cache_error_on_rank_0_reaches_every_rank(cache, tmp_path):
