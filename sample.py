@@ -173,6 +173,7 @@ def fresh_path(path: str, folder: bool = False) -> str:
     """path, or the first free of path-2, path-3, ... (before the extension for a file: eval-2.json), reserved by
     creating it (an empty folder, or an empty file to be replaced), so that a run never overwrites, or mixes its
     files with, an earlier or a concurrent run's. An existing empty folder counts as free."""
+    path = os.path.normpath(path)  # "samples/" -> "samples", so the next one is "samples-2"
     root, ext = (path, "") if folder else os.path.splitext(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for k in range(1, 1_000_000):

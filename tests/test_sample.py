@@ -179,5 +179,6 @@ def test_fresh_path_reserves_what_it_returns(tmp_path):
     (tmp_path / "s" / "0000.png").write_bytes(b"x")
     assert sample.fresh_path(str(tmp_path / "s"), folder=True) == str(tmp_path / "s-2")
     assert sample.fresh_path(str(tmp_path / "s"), folder=True) == str(tmp_path / "s-2")  # still empty: reused
+    assert sample.fresh_path(str(tmp_path / "s") + os.sep, folder=True) == str(tmp_path / "s-2")  # a trailing slash
     files = [sample.fresh_path(str(tmp_path / "eval.json")) for _ in range(3)]
     assert files == [str(tmp_path / n) for n in ("eval.json", "eval-2.json", "eval-3.json")]
