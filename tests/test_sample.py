@@ -173,9 +173,10 @@ def test_cuda_without_a_gpu_exits_2(ckpt, capsys):
 
 
 def test_fresh_path_reserves_what_it_returns(tmp_path):
-    """Two runs choosing at the same moment get different names: the name is created when it is chosen."""
+    """The name is created when it is chosen, so two runs choosing at once get different files; a folder stays free
+    while it is empty (a run that died before writing leaves nothing to protect)."""
     a, b = sample.fresh_path(str(tmp_path / "s"), folder=True), sample.fresh_path(str(tmp_path / "s"), folder=True)
-    assert (a, b) == (str(tmp_path / "s"), str(tmp_path / "s")) or a != b  # an empty folder is free: reused
+    assert a == b == str(tmp_path / "s") and (tmp_path / "s").is_dir()  # created at once; empty, so still free
     (tmp_path / "s" / "0000.png").write_bytes(b"x")
     assert sample.fresh_path(str(tmp_path / "s"), folder=True) == str(tmp_path / "s-2")
     assert sample.fresh_path(str(tmp_path / "s"), folder=True) == str(tmp_path / "s-2")  # still empty: reused
