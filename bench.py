@@ -448,7 +448,8 @@ def print_table(rows):
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Other --key value pairs (and a leading config file) go to train.parse_args.")
-    p.add_argument("--models", default="B/2,L/2,XL/2", help="comma-separated presets (B/2 or DiT-B/2); ignored with --tiny")
+    p.add_argument("--models", default="B/2,L/2,XL/2", help="comma-separated presets (B/2 or DiT-B/2), or none (only the "
+                   "loader and text encoder rows); ignored with --tiny")
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: train.py's, 64)")
     p.add_argument("--res", type=int, default=None, help="image side in px; latents are 4 x res/8 x res/8 (default 256)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -478,7 +479,8 @@ def parse(argv):
     if args.tiny:
         C.batch = args.batch or TINY_BATCH
     C.device = ("cuda" if torch.cuda.is_available() else "cpu") if C.device == "auto" else C.device
-    args.models = [m.strip() if m.strip().startswith("DiT-") else f"DiT-{m.strip()}" for m in args.models.split(",")]
+    args.models = [] if args.models.strip().lower() == "none" else \
+        [m.strip() if m.strip().startswith("DiT-") else f"DiT-{m.strip()}" for m in args.models.split(",")]
     for name in args.models:
         if name not in PRESETS:
             p.error(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")

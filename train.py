@@ -4,7 +4,7 @@ Train a text-conditioned DiT on cached VAE latents.
     python train.py                                   # the defaults below: SD VAE + CLIP ViT-L/14, 256 px
     python train.py configs/shapes.py                 # the offline CPU demo
     python train.py --batch 64 --accum 12             # micro-batch 64, 12 micro-steps per optimizer step
-    torchrun --standalone --nproc_per_node=8 train.py configs/rtx5090_week.py
+    torchrun --standalone --nproc_per_node=8 train.py configs/rtx5090_week.py --accum 1   # 32 x 1 x 8 = 256 images/step
 
 Every global below is a command-line key (`--key value` or `--key=value`) and can be set by a config
 file (a Python file that assigns some of them). Rerunning the same command after a crash or preemption
@@ -33,7 +33,8 @@ from diffusion import Diffusion
 from model import PRESETS, DiT, make_config
 
 # -----------------------------------------------------------------------------
-# defaults: the real run (SD VAE latents, CLIP ViT-L/14 text, 256 px)
+# defaults: DiT-B/2 on SD VAE latents with CLIP ViT-L/14 text at 256 px, on the built-in shapes until --data points
+# at real data; the week's run on a 5090 is configs/rtx5090_week.py
 # I/O
 data = "shapes"                           # imagefolder with metadata.jsonl, images + .txt, webdataset .tar shards (folder or glob), a cache folder, or "shapes"
 cache_dir = ""                            # where the latent cache is built ("" = cache/<name derived from data + encoders>)
@@ -81,7 +82,7 @@ warmup = 1000                             # optimizer steps of linear LR warmup
 decay_frac = 0.2                          # wsd: share of the run spent decaying the LR linearly to 0
 max_steps = 400_000                       # optimizer steps
 max_hours = 0.0                           # wall-clock budget; > 0 plans the LR decay to end on time (0 = off)
-weight_decay = 0.0                        # AdamW weight decay, on matrices only
+weight_decay = 0.0                        # AdamW weight decay, on parameters of >= 2 dims (linear and conv weights)
 adam_beta1 = 0.9                          # AdamW beta1
 adam_beta2 = 0.999                        # AdamW beta2
 grad_clip = 1.0                           # gradient-norm clipping (0 = off)
@@ -225,7 +226,7 @@ def usage():
 # the pieces of a step (bench.py and the tests call these very functions)
 
 def configure_optimizer(model, lr, weight_decay, betas, device_type):
-    """AdamW, decay on matrices only; fused (one kernel per step, and it can skip a step on device)."""
+    """AdamW, decay on parameters of >= 2 dims only; fused (one kernel per step, and it can skip a step on device)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -499,7 +500,8 @@ def main(argv):
 
     acc = {k: torch.zeros((), device=C.device) for k in ("loss", "n", "skipped", "grad_norm")}
     bin_sum, bin_cnt = torch.zeros(10, device=C.device), torch.zeros(10, device=C.device)
-    bad_streak = torch.zeros((), device=C.device)
+    bad_streak = torch.zeros((), device=C.device)  # non-finite steps in a row now
+    bad_worst = torch.zeros((), device=C.device)   # the longest such streak since the last log step (checked there)
     skipped_total = 0
     log_file = open(os.path.join(C.out_dir, "log.jsonl"), "a") if master else None
     t_start = t_log = time.time()
@@ -523,6 +525,7 @@ def main(argv):
         acc["skipped"] += found_inf
         acc["grad_norm"] += torch.where(ok > 0, grad_norm, 0.0)
         bad_streak = (bad_streak + 1) * found_inf
+        bad_worst = torch.maximum(bad_worst, bad_streak)
         b = (t * 10 // diffusion.T).clamp(0, 9)  # loss in 10 bins of timestep
         bin_sum.index_add_(0, b, per_sample)
         bin_cnt.index_add_(0, b, ok.expand_as(per_sample))
@@ -566,11 +569,11 @@ def main(argv):
                 bar.write(f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | "
                           f"{imgs:.1f} img/s | mfu {mfu_s} | mem {rec['peak_mem_gb']:.1f} GB | "
                           f"skipped {skipped_total} | eta {rec['eta_h']:.2f} h")
-            if bad_streak.item() >= C.max_bad_steps:
-                print(f"train.py: error: {int(bad_streak.item())} non-finite steps in a row at step {step}; stopping. "
+            if bad_worst.item() >= C.max_bad_steps:
+                print(f"train.py: error: {int(bad_worst.item())} non-finite steps in a row by step {step}; stopping. "
                       f"The last good checkpoint ({ckpt_path}) is untouched.", file=sys.stderr)
                 sys.exit(1)
-            for v in (*acc.values(), bin_sum, bin_cnt):
+            for v in (*acc.values(), bin_sum, bin_cnt, bad_worst):
                 v.zero_()
             t_log, step_log = time.time(), step
 

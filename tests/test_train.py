@@ -238,6 +238,24 @@ def test_nan_step_is_skipped_and_counted(cache, tmp_path):
     assert recs[-1]["skipped"] == expected and all(np.isfinite(r["loss"]) for r in recs)
 
 
+def test_a_streak_of_bad_steps_stops_the_run_even_if_it_ends_before_the_log_step(cache, tmp_path, monkeypatch, capsys):
+    """Steps 1-3 non-finite (found_inf forced), step 4 fine, log at step 5: max_bad_steps 3 must stop the run there."""
+    real_step, calls = train.train_step, []
+
+    def flaky_step(*a, **k):
+        calls.append(1)
+        loss, t, norm, found_inf = real_step(*a, **k)
+        return loss, t, norm, torch.ones_like(found_inf) if len(calls) <= 3 else found_inf
+
+    monkeypatch.setattr(train, "train_step", flaky_step)
+    with pytest.raises(SystemExit) as e:
+        train.main(args(cache, tmp_path / "o", max_steps=20, log_every=5, max_bad_steps=3))
+    assert e.value.code == 1 and len(calls) == 5
+    assert "3 non-finite steps in a row by step 5" in capsys.readouterr().err
+    calls.clear()  # the same 3 bad steps under max_bad_steps 4: the run goes on
+    assert train.main(args(cache, tmp_path / "p", max_steps=6, log_every=5, max_bad_steps=4))["step"] == 6
+
+
 def test_existing_checkpoint_is_never_overwritten_and_a_truncated_one_is_a_clear_error(cache, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
