@@ -154,3 +154,13 @@ def test_count_syncs_counts_syncs_not_the_debug_mode_notice(monkeypatch):
     n, sites = bench.count_syncs(two_syncs, SimpleNamespace(type="cuda"))
     assert n == 2 and len(sites) == 1 and sites[0].startswith("test_bench.py:")
     assert bench.count_syncs(lambda: None, SimpleNamespace(type="cuda")) == (0, [])
+
+
+def test_models_none_runs_only_the_loader_and_text_encoder_rows(one_thread, capsys):
+    """The README's loader numbers come from `python bench.py --models none --batch 256 --text_encoder tiny`."""
+    import bench
+    recs = bench.main(["--models", "none", "--batch", "16", "--text_encoder", "tiny", "--device", "cpu"])
+    assert [r["kind"] for r in recs] == ["loader", "text_encoder"]
+    assert recs[0]["batch"] == 16 and recs[0]["latent"] == [3, 32, 32]
+    positive(recs[0], "samples_per_s")
+    assert "loader:" in capsys.readouterr().out
