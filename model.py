@@ -30,6 +30,12 @@ class DiTConfig:
     qk_norm: bool = True        # RMSNorm on queries and keys (bf16 stability, arXiv 2302.05442)
     grad_ckpt: bool = False     # activation checkpointing per block (training only)
 
+    def __post_init__(self):  # ValueError, not assert: train.py turns it into a one-line error before any work
+        if self.adaln not in ("single", "zero"):
+            raise ValueError(f"adaln must be 'single' or 'zero', got {self.adaln!r}")
+        if self.width % self.heads or (self.width // self.heads) % 4:
+            raise ValueError(f"width {self.width} / heads {self.heads}: the head size must be a whole multiple of 4 (2-D RoPE)")
+
 # the DiT paper's sizes (Table 1); the /N suffix is the patch size
 _SIZES = {"S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
           "L": dict(depth=24, width=1024, heads=16), "XL": dict(depth=28, width=1152, heads=16)}
@@ -163,9 +169,6 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
-        assert config.adaln in ("single", "zero"), f"adaln must be 'single' or 'zero', got {config.adaln!r}"
-        assert config.width % config.heads == 0 and (config.width // config.heads) % 4 == 0, "head dim % 4 != 0"
-        assert config.width % 4 == 0, "width % 4 != 0 (2-D sin-cos positions)"
         self.config = config
         W = config.width
         self.x_embedder = nn.Conv2d(config.in_channels, W, config.patch, stride=config.patch)

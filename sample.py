@@ -84,7 +84,7 @@ def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipelin
     try:
         model = DiT(DiTConfig(**ckpt["model_config"]))
         model.load_state_dict(state)
-    except (TypeError, RuntimeError) as e:  # a model_config this model.py cannot build, or weights of another shape
+    except (TypeError, ValueError, RuntimeError) as e:  # a model_config this model.py cannot build, or weights of another shape
         raise CheckpointError(f"{ckpt_path}: '{weights}' weights do not fit model.py: {str(e).splitlines()[0]}") from None
     model.to(device).eval().requires_grad_(False)
     try:

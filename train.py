@@ -186,9 +186,10 @@ def check_config(C):
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(C, key) < 1:
             raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1)")
-    m = make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch)
-    if m.width % m.heads or (m.width // m.heads) % 4:
-        raise ConfigError(f"width {m.width} / heads {m.heads}: the head size must be a whole multiple of 4 (2-D RoPE)")
+    try:  # the model's own checks (DiTConfig), before the cache build
+        make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, adaln=C.adaln)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not (math.isfinite(C.lr) and C.lr > 0):
         raise ConfigError(f"--lr {C.lr}: must be a positive number")
     if not 1 <= C.text_len <= datalib.CONTEXT_LENGTH:
@@ -204,15 +205,6 @@ def check_config(C):
             raise ConfigError(f"--device {C.device!r}: {e}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {C.device}: torch sees no CUDA device here (use --device cpu)")
-
-
-def check_checkpoint(ck, path):
-    """A train.py checkpoint with what resuming needs; `progress` and `rng` may be missing (DESIGN's layout)."""
-    need = ("model", "ema", "optimizer", "step", "model_config", "loader_state")
-    missing = [k for k in need if not (isinstance(ck, dict) and k in ck)]
-    if missing:
-        raise ConfigError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)}): "
-                          "use another --out_dir, or --resume never")
 
 
 def usage():
@@ -343,11 +335,18 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
+    """A train.py checkpoint with what resuming needs (`progress` and `rng` may be missing: DESIGN's layout)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {path!r} ({type(e).__name__}: {e}); "
                           "it is truncated or not a checkpoint of this project: move it away (or use another --out_dir) to start over") from None
+    need = ("model", "ema", "optimizer", "step", "model_config", "loader_state")
+    missing = [k for k in need if not (isinstance(ck, dict) and k in ck)]
+    if missing:
+        raise ConfigError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)}): "
+                          "use another --out_dir, or --resume never")
+    return ck
 
 
 # -----------------------------------------------------------------------------
@@ -367,8 +366,6 @@ def main(argv):
                               "use another --out_dir, or move the checkpoint away")
         resume_from = ckpt_path if C.resume == "auto" and os.path.exists(ckpt_path) else (None if C.resume in ("auto", "never") else C.resume)
         ck = load_checkpoint(resume_from) if resume_from else None  # before the cache build: a bad file fails fast
-        if ck is not None:
-            check_checkpoint(ck, resume_from)
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -349,9 +349,15 @@ def test_warmup_warning_only_where_warmup_eats_the_decay(cache, tmp_path, capsys
 
 
 def test_resume_with_activation_checkpointing_switched_on(cache, tmp_path):
-    """grad_ckpt changes memory, not weights: a run may be resumed with it (the week config's advice on OOM)."""
+    """grad_ckpt changes memory, not weights: a run may be resumed with it (the week config's advice on OOM), and
+    the resumed steps equal those of a resume without it (recomputation gives the same gradients)."""
     train.main(args(cache, tmp_path / "o", max_steps=2))
-    assert train.main(args(cache, tmp_path / "o", max_steps=4, grad_ckpt=True))["step"] == 4
+    shutil.copytree(tmp_path / "o", tmp_path / "p")
+    with_ckpt = train.main(args(cache, tmp_path / "o", max_steps=4, grad_ckpt=True))
+    assert with_ckpt["step"] == 4
+    without = train.main(args(cache, tmp_path / "p", max_steps=4))
+    for (name, a), b in zip(with_ckpt["model"].named_parameters(), without["model"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
 def test_max_hours_ends_annealed_on_time_across_a_resume(cache, tmp_path, monkeypatch):
