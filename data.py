@@ -6,6 +6,7 @@ pretrained parts (the VAE and the CLIP text tower) enter the project.
               webdataset .tar shards (folder or glob) | an existing cache | "shapes[:N[:SEED]]"
   preprocess  any PIL mode -> RGB (alpha over white, 16-bit rescaled, CMYK converted, EXIF rotation),
               short side resized to `resolution` (antialiased LANCZOS), centre crop, [-1, 1]
+  encoders    the frozen VAE (diffusers AutoencoderKL) and CLIP text tower (open_clip)
   cache       .npy files, opened as memmaps: latents (N, 2, C, h, w) float16 | tokens (N, 77) int32 |
               [states (N, 77, dim), pooled (N, pooled_dim) float16] | captions.jsonl | manifest.json (last)
   loader      infinite, deterministic, DDP-sharded, resumable batches with background prefetch
@@ -39,56 +40,23 @@ from tqdm import tqdm
 
 CONTEXT_LENGTH = 77  # CLIP's token window
 CACHE_FORMAT = 1     # bump when the cache layout changes: an old cache is then refused (with a message), not misread
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # the project's one list
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
 
 
 class DataError(Exception):
     """An empty, missing or unreadable data source (the CLI maps it to exit code 2)."""
 
-##### The built-in procedural set (the offline demo's data; evaluate.py's probe uses these constants)
+#################################################################################
+#                                  Readers                                      #
+#################################################################################
 
-SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
-                "purple": (140, 50, 180), "orange": (245, 130, 20)}
-SHAPE_KINDS = ("circle", "square", "triangle")
-SHAPE_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-SHAPES_DEFAULT_COUNT = 20000
-
-def shapes_caption(color, kind, background):
-    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {kind} on a {background} background"
-
-def render_shape(color, kind, background, resolution, rng):
-    """One filled shape, 35-70% of the side, at a random position fully inside the image."""
-    img = Image.new("RGB", (resolution, resolution), SHAPE_BACKGROUNDS[background])
-    side = int(rng.uniform(0.35, 0.70) * resolution)
-    x0, y0 = rng.randint(0, resolution - 1 - side), rng.randint(0, resolution - 1 - side)
-    box, fill, draw = (x0, y0, x0 + side, y0 + side), SHAPE_COLORS[color], ImageDraw.Draw(img)  # PIL boxes are inclusive
-    if kind == "circle":
-        draw.ellipse(box, fill=fill)
-    elif kind == "square":
-        draw.rectangle(box, fill=fill)
-    elif kind == "triangle":
-        draw.polygon([(x0 + side / 2, y0), (x0 + side, y0 + side), (x0, y0 + side)], fill=fill)
-    else:
-        raise ValueError(f"unknown shape kind {kind!r}")
-    return img
-
-def shape_sample(i, seed, resolution):
-    """Sample i of the shapes set: (caption, image), a function of (i, seed, resolution) only."""
-    rng = random.Random(f"shapes-{seed}-{i}")  # str seeds hash with sha512: the same in every process
-    spec = rng.choice(list(SHAPE_COLORS)), rng.choice(SHAPE_KINDS), rng.choice(list(SHAPE_BACKGROUNDS))
-    return shapes_caption(*spec), render_shape(*spec, resolution, rng)
-
-##### Sources: each yields Items in a fixed order; read() returns (image bytes | PIL image, caption)
+# Each source yields Items in a fixed order; read() returns (image bytes | PIL image, caption).
 
 class Item(NamedTuple):
     key: str
     read: object = None  # () -> (bytes | PIL.Image, bytes | str | None)
     error: str = ""      # a skip reason known without reading
-
-def _shapes_args(data):
-    m = re.fullmatch(r"shapes(?::(\d+))?(?::(\d+))?", data)
-    return (int(m.group(1) or SHAPES_DEFAULT_COUNT), int(m.group(2) or 0)) if m else None
 
 def source_kind(data):
     if _shapes_args(data):
@@ -101,7 +69,21 @@ def source_kind(data):
         return "webdataset" if glob.glob(os.path.join(data, "*.tar")) else "captioned_images"
     if glob.glob(data) and all(p.endswith(".tar") for p in glob.glob(data)):
         return "webdataset"
-    raise DataError(f"data source {data!r} not found or not supported: expected a folder, a .tar glob, a cache or 'shapes[:N[:SEED]]'")
+    raise DataError(f"data source {data!r} not found or not supported: "
+                    "expected a folder, a .tar glob, a cache or 'shapes[:N[:SEED]]'")
+
+def source_items(data, resolution):
+    """(iterator of Items in a fixed order, item count or None when unknown before reading)."""
+    kind = source_kind(data)
+    if kind == "shapes":
+        return _shapes_items(data, resolution)
+    if kind == "imagefolder":
+        return _imagefolder_items(data)
+    if kind == "webdataset":
+        return _tar_items(_files(data)), None
+    if kind == "captioned_images":
+        return _captioned_items(data)
+    raise DataError(f"{data} is already a cache")
 
 def _files(data):
     """The files that make up a source, sorted (the source's order and its fingerprint)."""
@@ -121,16 +103,24 @@ def source_fingerprint(data):
     else:
         for p in _files(data):
             st = os.stat(p)
-            h.update(f"{os.path.basename(p) if kind == 'webdataset' else os.path.relpath(p, data)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            name = os.path.basename(p) if kind == "webdataset" else os.path.relpath(p, data)
+            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 def _read_file(path):
     with open(path, "rb") as f:
         return f.read()
 
-def _captioned_image(path):
-    txt = os.path.splitext(path)[0] + ".txt"
-    return _read_file(path), (_read_file(txt) if os.path.exists(txt) else None)
+# A folder with metadata.jsonl: one {"file_name", "text"} record a line (Hugging Face's imagefolder layout).
+
+def _imagefolder_items(data):
+    try:
+        lines = [l for l in _read_file(os.path.join(data, "metadata.jsonl")).splitlines() if l.strip()]
+    except OSError as e:
+        raise DataError(f"cannot read {data}/metadata.jsonl: {e}") from e
+    if not lines:
+        raise DataError(f"{data}/metadata.jsonl is empty")
+    return (_metadata_item(data, l) for l in lines), len(lines)
 
 def _metadata_item(root, line):
     try:
@@ -140,6 +130,20 @@ def _metadata_item(root, line):
     except (ValueError, KeyError, TypeError, AttributeError):
         return Item(line[:80].decode("utf-8", "replace"), error="bad_metadata")
     return Item(name, lambda: (_read_file(path), None if text is None else str(text)))
+
+# A folder of images, each captioned by the same-named .txt file beside it.
+
+def _captioned_items(data):
+    paths = [p for p in _files(data) if p.lower().endswith(IMAGE_EXTS)]
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data}")
+    return (Item(os.path.relpath(p, data), functools.partial(_captioned_image, p)) for p in paths), len(paths)
+
+def _captioned_image(path):
+    txt = os.path.splitext(path)[0] + ".txt"
+    return _read_file(path), (_read_file(txt) if os.path.exists(txt) else None)
+
+# Webdataset .tar shards: the files KEY.EXT with the same KEY form one sample (an image, KEY.txt its caption).
 
 def _tar_items(shards):
     for shard in shards:
@@ -154,7 +158,7 @@ def _tar_items(shards):
                 members.extend(tf)  # reads the headers; a truncated shard keeps what came before the damage
             except (tarfile.TarError, OSError):
                 broken = True
-            groups = {}  # webdataset: KEY.EXT files with the same KEY form one sample
+            groups = {}  # KEY -> {ext: member}
             for m in members:
                 if m.isfile():
                     folder, base = os.path.split(m.name)
@@ -171,30 +175,52 @@ def _tar_items(shards):
             if broken:
                 yield Item(os.path.basename(shard), error="truncated_shard")
 
-def source_items(data, resolution):
-    """(iterator of Items in a fixed order, item count or None when unknown before reading)."""
-    kind = source_kind(data)
-    if kind == "shapes":
-        n, seed = _shapes_args(data)
-        return (Item(f"shape{i}", functools.partial(lambda i: shape_sample(i, seed, resolution)[::-1], i)) for i in range(n)), n
-    if kind == "imagefolder":
-        try:
-            lines = [l for l in _read_file(os.path.join(data, "metadata.jsonl")).splitlines() if l.strip()]
-        except OSError as e:
-            raise DataError(f"cannot read {data}/metadata.jsonl: {e}") from e
-        if not lines:
-            raise DataError(f"{data}/metadata.jsonl is empty")
-        return (_metadata_item(data, l) for l in lines), len(lines)
-    if kind == "webdataset":
-        return _tar_items(_files(data)), None
-    if kind == "captioned_images":
-        paths = [p for p in _files(data) if p.lower().endswith(IMAGE_EXTS)]
-        if not paths:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data}")
-        return (Item(os.path.relpath(p, data), functools.partial(_captioned_image, p)) for p in paths), len(paths)
-    raise DataError(f"{data} is already a cache")
+# The built-in procedural set "shapes[:N[:SEED]]" (the offline demo's data; evaluate.py's probe uses these constants).
 
-##### Preprocessing
+SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
+                "purple": (140, 50, 180), "orange": (245, 130, 20)}
+SHAPE_KINDS = ("circle", "square", "triangle")
+SHAPE_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+SHAPES_DEFAULT_COUNT = 20000
+
+def _shapes_args(data):
+    m = re.fullmatch(r"shapes(?::(\d+))?(?::(\d+))?", data)
+    return (int(m.group(1) or SHAPES_DEFAULT_COUNT), int(m.group(2) or 0)) if m else None
+
+def _shapes_items(data, resolution):
+    n, seed = _shapes_args(data)
+    read = lambda i: shape_sample(i, seed, resolution)[::-1]  # (image, caption)
+    return (Item(f"shape{i}", functools.partial(read, i)) for i in range(n)), n
+
+def shapes_caption(color, kind, background):
+    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {kind} on a {background} background"
+
+def render_shape(color, kind, background, resolution, rng):
+    """One filled shape, 35-70% of the side, at a random position fully inside the image."""
+    img = Image.new("RGB", (resolution, resolution), SHAPE_BACKGROUNDS[background])
+    side = int(rng.uniform(0.35, 0.70) * resolution)
+    x0, y0 = rng.randint(0, resolution - 1 - side), rng.randint(0, resolution - 1 - side)
+    box = (x0, y0, x0 + side, y0 + side)  # PIL boxes are inclusive
+    fill, draw = SHAPE_COLORS[color], ImageDraw.Draw(img)
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(x0 + side / 2, y0), (x0 + side, y0 + side), (x0, y0 + side)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape kind {kind!r}")
+    return img
+
+def shape_sample(i, seed, resolution):
+    """Sample i of the shapes set: (caption, image), a function of (i, seed, resolution) only."""
+    rng = random.Random(f"shapes-{seed}-{i}")  # str seeds hash with sha512: the same in every process
+    spec = rng.choice(list(SHAPE_COLORS)), rng.choice(SHAPE_KINDS), rng.choice(list(SHAPE_BACKGROUNDS))
+    return shapes_caption(*spec), render_shape(*spec, resolution, rng)
+
+#################################################################################
+#                                  Preprocessing                                #
+#################################################################################
 
 def to_rgb(img):
     """Any PIL mode -> RGB; transparency is composited over white, 16/32-bit grey rescaled to 8 bits."""
@@ -213,7 +239,8 @@ def to_rgb(img):
 def preprocess(img, resolution):
     """PIL image -> (resolution, resolution, 3) uint8: short side resized, centre crop. None when too small."""
     if img.format == "JPEG" and min(img.size) >= 2 * resolution:
-        img.draft(None, (resolution, resolution))  # JPEG DCT scaling: decode at 1/2..1/8 size, short side stays >= resolution
+        # JPEG DCT scaling: decode at 1/2..1/8 size, the short side stays >= resolution
+        img.draft(None, (resolution, resolution))
     img.load()
     if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: phones store portraits rotated
         img = ImageOps.exif_transpose(img)
@@ -257,7 +284,9 @@ def _caption_text(caption, fixed):
     caption = caption.strip().lstrip("\ufeff").strip()
     return (caption, None) if caption else (None, "empty_caption")
 
-##### The frozen pretrained parts
+#################################################################################
+#                                  Encoders                                     #
+#################################################################################
 
 class VAE:
     """encode: images (B,3,H,W) in [-1,1] -> scaled latents (B,C,H/f,W/f); decode inverts. "none" = identity."""
@@ -273,8 +302,9 @@ class VAE:
     def encode(self, images):
         if self.model is None:
             return images
-        mean = self.model.encode(images.to(self.device, torch.float32)).latent_dist.mean  # posterior mean: no noise baked into the cache
-        return (mean - self.shift_factor) * self.scaling_factor  # diffusers' training scripts: latents * vae.config.scaling_factor
+        # the posterior mean: no noise baked into the cache
+        mean = self.model.encode(images.to(self.device, torch.float32)).latent_dist.mean
+        return (mean - self.shift_factor) * self.scaling_factor  # diffusers' training scripts: latents * scaling_factor
 
     @torch.no_grad()
     def decode(self, latents):
@@ -288,14 +318,16 @@ def load_vae(name, device="cpu"):
     if name == "none":
         return VAE("none", None, device)
     from diffusers import AutoencoderKL
-    sub = {"subfolder": "vae"} if os.path.isdir(os.path.join(name, "vae")) and not os.path.exists(os.path.join(name, "config.json")) else {}
+    pipeline_folder = os.path.isdir(os.path.join(name, "vae")) and not os.path.exists(os.path.join(name, "config.json"))
+    sub = {"subfolder": "vae"} if pipeline_folder else {}
     try:  # offline first: a local folder or the Hugging Face cache; the network only when neither has it
         model = AutoencoderKL.from_pretrained(name, local_files_only=True, **sub)
     except OSError:
         try:
             model = AutoencoderKL.from_pretrained(name, **sub)
         except OSError as e:
-            raise DataError(f"cannot load the VAE {name!r} ({e}): offline, give a local diffusers folder, or use 'none'") from None
+            raise DataError(f"cannot load the VAE {name!r} ({e}): offline, give a local diffusers folder, "
+                            "or use 'none'") from None
     return VAE(name, model.eval().requires_grad_(False).to(device), device)
 
 class TextEncoder:
@@ -310,30 +342,33 @@ class TextEncoder:
         self.context_length = CONTEXT_LENGTH
         self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
 
-    def _ids(self, caption):
+    def token_ids(self, caption):
+        """A caption's token ids: start-of-text, its BPE ids, end-of-text; not truncated (pack() does that), so
+        len(ids) > CONTEXT_LENGTH tells a caption that does not fit."""
         return [self.sot] + self.tokenizer.encode(caption) + [self.eot]
 
-    def _pack(self, ids_list):
-        tokens = torch.zeros(len(ids_list), CONTEXT_LENGTH, dtype=torch.long)  # pad id 0, as open_clip
+    def pack(self, ids_list):
+        """token_ids() lists -> LongTensor (N, 77), padded with 0 as open_clip's tokenizer does; a list over 77 ids
+        keeps its first 76 and ends with the end-of-text token."""
+        tokens = torch.zeros(len(ids_list), CONTEXT_LENGTH, dtype=torch.long)
         for i, ids in enumerate(ids_list):
-            ids = ids if len(ids) <= CONTEXT_LENGTH else ids[:CONTEXT_LENGTH - 1] + [self.eot]  # truncate, keep EOT last
+            ids = ids if len(ids) <= CONTEXT_LENGTH else ids[:CONTEXT_LENGTH - 1] + [self.eot]
             tokens[i, :len(ids)] = torch.tensor(ids)
         return tokens
 
     def tokenize(self, captions):
-        return self._pack([self._ids(c) for c in captions])
+        return self.pack([self.token_ids(c) for c in captions])
 
     @torch.no_grad()
     def encode(self, tokens):
         t, tokens = self.tower, tokens.to(self.device)
         x = t.token_embedding(tokens) + t.positional_embedding  # (B, 77, dim)
-        if hasattr(t.transformer, "batch_first"):  # open_clip >= 2.26 takes (B, L, D) and transposes inside if needed
-            x = t.transformer(x, attn_mask=t.attn_mask)  # (B, 77, dim)
-        else:  # older open_clip: sequence-first
-            x = t.transformer(x.transpose(0, 1), attn_mask=t.attn_mask).transpose(0, 1)  # (B, 77, dim)
+        x = t.transformer(x, attn_mask=t.attn_mask)  # (B, 77, dim): open_clip >= 2.26 takes batch-first input
         states = t.ln_final(x)  # (B, 77, dim)
-        eot = states[torch.arange(len(tokens), device=tokens.device), tokens.argmax(-1)]  # (B, dim) EOT has the largest id (open_clip text_global_pool 'argmax')
-        pooled = t.text_projection(eot) if isinstance(t.text_projection, nn.Linear) else eot @ t.text_projection  # (B, pooled_dim)
+        # the EOT token has the largest id: its state is the pooled one (open_clip's text_global_pool 'argmax')
+        eot = states[torch.arange(len(tokens), device=tokens.device), tokens.argmax(-1)]  # (B, dim)
+        proj = t.text_projection
+        pooled = proj(eot) if isinstance(proj, nn.Linear) else eot @ proj  # (B, pooled_dim)
         return states.float(), pooled.float()
 
     def __call__(self, captions):
@@ -354,8 +389,9 @@ def load_text_encoder(name, device="cpu"):
     if name == "tiny":
         with torch.random.fork_rng(devices=[]):  # fixed weights without touching the caller's RNG
             torch.manual_seed(0)
-            model = open_clip.model.CLIP(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=1, head_width=32),
-                                         text_cfg=dict(context_length=CONTEXT_LENGTH, width=64, heads=2, layers=2))
+            vision_cfg = dict(image_size=32, patch_size=16, width=32, layers=1, head_width=32)
+            text_cfg = dict(context_length=CONTEXT_LENGTH, width=64, heads=2, layers=2)
+            model = open_clip.model.CLIP(embed_dim=64, vision_cfg=vision_cfg, text_cfg=text_cfg)
         tokenizer = open_clip.get_tokenizer("ViT-L-14")
     elif os.path.isdir(name):
         model, tokenizer = open_clip.create_model("local-dir:" + name), open_clip.get_tokenizer("local-dir:" + name)
@@ -364,7 +400,8 @@ def load_text_encoder(name, device="cpu"):
     else:
         arch, _, tag = name.partition("/")
         try:
-            model = open_clip.create_model(arch, pretrained=tag or None, force_quick_gelu=open_clip_quick_gelu(arch, tag))
+            quick_gelu = open_clip_quick_gelu(arch, tag)
+            model = open_clip.create_model(arch, pretrained=tag or None, force_quick_gelu=quick_gelu)
             tokenizer = open_clip.get_tokenizer(arch)
         except (OSError, RuntimeError, ValueError) as e:
             raise DataError(f"cannot load the text encoder {name!r} ({type(e).__name__}: {e}): offline, give a local "
@@ -372,7 +409,9 @@ def load_text_encoder(name, device="cpu"):
     model.visual = None  # only the text tower is used (frees ~300M parameters for ViT-L/14)
     return TextEncoder(name, model.eval().requires_grad_(False).to(device), tokenizer, device)
 
-##### The cache
+#################################################################################
+#                                  The cache                                    #
+#################################################################################
 
 def _write_json(path, obj):
     """Atomic: a reader sees the old file or the new one, never half of one."""
@@ -423,7 +462,8 @@ def _encode_group(group, resolution, vae, te, text_states, pool, skipped, fixed)
         else:
             good.append((key, text, loaded[0]))
     keep = []
-    for (key, text, _), arr in zip(good, pool.map(functools.partial(_decode, resolution=resolution), [g[2] for g in good])):
+    arrays = pool.map(functools.partial(_decode, resolution=resolution), [g[2] for g in good])
+    for (key, text, _), arr in zip(good, arrays):
         if isinstance(arr, str):
             skipped[arr] += 1
         else:
@@ -432,9 +472,9 @@ def _encode_group(group, resolution, vae, te, text_states, pool, skipped, fixed)
         return None
     x = to_pixels([a for _, _, a in keep])  # (n, 3, R, R) in [-1, 1]
     lat = vae.encode(torch.cat([x, x.flip(-1)])).float().cpu()  # (2n, C, h, w): images, then their mirror images
-    ids = [te._ids(text) for _, text, _ in keep]
+    ids = [te.token_ids(text) for _, text, _ in keep]
     fixed["caption_truncated"] += sum(len(i) > CONTEXT_LENGTH for i in ids)
-    tokens = te._pack(ids)
+    tokens = te.pack(ids)
     out = {"latents.npy": torch.stack(lat.chunk(2), 1).half().numpy(),  # (n, 2, C, h, w)
            "tokens.npy": tokens.int().numpy(),
            "captions.jsonl": "".join(json.dumps({"key": k, "text": t}) + "\n" for k, t, _ in keep).encode()}
@@ -443,7 +483,127 @@ def _encode_group(group, resolution, vae, te, text_states, pool, skipped, fixed)
         out["states.npy"], out["pooled.npy"] = states.half().cpu().numpy(), pooled.half().cpu().numpy()
     return out
 
-def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_states=False, batch_size=32, chunk_size=512, workers=0):
+# build_cache's steps, in the order it runs them
+
+def _cache_settings(data, resolution, vae, text_encoder, text_states):
+    """What a cache is a function of: a finished cache is reused only while its manifest holds these values."""
+    return dict(format=CACHE_FORMAT, fingerprint=source_fingerprint(data), resolution=resolution, vae=_name(vae),
+                text_encoder=_name(text_encoder), text_states=bool(text_states), min_side=resolution / 2)
+
+def _check_out_folder(out, settings):
+    """(done, progress): done when `out` holds a finished cache of these settings; else the progress.json of a
+    partial build of them, or None. A finished or partial cache of other settings there raises DataError."""
+    manifest_path = os.path.join(out, "manifest.json")
+    manifest, prog = _read_json(manifest_path), _read_json(os.path.join(out, "progress.json"))
+    if manifest and all(manifest.get(k) == v for k, v in settings.items()):
+        return True, prog
+    built = manifest or (prog or {}).get("settings")
+    if os.path.exists(manifest_path) or (built and built != settings):  # hours of encoding: never thrown away here
+        differ = [k for k in settings if (built or {}).get(k) != settings[k]]
+        raise DataError(f"{out} holds a {'finished' if manifest else 'partly built'} cache with other settings "
+                        f"({', '.join(differ) or 'unreadable manifest'}; 'fingerprint' = the source's files changed); "
+                        "it is left as it is: give another cache_dir, or delete that folder to rebuild")
+    return False, prog
+
+def _open_encoders(vae, text_encoder, device):
+    """Names are loaded; loaded encoders are used as they are."""
+    vae = load_vae(vae, device) if isinstance(vae, str) else vae
+    te = load_text_encoder(text_encoder, device) if isinstance(text_encoder, str) else text_encoder
+    return vae, te
+
+def _cache_files(resolution, vae, te, text_states):
+    """The cache's files in write order: .npy name -> (dtype, shape of one row); captions.jsonl -> None."""
+    h = resolution // vae.factor
+    rows = {"latents.npy": (np.float16, (2, vae.channels, h, h)), "tokens.npy": (np.int32, (CONTEXT_LENGTH,)),
+            "captions.jsonl": None}
+    if text_states:
+        rows["states.npy"], rows["pooled.npy"] = (np.float16, (CONTEXT_LENGTH, te.dim)), (np.float16, (te.pooled_dim,))
+    return rows
+
+def _open_progress(out, rows, settings, prog):
+    """The build's progress (a new one when prog is None), its files cut back to it: each file is truncated to its
+    committed size, dropping what a killed run appended after its last commit; an empty .npy gets its header."""
+    os.makedirs(out, exist_ok=True)
+    if not prog:
+        prog = dict(settings=settings, items=0, count=0, skipped={}, fixed={}, sizes={n: 0 for n in rows})
+    for n, row in rows.items():
+        with open(os.path.join(out, n), "ab") as f:
+            f.truncate(prog["sizes"][n])
+            if row and prog["sizes"][n] == 0:
+                f.write(_npy_header(row[0], (0, *row[1])))  # placeholder row count
+    return prog
+
+def _next_chunk(loaded, encode, pbar, batch_size, chunk_size):
+    """The next chunk: (items read, non-empty _encode_group outputs, skip counts, fix counts); 0 items at the end."""
+    n_items, parts, skipped, fixed = 0, [], collections.Counter(), collections.Counter()
+    for _ in range(max(1, chunk_size // batch_size)):
+        group = list(islice(loaded, batch_size))
+        if not group:
+            break
+        n_items += len(group)
+        parts.append(encode(group, skipped=skipped, fixed=fixed))
+        pbar.update(len(group))
+    return n_items, [p for p in parts if p], skipped, fixed
+
+def _commit_chunk(out, files, prog, n_items, parts, skipped, fixed):
+    """Append a chunk's rows to every file and fsync them, then rewrite progress.json: the commit point."""
+    for n, f in files.items():
+        for p in parts:
+            _append(f, p[n] if isinstance(p[n], bytes) else p[n].tobytes())
+        f.flush(), os.fsync(f.fileno())
+    prog["items"] += n_items
+    prog["count"] += sum(len(p["tokens.npy"]) for p in parts)
+    prog["skipped"] = dict(collections.Counter(prog["skipped"]) + skipped)
+    prog["fixed"] = dict(collections.Counter(prog["fixed"]) + fixed)
+    prog["sizes"] = {n: f.tell() for n, f in files.items()}
+    _write_json(os.path.join(out, "progress.json"), prog)
+
+def _encode_chunks(data, out, items, total, rows, prog, encode, batch_size, chunk_size, workers):
+    """Encode the items after the committed ones, chunk by chunk; prog is updated at each commit."""
+    it = iter(items)
+    collections.deque(islice(it, prog["items"]), maxlen=0)  # items already committed: skipped without reading
+    loaded = ((item.key, _load_item(item)) for item in it)
+    files = {n: open(os.path.join(out, n), "ab") for n in rows}
+    pbar = tqdm(total=total, initial=prog["items"], unit="img", desc=f"caching {data}", smoothing=0.1)
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        encode = functools.partial(encode, pool=pool)
+        while True:
+            n_items, parts, skipped, fixed = _next_chunk(loaded, encode, pbar, batch_size, chunk_size)
+            if n_items == 0:
+                break
+            _commit_chunk(out, files, prog, n_items, parts, skipped, fixed)
+    pbar.close()
+    for f in files.values():
+        f.close()
+
+def _write_headers(out, rows, count):
+    """Each .npy header gets the final row count, in place."""
+    for n, row in rows.items():
+        if row:
+            with open(os.path.join(out, n), "r+b") as f:
+                f.write(_npy_header(row[0], (count, *row[1])))
+                f.flush(), os.fsync(f.fileno())
+
+def _write_manifest(data, kind, out, settings, prog, rows, vae, te):
+    """The empty caption's tokens (and states), then manifest.json, the file that marks the cache finished."""
+    empty = te.tokenize([""])
+    if settings["text_states"]:
+        states, pooled = te.encode(empty)
+        np.save(os.path.join(out, "empty_states.npy"), states[0].half().cpu().numpy())
+        np.save(os.path.join(out, "empty_pooled.npy"), pooled[0].half().cpu().numpy())
+    manifest = dict(settings, source=data, source_kind=kind, count=prog["count"], items=prog["items"],
+                    skipped=dict(sorted(prog["skipped"].items())), fixed=dict(sorted(prog["fixed"].items())),
+                    scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, vae_factor=vae.factor,
+                    latent_shape=list(rows["latents.npy"][1][1:]), flips=2,
+                    text_dim=te.dim, pooled_dim=te.pooled_dim, context_length=CONTEXT_LENGTH,
+                    empty_tokens=empty[0].tolist(), files=list(rows))
+    _write_json(os.path.join(out, "manifest.json"), manifest)
+    os.remove(os.path.join(out, "progress.json"))
+    print(f"cache {out}: {manifest['count']} images from {manifest['items']} items; "
+          f"skipped {manifest['skipped'] or 'none'}; fixed {manifest['fixed'] or 'none'}")
+
+def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_states=False, batch_size=32,
+                chunk_size=512, workers=0):
     """Encode `data` into the folder `out`; returns `out`. vae / text_encoder: names or loaded objects.
     Resumable: rows are appended chunk by chunk and progress.json (items, rows, byte sizes) is committed
     after each chunk's data is fsynced; a rerun truncates the files to the last commit and continues.
@@ -451,98 +611,35 @@ def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_sta
     kind = source_kind(data)
     if kind == "cache":
         raise DataError(f"{data} is already a cache: pass it to LatentCache / Loader directly")
-    settings = dict(format=CACHE_FORMAT, fingerprint=source_fingerprint(data), resolution=resolution, vae=_name(vae),
-                    text_encoder=_name(text_encoder), text_states=bool(text_states), min_side=resolution / 2)
-    manifest_path, progress_path = os.path.join(out, "manifest.json"), os.path.join(out, "progress.json")
-    manifest, prog = _read_json(manifest_path), _read_json(progress_path)
-    if manifest and all(manifest.get(k) == v for k, v in settings.items()):
+    settings = _cache_settings(data, resolution, vae, text_encoder, text_states)
+    done, prog = _check_out_folder(out, settings)
+    if done:
         return out
-    built = manifest or (prog or {}).get("settings")
-    if os.path.exists(manifest_path) or (built and built != settings):  # hours of encoding: never thrown away here
-        differ = [k for k in settings if (built or {}).get(k) != settings[k]]
-        raise DataError(f"{out} holds a {'finished' if manifest else 'partly built'} cache with other settings "
-                        f"({', '.join(differ) or 'unreadable manifest'}; 'fingerprint' = the source's files changed); it is "
-                        "left as it is: give another cache_dir, or delete that folder to rebuild")
     items, total = source_items(data, resolution)
-    vae = load_vae(vae, device) if isinstance(vae, str) else vae
-    te = load_text_encoder(text_encoder, device) if isinstance(text_encoder, str) else text_encoder
-    os.makedirs(out, exist_ok=True)
-    h = resolution // vae.factor
-    rows = {"latents.npy": (np.float16, (2, vae.channels, h, h)), "tokens.npy": (np.int32, (CONTEXT_LENGTH,)), "captions.jsonl": None}
+    vae, te = _open_encoders(vae, text_encoder, device)
+    rows = _cache_files(resolution, vae, te, text_states)
+    prog = _open_progress(out, rows, settings, prog)
     if text_states:
-        rows.update({"states.npy": (np.float16, (CONTEXT_LENGTH, te.dim)), "pooled.npy": (np.float16, (te.pooled_dim,))})
-    names = list(rows)
-    if not prog:
-        prog = dict(settings=settings, items=0, count=0, skipped={}, fixed={}, sizes={n: 0 for n in names})
-    for n in names:  # drop whatever a killed run appended after its last commit
-        with open(os.path.join(out, n), "ab") as f:
-            f.truncate(prog["sizes"][n])
-            if rows[n] and prog["sizes"][n] == 0:
-                f.write(_npy_header(rows[n][0], (0, *rows[n][1])))  # placeholder row count
-    if text_states:
-        print(f"text states: 77 x {te.dim} x 2 bytes = {77 * te.dim * 2 / 1e3:.0f} KB per caption on disk"
-              + (f", {77 * te.dim * 2 * total / 1e9:.1f} GB for {total} items" if total else ""))
-    it = iter(items)
-    collections.deque(islice(it, prog["items"]), maxlen=0)  # items already committed: skipped without reading
-    loaded = ((item.key, _load_item(item)) for item in it)
-    files = {n: open(os.path.join(out, n), "ab") for n in names}
-    pbar = tqdm(total=total, initial=prog["items"], unit="img", desc=f"caching {data}", smoothing=0.1)
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        while True:
-            n_items, parts, skipped, fixed = 0, [], collections.Counter(), collections.Counter()
-            for _ in range(max(1, chunk_size // batch_size)):
-                group = list(islice(loaded, batch_size))
-                if not group:
-                    break
-                n_items += len(group)
-                parts.append(_encode_group(group, resolution, vae, te, text_states, pool, skipped, fixed))
-                pbar.update(len(group))
-            if n_items == 0:
-                break
-            parts = [p for p in parts if p]
-            for n in names:
-                for p in parts:
-                    _append(files[n], p[n] if isinstance(p[n], bytes) else p[n].tobytes())
-                files[n].flush(), os.fsync(files[n].fileno())
-            prog["items"] += n_items
-            prog["count"] += sum(len(p["tokens.npy"]) for p in parts)
-            prog["skipped"] = dict(collections.Counter(prog["skipped"]) + skipped)
-            prog["fixed"] = dict(collections.Counter(prog["fixed"]) + fixed)
-            prog["sizes"] = {n: files[n].tell() for n in names}
-            _write_json(progress_path, prog)  # the commit point
-    pbar.close()
-    for f in files.values():
-        f.close()
+        row = CONTEXT_LENGTH * te.dim * 2  # bytes of one caption's float16 states
+        print(f"text states: {CONTEXT_LENGTH} x {te.dim} x 2 bytes = {row / 1e3:.0f} KB per caption on disk"
+              + (f", {row * total / 1e9:.1f} GB for {total} items" if total else ""))
+    encode = functools.partial(_encode_group, resolution=resolution, vae=vae, te=te, text_states=text_states)
+    _encode_chunks(data, out, items, total, rows, prog, encode, batch_size, chunk_size, workers)
     if prog["count"] == 0:
         raise DataError(f"no usable images in {data!r} ({prog['items']} items; skipped: {prog['skipped'] or 'none'})")
-    for n in names:
-        if rows[n]:
-            with open(os.path.join(out, n), "r+b") as f:
-                f.write(_npy_header(rows[n][0], (prog["count"], *rows[n][1])))
-                f.flush(), os.fsync(f.fileno())
-    empty = te.tokenize([""])
-    if text_states:
-        states, pooled = te.encode(empty)
-        np.save(os.path.join(out, "empty_states.npy"), states[0].half().cpu().numpy())
-        np.save(os.path.join(out, "empty_pooled.npy"), pooled[0].half().cpu().numpy())
-    manifest = dict(settings, source=data, source_kind=kind, count=prog["count"], items=prog["items"],
-                    skipped=dict(sorted(prog["skipped"].items())), fixed=dict(sorted(prog["fixed"].items())),
-                    scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, vae_factor=vae.factor,
-                    latent_shape=[vae.channels, h, h], flips=2,
-                    text_dim=te.dim, pooled_dim=te.pooled_dim, context_length=CONTEXT_LENGTH,
-                    empty_tokens=empty[0].tolist(), files=names)
-    _write_json(manifest_path, manifest)
-    os.remove(progress_path)
-    print(f"cache {out}: {manifest['count']} images from {manifest['items']} items; skipped {manifest['skipped'] or 'none'}; fixed {manifest['fixed'] or 'none'}")
+    _write_headers(out, rows, prog["count"])
+    _write_manifest(data, kind, out, settings, prog, rows, vae, te)
     return out
 
 def cache_slug(data, resolution, vae, text_encoder, text_states=False):
     """A readable folder name for a source + settings, with a hash of the full settings."""
     clean = lambda s: re.sub(r"[^A-Za-z0-9._]+", "-", s).strip("-.")
     src = data if _shapes_args(data) else os.path.basename(os.path.normpath(data.split("*")[0] or ".")) or "data"
-    key = json.dumps([data if _shapes_args(data) else os.path.abspath(data), resolution, vae, text_encoder, bool(text_states)])
+    key = json.dumps([data if _shapes_args(data) else os.path.abspath(data), resolution, vae, text_encoder,
+                      bool(text_states)])
     vae_short = "none" if vae == "none" else os.path.basename(os.path.normpath(vae))
-    parts = [clean(src), f"{resolution}px", clean(vae_short), clean(text_encoder if not os.path.exists(text_encoder) else os.path.basename(os.path.normpath(text_encoder)))]
+    te_short = os.path.basename(os.path.normpath(text_encoder)) if os.path.exists(text_encoder) else text_encoder
+    parts = [clean(src), f"{resolution}px", clean(vae_short), clean(te_short)]
     return "-".join(parts + (["states"] if text_states else []) + [hashlib.sha1(key.encode()).hexdigest()[:8]])
 
 def ensure_cache(data, resolution, vae, text_encoder, cache_dir="", device="cpu", text_states=False):
@@ -572,7 +669,8 @@ class LatentCache:
         self.empty_tokens = np.array(self.manifest["empty_tokens"], np.int32)  # (77,)
         self.states = self.pooled = self.empty_states = self.empty_pooled = None
         if self.manifest["text_states"]:  # (N, 77, dim), (N, pooled_dim), (77, dim), (pooled_dim,) float16
-            self.states, self.pooled, self.empty_states, self.empty_pooled = map(load, ("states.npy", "pooled.npy", "empty_states.npy", "empty_pooled.npy"))
+            names = ("states.npy", "pooled.npy", "empty_states.npy", "empty_pooled.npy")
+            self.states, self.pooled, self.empty_states, self.empty_pooled = map(load, names)
 
     def __len__(self):
         return self.manifest["count"]
@@ -581,7 +679,9 @@ class LatentCache:
         with open(os.path.join(self.path, "captions.jsonl")) as f:
             return [json.loads(line)["text"] for line in f]
 
-##### The loader
+#################################################################################
+#                                  The loader                                   #
+#################################################################################
 
 @functools.lru_cache(maxsize=4)
 def epoch_plan(n, seed, epoch, cond_drop):
@@ -596,14 +696,16 @@ def epoch_plan(n, seed, epoch, cond_drop):
 class Loader:
     """Infinite deterministic batches from a cache. Per epoch e: perm from (seed, e), global batches of
     batch_size * world_size in order (tail dropped), rank r takes slice [r*B, (r+1)*B)."""
-    def __init__(self, cache, batch_size, seed=0, rank=0, world_size=1, cond_drop=0.0, flip=True, device="cpu", prefetch=2):
+    def __init__(self, cache, batch_size, seed=0, rank=0, world_size=1, cond_drop=0.0, flip=True, device="cpu",
+                 prefetch=2):
         self._thread = None
         self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.cond_drop, self.flip, self.device, self.prefetch = cond_drop, flip, torch.device(device), prefetch
         self.batches_per_epoch = len(self.cache) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"cache has {len(self.cache)} samples, fewer than one global batch ({batch_size} x {world_size})")
+            raise ValueError(f"cache has {len(self.cache)} samples, fewer than one global batch "
+                             f"({batch_size} x {world_size})")
         self.step = 0  # batches consumed by the caller (prefetched ones do not count)
         self._start()
 
@@ -632,7 +734,8 @@ class Loader:
         batch = self.gather(step)
         if self.device.type == "cuda":  # pinned float16: the copy in __next__ is asynchronous and half the bytes
             return {k: v.pin_memory() for k, v in batch.items()}
-        return {k: v.float() if v.dtype == torch.float16 else v for k, v in batch.items()}  # fp16 -> fp32 here, in the thread
+        # fp16 -> fp32 here, in the thread
+        return {k: v.float() if v.dtype == torch.float16 else v for k, v in batch.items()}
 
     def _work(self, step, q, stop):
         """Background thread: batches step, step + 1, ... into the bounded queue until stopped."""
@@ -680,22 +783,27 @@ class Loader:
     def load_state_dict(self, sd):
         self.close()
         global_batch = self.batch_size * self.world_size  # another world size: continue from the same sample count
-        self.step = sd["step"] if sd["global_batch"] == global_batch else sd["step"] * sd["global_batch"] // global_batch
+        same = sd["global_batch"] == global_batch
+        self.step = sd["step"] if same else sd["step"] * sd["global_batch"] // global_batch
         self._start()
 
     def __del__(self):
         self.close()
 
-##### Command line
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Encode a dataset into a latent cache (resumable: rerun after a kill).")
-    p.add_argument("--data", required=True, help="folder (metadata.jsonl | images + .txt | .tar shards), .tar glob, or shapes[:N[:SEED]]")
+    p.add_argument("--data", required=True,
+                   help="folder (metadata.jsonl | images + .txt | .tar shards), .tar glob, or shapes[:N[:SEED]]")
     p.add_argument("--out", default="", help="cache folder (default: cache/<slug of source and settings>)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse")
     p.add_argument("--text_encoder", default="ViT-L-14/laion2b_s32b_b82k")
-    p.add_argument("--text_states", action="store_true", help="also cache per-token text states (77 x dim fp16 per caption)")
+    p.add_argument("--text_states", action="store_true",
+                   help="also cache per-token text states (77 x dim fp16 per caption)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--chunk_size", type=int, default=512, help="items per committed chunk")
@@ -703,7 +811,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         if a.out and source_kind(a.data) != "cache":
-            path = build_cache(a.data, a.out, a.resolution, a.vae, a.text_encoder, a.device, a.text_states, a.batch_size, a.chunk_size, a.workers)
+            path = build_cache(a.data, a.out, a.resolution, a.vae, a.text_encoder, a.device, a.text_states,
+                               a.batch_size, a.chunk_size, a.workers)
         else:
             path = ensure_cache(a.data, a.resolution, a.vae, a.text_encoder, device=a.device, text_states=a.text_states)
     except DataError as e:

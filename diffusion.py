@@ -23,6 +23,8 @@ SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 
 def make_betas(schedule, T, beta_start, beta_end):
     """Betas [T] in float64, as diffusers' beta_schedule "linear" | "scaled_linear" | "squaredcos_cap_v2" ("cosine")."""
+    if schedule in ("linear", "scaled_linear") and not (0 < beta_start < 1 and 0 < beta_end < 1):
+        raise ValueError(f"beta_start and beta_end must be in (0, 1), got {beta_start} and {beta_end}")
     if schedule == "linear":  # Ho et al. 2020 (DDPM) sec. 4: betas linear in t
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if schedule == "scaled_linear":  # Stable Diffusion / diffusers "scaled_linear": linear in sqrt(beta)
@@ -58,7 +60,8 @@ def _draw(generator, shape, device, dtype=torch.float32, high=None):
             return torch.randn(shp, generator=g, device=dev, dtype=dtype)
         return torch.randint(0, high, shp, generator=g, device=dev)
     if isinstance(generator, (list, tuple)):
-        assert len(generator) == shape[0], f"{len(generator)} generators for a batch of {shape[0]}"
+        if len(generator) != shape[0]:
+            raise ValueError(f"a list of generators needs one per sample: {len(generator)} for a batch of {shape[0]}")
         return torch.cat([one(g, (1, *shape[1:])) for g in generator]).to(device)
     return one(generator, shape).to(device)
 
@@ -80,11 +83,13 @@ class Diffusion:
                  zero_terminal_snr=False):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be a positive int, got {T!r}")
         if zero_terminal_snr and prediction == "eps":
-            raise ValueError(
-                "zero_terminal_snr=True with prediction='eps' is ill-posed: at t=T-1 alphas_cumprod is 0 (SNR 0), x_t is "
-                "pure noise, so an eps prediction carries no information about x0 and x0 = (x_t - sqrt(1-a) eps) / sqrt(a) "
-                "divides by zero. Use prediction='v' (as arXiv 2305.08891 does) or 'x0', or zero_terminal_snr=False.")
+            # at t = T-1 alphas_cumprod is 0 (SNR 0): x_t is pure noise, eps carries nothing about x0, and
+            # x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) divides by zero
+            raise ValueError("zero_terminal_snr with prediction 'eps' is ill-posed (SNR 0 at t = T-1 leaves x0 "
+                             "unrecoverable): use prediction 'v' (as arXiv 2305.08891 does) or 'x0'")
         self.schedule, self.T, self.prediction, self.zero_terminal_snr = schedule, T, prediction, zero_terminal_snr
         betas = make_betas(schedule, T, beta_start, beta_end)
         self.betas = rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas  # float64 [T]
@@ -161,8 +166,8 @@ class Diffusion:
 
     def loss(self, model_fn, x0, cond, *, min_snr_gamma=0.0, noise_offset=0.0, input_perturbation=0.0,
              t=None, noise=None, offset_noise=None, perturb_noise=None, generator=None):
-        """One denoising loss. Any of t (B,) / noise (B,C,H,W) / offset_noise (B,C,1,1) / perturb_noise (B,C,H,W) that is
-        None is drawn from `generator`, in that order (the last two only when their strength is > 0).
+        """One denoising loss. Any of t (B,) / noise (B,C,H,W) / offset_noise (B,C,1,1) / perturb_noise (B,C,H,W)
+        that is None is drawn from `generator`, in that order (the last two only when their strength is > 0).
         Returns (weighted mean loss, per-sample unweighted MSE (B,) float32 detached, t (B,) long)."""
         B, C = x0.shape[:2]
         if t is None:
@@ -199,7 +204,7 @@ class Diffusion:
         i = torch.arange(steps, dtype=torch.float64)
         if spacing == "leading":  # diffusers: arange(steps) * (T // steps), reversed
             return (i * (T // steps)).flip(0).long()
-        if spacing == "trailing":  # diffusers: round(arange(T, 0, -T/steps)) - 1; numpy's arange step is (T - T/steps) - T
+        if spacing == "trailing":  # diffusers: round(arange(T, 0, -T/steps)) - 1; numpy's step: (T - T/steps) - T
             return (T + i * ((T - T / steps) - T)).round().long() - 1
         if spacing == "linspace":  # diffusers: round(linspace(0, T-1, steps)), reversed; numpy: i * step, last = T-1
             t = i * ((T - 1) / (steps - 1)) if steps > 1 else i
@@ -224,12 +229,14 @@ class Diffusion:
         """Denoise x_T (B, C, H, W) over self.timesteps(steps, spacing) and return x0 in x_T's dtype.
         t_start: x_T is x_{t_start}, e.g. add_noise(x0, noise, t_start) of an image (SDEdit, arXiv 2108.01073):
         the steps are t_start, then the grid's timesteps below it.
-        model_fn(x_t, t (B,) long, cond) -> raw output of self.prediction's kind. uncond=None: no CFG, one call per step.
+        model_fn(x_t, t (B,) long, cond) -> raw output of self.prediction's kind. uncond=None: no CFG, one call a step.
         Every sampler steps from timesteps[i] to timesteps[i+1] and finally to a = 1 (set_alpha_to_one), so the
         last step returns the model's x0 estimate. (DDIMScheduler steps to t - T//steps instead: the same grid for
         "leading", and for "trailing" when steps divides T.) ddpm and ddim with eta > 0 draw noise from `generator`."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0 (0: deterministic DDIM), got {eta}")
         ts = self.timesteps(steps, spacing).tolist()
         if t_start is not None:
             if not 0 <= t_start < self.T:
@@ -256,13 +263,16 @@ class Diffusion:
                 # DDPM eq. 7, posterior mean of q(x_s | x_t, x0)
                 x = (a_s ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_s) / (1 - a_t)) * x
                 if s >= 0:  # DDPM eq. 7 variance ("fixed_small"), clamped at 1e-20 as diffusers does
-                    x = x + max((1 - a_s) / (1 - a_t) * beta, 1e-20) ** 0.5 * _draw(generator, x.shape, x.device, x.dtype)
-            elif s < 0:  # dpmpp_2m's last step: first order to sigma = 0 lands exactly on x0 (diffusers final_sigmas_type="zero")
+                    std = max((1 - a_s) / (1 - a_t) * beta, 1e-20) ** 0.5
+                    x = x + std * _draw(generator, x.shape, x.device, x.dtype)
+            elif s < 0:  # dpmpp_2m's last step: first order to sigma = 0 is x0 (diffusers final_sigmas_type="zero")
                 x = x0
-            else:  # dpmpp_2m: DPM-Solver++(2M), Lu et al. 2022 (arXiv 2211.01095) Algorithm 2, in diffusers' "midpoint" form
-                h = 0.5 * math.log(a_s / (1 - a_s)) - 0.5 * math.log(a_t / (1 - a_t))  # lambda_s - lambda_t, lambda = log(alpha/sigma)
+            else:  # dpmpp_2m: DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2), diffusers' "midpoint"
+                # h = lambda_s - lambda_t, lambda = log(alpha / sigma)
+                h = 0.5 * math.log(a_s / (1 - a_s)) - 0.5 * math.log(a_t / (1 - a_t))
                 # first step first order (D = x0); then D = D0 + D1 / 2 with D1 = (x0 - x0_prev) / r, r = h_prev / h
                 d = x0 if x0_prev is None else x0 + 0.5 * (h / h_prev) * (x0 - x0_prev)
-                x = ((1 - a_s) / (1 - a_t)) ** 0.5 * x - a_s ** 0.5 * math.expm1(-h) * d  # sigma_s/sigma_t x - alpha_s (e^-h - 1) D
+                # sigma_s / sigma_t x - alpha_s (e^-h - 1) D
+                x = ((1 - a_s) / (1 - a_t)) ** 0.5 * x - a_s ** 0.5 * math.expm1(-h) * d
                 x0_prev, h_prev = x0, h
         return x

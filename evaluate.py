@@ -30,11 +30,10 @@ from PIL import Image
 from scipy import linalg, ndimage
 from tqdm import tqdm
 
-from data import (DataError, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, open_clip_quick_gelu, render_shape,
-                  shapes_caption, to_pixels)
-from sample import CheckpointError, check_args, fresh_path, generate, load_pipeline, save_png
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from data import (IMAGE_EXTS, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, open_clip_quick_gelu,
+                  render_shape, shapes_caption, to_pixels)
+from diffusion import SAMPLERS
+from sample import check_args, fresh_path, generate, open_pipeline, save_png
 
 #################################################################################
 #                                  Metrics                                      #
@@ -53,7 +52,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
     pytorch-fid's calculate_frechet_distance: scipy sqrtm, eps added to both diagonals when the product is singular."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape, "statistics of different dimensions"
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     try:
         covmean = linalg.sqrtm(sigma1 @ sigma2)
@@ -261,11 +262,9 @@ def shape_attributes(images, threshold=60.0, min_area=0.005, max_area=0.6) -> li
     from it, then regrown as the pixels nearer its median colour than the background's; colour = palette entry
     nearest that median, kind = KIND_FILL entry nearest the shape's bounding-box fill ratio. No shape covering
     min_area..max_area of the image (nothing drawn) -> (None, None)."""
-    assert set(KIND_FILL) == set(SHAPE_KINDS), "KIND_FILL must cover data.SHAPE_KINDS"
     names, palette = list(SHAPE_COLORS), np.array(list(SHAPE_COLORS.values()), dtype=np.float64)  # (P, 3)
     out = []
     for im in np.asarray(images, dtype=np.float64):  # (H, W, 3)
-        h, w, _ = im.shape
         bg = np.median(np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]]), axis=0)  # (3,) background colour
         mask = largest_component(np.linalg.norm(im - bg, axis=-1) > threshold)  # (H, W)
         if mask is not None:
@@ -299,16 +298,19 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim"
     Chance level: 1/len(SHAPE_COLORS) for colour, 1/len(SHAPE_KINDS) for shape.
     t_start: start from a true render of each caption noised to t_start instead of pure noise (SDEdit), to find
     the noise level below which the model keeps the prompted shape (a perfect model: 1.0 from any t_start)."""
-    combos = [(c, k, b) for c in SHAPE_COLORS for k in SHAPE_KINDS for b in SHAPE_BACKGROUNDS for _ in range(n_per_prompt)]
+    combos = [(c, k, b) for c in SHAPE_COLORS for k in SHAPE_KINDS for b in SHAPE_BACKGROUNDS
+              for _ in range(n_per_prompt)]
     prompts = [shapes_caption(c, k, b) for c, k, b in combos]
     init = None
     if t_start is not None:
         rng = random.Random(f"probe-{seed}")
-        pixels = to_pixels([np.asarray(render_shape(c, k, b, pipe.resolution, rng)) for c, k, b in combos])  # (N, 3, H, W)
-        init = torch.cat([pipe.vae.encode(pixels[i:i + batch_size]).float().cpu() for i in range(0, len(pixels), batch_size)])
+        pixels = to_pixels([np.asarray(render_shape(c, k, b, pipe.resolution, rng)) for c, k, b in combos])
+        init = torch.cat([pipe.vae.encode(pixels[i:i + batch_size]).float().cpu()  # (N, C, h, w) latents
+                          for i in range(0, len(pixels), batch_size)])
     images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], cfg=cfg, steps=steps, sampler=sampler,
                       batch_size=batch_size, progress=progress, init=init, t_start=t_start)
-    return dict(cfg=cfg, t_start=t_start, **probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos]))
+    accuracy = probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos])
+    return dict(cfg=cfg, t_start=t_start, **accuracy)
 
 #################################################################################
 #                                  CLI                                          #
@@ -318,9 +320,15 @@ def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
 
-def main(argv=None, extractor=None, clip_scorer=None):
-    """extractor / clip_scorer: injected callables (tests); by default the TF-Inception and open_clip models."""
-    p = argparse.ArgumentParser(description="FID / IS / CLIP score and the shapes probe for a train.py checkpoint.")
+def error_exit(message):
+    """A one-line error on stderr, exit 2 (argparse's convention)."""
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py",
+                                description="FID / IS / CLIP score and the shapes probe for a train.py checkpoint.")
     p.add_argument("--ckpt", default="out/ckpt.pt")
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
     p.add_argument("--prompts", default="", help=".txt (one caption per line) or .jsonl (text / caption)")
@@ -328,7 +336,7 @@ def main(argv=None, extractor=None, clip_scorer=None):
     p.add_argument("--n", type=int, default=0, help="samples per CFG scale (default: one per prompt)")
     p.add_argument("--cfg", default="7.5", help="CFG scale(s), comma separated: 1,3,5")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmpp_2m"))
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance_rescale", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -347,6 +355,11 @@ def main(argv=None, extractor=None, clip_scorer=None):
                    "if it holds files, the next free FOLDER-2, ... is used)")
     p.add_argument("--out", default="", help="JSON results (default: eval.json beside the checkpoint; an existing "
                    "file is kept and eval-2.json, ... written instead)")
+    return p
+
+
+def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
+    """The settings that need no checkpoint, checked (p.error: exit 2) -> (args, cfgs, prompts, t_starts)."""
     args = p.parse_args(argv)
     if not args.prompts and not args.probe:
         p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes")
@@ -374,13 +387,75 @@ def main(argv=None, extractor=None, clip_scorer=None):
         p.error(f"--probe_from must be comma-separated timesteps: 200,400, got {args.probe_from!r}")
     if t_starts and not args.probe:
         p.error("--probe_from needs --probe shapes")
+    return args, cfgs, prompts, t_starts
+
+
+def metric_networks(args, device, extractor=None, clip_scorer=None) -> tuple:
+    """(extractor, clip_scorer): the injected ones, else TF-Inception and open_clip (from local files on an
+    offline machine); exit 2 with a one-line error when they cannot be had."""
     try:
-        pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
-    except (CheckpointError, DataError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if args.steps > pipe.diffusion.T:
-        p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")
+        extractor = extractor or InceptionV3(args.inception_weights or None, device=device)
+        if clip_scorer is None and args.clip.lower() != "none":
+            clip_scorer = ClipScorer.load(args.clip, args.clip_weights, device=device)
+    except Exception as e:  # a download, a missing file, a checkpoint of another architecture: one line each
+        error_exit(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                   "(offline: --inception_weights PATH, --clip_weights PATH or --clip none)")
+    return extractor, clip_scorer
+
+
+def run_metrics(args, pipe, prompts, cfgs, report, extractor=None, clip_scorer=None):
+    """FID / IS / CLIP score at every CFG scale into `report`, and their table on stdout."""
+    extractor, clip_scorer = metric_networks(args, pipe.device, extractor, clip_scorer)
+    try:
+        ref = reference_stats(args.ref, extractor, pipe.resolution, args.stats_cache, args.batch) if args.ref else None
+    except (OSError, KeyError, ValueError) as e:  # a missing or too small folder, an .npz without mu / sigma
+        error_exit(f"--ref {args.ref}: {e}")
+    rows = evaluate(pipe, prompts, cfgs, extractor, clip_scorer, ref, n=args.n, steps=args.steps,
+                    sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, seed=args.seed,
+                    batch_size=args.batch,
+                    save_dir=fresh_path(args.save_images, folder=True) if args.save_images else "")
+    report.update(prompts=args.prompts, feature_extractor=extractor.name,
+                  clip_model=getattr(clip_scorer, "name", None), results=rows,
+                  reference=None if ref is None else dict(source=ref["source"], n=ref["n"], cache=ref.get("cache")))
+    print(f"\nFID vs {args.ref or '(no reference)'} ({ref['n'] if ref else 0} images), {extractor.name}; "
+          f"IS over 10 splits; CLIP score {report['clip_model']}")
+    if ref is not None and rows[0]["n"] < len(ref["mu"]):
+        print(f"note: {rows[0]['n']} samples < {len(ref['mu'])} feature dimensions: FID is biased upward "
+              "(papers use 10K-50K samples: FID-30K on COCO)")
+    print("| cfg | n | FID | IS | CLIP score |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['cfg']:g} | {r['n']} | {fmt(r['fid'])} | {r['is_mean']:.2f} ± {r['is_std']:.2f} "
+              f"| {fmt(r['clip_score'])} |")
+
+
+def run_probe(args, pipe, cfgs, t_starts, report):
+    """The shapes probe at every CFG scale, from pure noise and from each of t_starts, into `report` and stdout."""
+    probe = [probe_shapes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
+                          sampler=args.sampler, batch_size=args.batch, progress=True, t_start=t)
+             for t in [None] + t_starts for c in cfgs]
+    report["probe_shapes"] = probe
+    print(f"\nshapes probe (chance: colour {1 / len(SHAPE_COLORS):.2f}, shape {1 / len(SHAPE_KINDS):.2f}; "
+          "from: sampled from pure noise, or from a true render noised to timestep t)")
+    print("| from | cfg | n | colour acc | shape acc | both |\n|---|---|---|---|---|---|")
+    for r in probe:
+        print(f"| {'noise' if r['t_start'] is None else 't=%d' % r['t_start']} | {r['cfg']:g} | {r['n']} "
+              f"| {r['color_acc']:.3f} | {r['shape_acc']:.3f} | {r['both_acc']:.3f} |")
+
+
+def write_report(report, out, ckpt):
+    """JSON to `out` (default eval.json beside the checkpoint), a fresh name if taken, written atomically."""
+    out = fresh_path(out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "eval.json"))
+    with open(out + ".part", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(out + ".part", out)
+    print(f"\nwrote {out}")
+
+
+def main(argv=None, extractor=None, clip_scorer=None):
+    """extractor / clip_scorer: injected callables (tests); by default the TF-Inception and open_clip models."""
+    p = build_parser()
+    args, cfgs, prompts, t_starts = parse_settings(p, argv)
+    pipe = open_pipeline(p, args, weights=args.weights)
     if any(not 0 <= t < pipe.diffusion.T for t in t_starts):
         p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
     device_name = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu"
@@ -389,51 +464,10 @@ def main(argv=None, extractor=None, clip_scorer=None):
                                 guidance_rescale=args.guidance_rescale, weights=args.weights))
     print(f"{args.ckpt} (step {pipe.step}) on {device_name}, {report['date']}: {args.sampler} {args.steps} steps")
     if args.prompts:
-        try:  # the pretrained metric networks: on an offline machine they must come from local files
-            extractor = extractor or InceptionV3(args.inception_weights or None, device=pipe.device)
-            if clip_scorer is None and args.clip.lower() != "none":
-                clip_scorer = ClipScorer.load(args.clip, args.clip_weights, device=pipe.device)
-        except Exception as e:
-            print(f"evaluate.py: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                  "(offline: --inception_weights PATH, --clip_weights PATH or --clip none)", file=sys.stderr)
-            sys.exit(2)
-        try:
-            ref = reference_stats(args.ref, extractor, pipe.resolution, args.stats_cache, args.batch) if args.ref else None
-        except (OSError, KeyError, ValueError) as e:  # a missing or too small folder, an .npz without mu / sigma
-            print(f"evaluate.py: error: --ref {args.ref}: {e}", file=sys.stderr)
-            sys.exit(2)
-        rows = evaluate(pipe, prompts, cfgs, extractor, clip_scorer, ref, n=args.n, steps=args.steps,
-                        sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, seed=args.seed,
-                        batch_size=args.batch,
-                        save_dir=fresh_path(args.save_images, folder=True) if args.save_images else "")
-        report.update(prompts=args.prompts, feature_extractor=extractor.name,
-                      clip_model=getattr(clip_scorer, "name", None), results=rows,
-                      reference=None if ref is None else dict(source=ref["source"], n=ref["n"], cache=ref.get("cache")))
-        print(f"\nFID vs {args.ref or '(no reference)'} ({ref['n'] if ref else 0} images), {extractor.name}; "
-              f"IS over 10 splits; CLIP score {report['clip_model']}")
-        if ref is not None and rows[0]["n"] < len(ref["mu"]):
-            print(f"note: {rows[0]['n']} samples < {len(ref['mu'])} feature dimensions: FID is biased upward "
-                  "(papers use 10K-50K samples: FID-30K on COCO)")
-        print("| cfg | n | FID | IS | CLIP score |\n|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['cfg']:g} | {r['n']} | {fmt(r['fid'])} | {r['is_mean']:.2f} ± {r['is_std']:.2f} "
-                  f"| {fmt(r['clip_score'])} |")
+        run_metrics(args, pipe, prompts, cfgs, report, extractor, clip_scorer)
     if args.probe == "shapes":
-        probe = [probe_shapes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
-                              sampler=args.sampler, batch_size=args.batch, progress=True, t_start=t)
-                 for t in [None] + t_starts for c in cfgs]
-        report["probe_shapes"] = probe
-        print(f"\nshapes probe (chance: colour {1 / len(SHAPE_COLORS):.2f}, shape {1 / len(SHAPE_KINDS):.2f}; "
-              "from: sampled from pure noise, or from a true render noised to timestep t)")
-        print("| from | cfg | n | colour acc | shape acc | both |\n|---|---|---|---|---|---|")
-        for r in probe:
-            print(f"| {'noise' if r['t_start'] is None else 't=%d' % r['t_start']} | {r['cfg']:g} | {r['n']} "
-                  f"| {r['color_acc']:.3f} | {r['shape_acc']:.3f} | {r['both_acc']:.3f} |")
-    out = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"))
-    with open(out + ".part", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(out + ".part", out)
-    print(f"\nwrote {out}")
+        run_probe(args, pipe, cfgs, t_starts, report)
+    write_report(report, args.out, args.ckpt)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ class DiTConfig:
         if self.adaln not in ("single", "zero"):
             raise ValueError(f"adaln must be 'single' or 'zero', got {self.adaln!r}")
         if self.width % self.heads or (self.width // self.heads) % 4:
-            raise ValueError(f"width {self.width} / heads {self.heads}: the head size must be a whole multiple of 4 (2-D RoPE)")
+            raise ValueError(f"width {self.width} / heads {self.heads}: "
+                             "the head size must be a whole multiple of 4 (2-D RoPE)")
 
 # the DiT paper's sizes (Table 1); the /N suffix is the patch size
 _SIZES = {"S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
@@ -119,7 +120,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)   # (B, H, N, D) each
         # RMSNorm reduces in fp32 internally; its output and RoPE stay in the compute dtype (cos/sin cast to it, as
-        # Llama's RoPE does). Upcasting q, k to fp32 around both cost 4% of a compiled B/2 step on an H100 (measured).
+        # Llama's RoPE does): upcasting q, k to fp32 around both costs 4% of a compiled B/2 step on an H100
+        # (docs/log.md 2026-11-26 11:19, attention variants).
         q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)          # (B, H, N|L, D)
         if rope is not None:
             cos, sin = rope[0].to(v.dtype), rope[1].to(v.dtype)                # (N, D/2) each
@@ -263,8 +265,8 @@ class DiT(nn.Module):
 # dense bf16 tensor-core FLOP/s with fp32 accumulate (no sparsity), matched by substring of the device name;
 # more specific names first
 PEAK_FLOPS = {
-    "5090": 209.5e12,     # NVIDIA RTX Blackwell GPU Architecture whitepaper, RTX 5090: BF16 w/ FP32 acc 209.5 (419 sparse)
-    "4090": 165.2e12,     # NVIDIA Ada Lovelace GPU Architecture whitepaper, RTX 4090: BF16 w/ FP32 acc 165.2 (330.4 sparse)
+    "5090": 209.5e12,     # NVIDIA RTX Blackwell GPU Architecture whitepaper: BF16 w/ FP32 acc 209.5 (419 sparse)
+    "4090": 165.2e12,     # NVIDIA Ada Lovelace GPU Architecture whitepaper: BF16 w/ FP32 acc 165.2 (330.4 sparse)
     "H100 PCIe": 756.5e12,  # NVIDIA H100 datasheet, H100 PCIe: BF16 1,513 TFLOPS with sparsity
     "H100": 989.4e12,     # NVIDIA H100 datasheet, H100 SXM: BF16 1,979 TFLOPS with sparsity
     "H200": 989.4e12,     # NVIDIA H200 datasheet, H200 SXM: BF16 1,979 TFLOPS with sparsity
@@ -285,7 +287,8 @@ def peak_flops(device) -> float | None:
 
 def preset_table(grid: int = 32, **overrides) -> str:
     """Markdown table of every preset: parameters and training GFLOPs per image at `grid` (built on meta)."""
-    rows = ["| preset | depth | width | heads | patch | params (M) | train GFLOP/img |", "|---|---|---|---|---|---|---|"]
+    rows = ["| preset | depth | width | heads | patch | params (M) | train GFLOP/img |",
+            "|---|---|---|---|---|---|---|"]
     for name in PRESETS:
         with torch.device("meta"):
             model = DiT(make_config(name, input_size=grid, **overrides))

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -21,20 +20,60 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from data import DataError, load_text_encoder, load_vae
-from diffusion import Diffusion
+from diffusion import SAMPLERS, Diffusion
 from model import DiT, DiTConfig
 
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+# the checkpoint layout: train.py writes it with save_checkpoint, every reader checks it with load_checkpoint
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "config", "model_config", "loader_state", "rng", "progress")
+FOR_SAMPLING = ("ema", "config", "model_config")
+FOR_RESUMING = ("model", "ema", "optimizer", "step", "model_config", "loader_state")  # rng, progress: optional
 # train.py globals sample.py rebuilds the pipeline from
-CONFIG_KEYS = ("resolution", "vae", "text_encoder", "prediction", "schedule", "zero_terminal_snr", "beta_start", "beta_end")
+CONFIG_KEYS = ("resolution", "vae", "text_encoder", "prediction", "schedule", "zero_terminal_snr", "beta_start",
+               "beta_end")
 
 #################################################################################
-#                                  Loading                                      #
+#                                 Checkpoints                                   #
 #################################################################################
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable (truncated, corrupt) or not a train.py checkpoint."""
 
+
+def save_checkpoint(path: str, state: dict):
+    """The one writer of the layout. Atomic: a temp file, fsync, then a rename over the old checkpoint, so a
+    killed run or a full disk leaves the previous checkpoint whole."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    unknown = [k for k in state if k not in CHECKPOINT_KEYS]
+    if missing or unknown:
+        raise ValueError(f"checkpoint layout: missing {missing}, unknown {unknown}")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, need=FOR_SAMPLING) -> dict:
+    """The one reader: torch.load(weights_only=True) on the CPU, with one-line errors for a missing, truncated or
+    foreign file, or one without the keys `need`s (sampling needs config keys too)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / EOFError / UnpicklingError depending on where the file ends
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {reason}") from None
+    missing = [k for k in need if not (isinstance(ckpt, dict) and k in ckpt)]
+    if not missing and "config" in need:
+        missing = [f"config[{k!r}]" for k in CONFIG_KEYS if k not in ckpt["config"]]
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
+    return ckpt
+
+#################################################################################
+#                                  Loading                                      #
+#################################################################################
 
 @dataclasses.dataclass
 class Pipeline:
@@ -57,44 +96,31 @@ class Pipeline:
         return (self.vae.channels, size, size)
 
 
-def load_checkpoint(path: str) -> dict:
-    """torch.load(weights_only=True) with one-line errors for a missing, truncated or foreign file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / EOFError / UnpicklingError depending on where the file ends
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {reason}") from None
-    missing = [k for k in ("ema", "config", "model_config") if not (isinstance(ckpt, dict) and k in ckpt)]
-    missing += [f"config[{k!r}]" for k in CONFIG_KEYS if not missing and k not in ckpt["config"]]
-    if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
-    return ckpt
-
-
 def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipeline:
     """Rebuild DiT (with `weights`: "ema" or "model"), Diffusion, VAE and text encoder from one checkpoint."""
     device = torch.device(device)
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt["config"]
     if not isinstance(ckpt.get(weights), dict):  # e.g. --weights model on a release that ships only the EMA
-        raise CheckpointError(f"{ckpt_path} has no '{weights}' weights" + (" (try --weights ema)" if weights == "model" else ""))
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt[weights].items()}  # tolerate a compiled module's keys
+        hint = " (try --weights ema)" if weights == "model" else ""
+        raise CheckpointError(f"{ckpt_path} has no '{weights}' weights{hint}")
     try:
         model = DiT(DiTConfig(**ckpt["model_config"]))
-        model.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as e:  # a model_config this model.py cannot build, or weights of another shape
-        raise CheckpointError(f"{ckpt_path}: '{weights}' weights do not fit model.py: {str(e).splitlines()[0]}") from None
+        model.load_state_dict(ckpt[weights])
+    except (TypeError, ValueError, RuntimeError) as e:  # a model_config model.py cannot build, or other shapes
+        reason = str(e).splitlines()[0]
+        raise CheckpointError(f"{ckpt_path}: '{weights}' weights do not fit model.py: {reason}") from None
     model.to(device).eval().requires_grad_(False)
     try:
         diffusion = Diffusion(schedule=config["schedule"], beta_start=config["beta_start"], beta_end=config["beta_end"],
                               prediction=config["prediction"], zero_terminal_snr=config["zero_terminal_snr"])
-    except (ValueError, AssertionError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{ckpt_path}: its diffusion settings are invalid: {e}") from None
     vae = load_vae(config["vae"], device=device)
     text_encoder = load_text_encoder(config["text_encoder"], device=device)
-    assert vae.channels == model.config.in_channels, f"vae {vae.name} has {vae.channels} channels, model {model.config.in_channels}"
+    if vae.channels != model.config.in_channels:
+        raise CheckpointError(f"{ckpt_path}: vae {vae.name} has {vae.channels} channels, the model "
+                              f"{model.config.in_channels}")
     return Pipeline(model, diffusion, vae, text_encoder, config, int(ckpt.get("step", 0)), device, ckpt_path)
 
 #################################################################################
@@ -109,9 +135,9 @@ def encode_text(pipe: Pipeline, captions: list) -> tuple:
 @torch.no_grad()
 def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler="ddim", eta=0.0,
                    guidance_rescale=0.0, negative="", init=None, t_start=None) -> torch.Tensor:
-    """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise). -> (B, C, h, w) fp32
-    init (B, C, h, w) latents + t_start: start from init noised to t_start instead of pure noise (SDEdit)."""
-    assert len(prompts) == len(seeds) and sampler in SAMPLERS
+    """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise).
+    -> (B, C, h, w) fp32. init (B, C, h, w) latents + t_start: start from init noised to t_start (SDEdit)."""
+    assert len(prompts) == len(seeds), "one seed per prompt"
     assert init is None or t_start is not None, "init latents need the t_start they are noised to"
     # CPU generators (as diffusers' randn_tensor): the same seed gives the same x_T and noise on any device
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -158,8 +184,12 @@ def generate(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, samp
 #                                  Output                                       #
 #################################################################################
 
-def make_grid(images: torch.Tensor, cols: int, pad: int = 2) -> Image.Image:
-    """uint8 (N, H, W, 3) -> one PIL image, `cols` per row, white padding."""
+def make_grid(images: torch.Tensor, cols: int, pad: int = 2, min_cell: int = 256) -> Image.Image:
+    """uint8 (N, H, W, 3) -> one PIL image, `cols` per row, white padding. Small images are enlarged by an integer
+    factor (nearest neighbour: every pixel stays a sharp square) to at least `min_cell` px, so a grid of 16-px
+    samples is visible as it is."""
+    factor = max(1, math.ceil(min_cell / min(images.shape[1:3])))
+    images = images.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
     n, h, w, _ = images.shape
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
@@ -211,6 +241,18 @@ def check_args(p: argparse.ArgumentParser, args):
         p.error(f"--device {args.device}: torch sees no CUDA device here (use --device cpu)")
 
 
+def open_pipeline(p: argparse.ArgumentParser, args, weights="ema") -> Pipeline:
+    """load_pipeline for a command line (shared with evaluate.py): a bad checkpoint, an encoder that cannot be
+    loaded, or --steps beyond the training timesteps exit 2 with one line."""
+    try:
+        pipe = load_pipeline(args.ckpt, args.device, weights=weights)
+    except (CheckpointError, DataError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    if args.steps > pipe.diffusion.T:
+        p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")
+    return pipe
+
+
 def save_images(images: torch.Tensor, prompts: list, seeds: list, settings: dict, out_dir: str, cols: int) -> list:
     """NNNN.png per image with prompt, seed and settings in the PNG text chunk, plus grid.png. -> paths"""
     os.makedirs(out_dir, exist_ok=True)
@@ -230,7 +272,7 @@ def save_images(images: torch.Tensor, prompts: list, seeds: list, settings: dict
 #################################################################################
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from a train.py checkpoint.")
+    p = argparse.ArgumentParser(prog="sample.py", description="Sample images from a train.py checkpoint.")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="train.py checkpoint")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA weights (default) or the raw ones")
@@ -250,13 +292,7 @@ def main(argv=None):
     if args.n < 1:
         p.error("--n must be >= 1")  # exits 2
     check_args(p, args)
-    try:
-        pipe = load_pipeline(args.ckpt, args.device, weights=args.weights)
-    except (CheckpointError, DataError) as e:  # a bad checkpoint, or its VAE / text encoder cannot be loaded
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if args.steps > pipe.diffusion.T:
-        p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")
+    pipe = open_pipeline(p, args, weights=args.weights)
     out_dir = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples"), folder=True)
     prompts = [prompt for prompt in args.prompts for _ in range(args.n)]
     seeds = [args.seed + k for k in range(len(prompts))]

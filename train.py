@@ -4,21 +4,25 @@ Train a text-conditioned DiT on cached VAE latents.
     python train.py                                   # the defaults below: SD VAE + CLIP ViT-L/14, 256 px
     python train.py configs/shapes.py                 # the offline CPU demo
     python train.py --batch 64 --accum 12             # micro-batch 64, 12 micro-steps per optimizer step
-    torchrun --standalone --nproc_per_node=8 train.py configs/rtx5090_week.py --accum 1   # 32 x 1 x 8 = 256 images/step
+    torchrun --standalone --nproc_per_node=8 train.py configs/rtx5090_week.py --accum 1   # 32 x 1 x 8 = 256/step
 
-Every global below is a command-line key (`--key value` or `--key=value`) and can be set by a config
-file (a Python file that assigns some of them). Rerunning the same command after a crash or preemption
-continues from out_dir/ckpt.pt (resume = "auto").
+Every global below is a command-line key (`--key value` or `--key=value`) and can be set by a config file (a
+Python file that assigns some of them). Rerunning the same command after a crash or preemption continues from
+out_dir/ckpt.pt (resume = "auto"). The file reads top to bottom: the globals, checking them, the pieces of a
+step (bench.py and the tests call these very functions), the setup, then main() with the loop.
 """
 import builtins
 import contextlib
 import dataclasses
 import difflib
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import re
 import signal
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -29,70 +33,74 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datalib
-from diffusion import Diffusion
+from diffusion import PREDICTIONS, SCHEDULES, Diffusion
 from model import PRESETS, DiT, make_config
+from sample import (FOR_RESUMING, CheckpointError, Pipeline, generate, load_checkpoint, make_grid, save_checkpoint,
+                    save_png)
 
+_SAMPLE_PROMPTS = ("a red fox in the snow|an astronaut riding a horse|a bowl of fruit on a wooden table|"
+                   "a lighthouse at sunset")
 # -----------------------------------------------------------------------------
-# defaults: DiT-B/2 on SD VAE latents with CLIP ViT-L/14 text at 256 px, on the built-in shapes until --data points
-# at real data; the week's run on a 5090 is configs/rtx5090_week.py
+# defaults: DiT-B/2 on SD VAE latents with CLIP ViT-L/14 text at 256 px, on the built-in shapes until --data
+# points at real data; the week's run on a 5090 is configs/rtx5090_week.py
 # I/O
-data = "shapes"                           # imagefolder with metadata.jsonl, images + .txt, webdataset .tar shards (folder or glob), a cache folder, or "shapes"
-cache_dir = ""                            # where the latent cache is built ("" = cache/<name derived from data + encoders>)
-out_dir = "out"                           # ckpt.pt, log.jsonl and samples/ go here
-resume = "auto"                           # auto (continue from out_dir/ckpt.pt if it exists) | never | a checkpoint path
-log_every = 50                            # optimizer steps between log lines (the only host syncs of the loop)
-ckpt_every = 1000                         # optimizer steps between checkpoints (also written at the end and on SIGTERM/SIGINT)
-sample_every = 5000                       # optimizer steps between sample grids with the EMA weights (0 = never)
-sample_prompts = "a red fox in the snow|an astronaut riding a horse|a bowl of fruit on a wooden table|a lighthouse at sunset"  # '|'-separated
-sample_cfg = 5.0                          # classifier-free guidance scale of the sample grids
+data = "shapes"            # metadata.jsonl imagefolder, images + .txt, webdataset .tar shards, a cache, or "shapes"
+cache_dir = ""             # where the latent cache is built ("" = cache/<name from data + encoders>)
+out_dir = "out"            # ckpt.pt, log.jsonl and samples/ go here
+resume = "auto"            # auto (continue from out_dir/ckpt.pt if it exists) | never | a checkpoint path
+log_every = 50             # optimizer steps between log lines (the only host syncs of the loop)
+ckpt_every = 1000          # optimizer steps between checkpoints (also at the end and on SIGTERM/SIGINT)
+sample_every = 5000        # optimizer steps between sample grids with the EMA weights (0 = never)
+sample_prompts = _SAMPLE_PROMPTS  # '|'-separated prompts of the sample grids
+sample_cfg = 5.0           # classifier-free guidance scale of the sample grids
 # data and the frozen encoders
-resolution = 256                          # image side in pixels (latent side = resolution / 8 with the SD VAE)
-vae = "stabilityai/sd-vae-ft-mse"         # diffusers AutoencoderKL name or folder, or "none" (pixel space)
-text_encoder = "ViT-L-14/laion2b_s32b_b82k"  # open_clip "arch/pretrained", a local open_clip checkpoint, or "tiny" (offline tests)
-text_states = False                       # cache the text encoder's states on disk (118 KB/caption at CLIP-L) instead of encoding token ids each step
-cond_drop = 0.1                           # caption dropout probability, for classifier-free guidance
-flip = True                               # random horizontal flips (both flips are in the cache)
+resolution = 256           # image side in pixels (latent side = resolution / 8 with the SD VAE)
+vae = "stabilityai/sd-vae-ft-mse"  # diffusers AutoencoderKL name or folder, or "none" (pixel space)
+text_encoder = "ViT-L-14/laion2b_s32b_b82k"  # open_clip "arch/pretrained", an open_clip checkpoint, or "tiny"
+text_states = False        # cache the encoder's token states (118 KB/caption at CLIP-L), not token ids
+cond_drop = 0.1            # caption dropout probability, for classifier-free guidance
+flip = True                # random horizontal flips (both flips are in the cache)
 # model
-model = "DiT-B/2"                         # preset name from model.PRESETS
-depth = 0                                 # 0 = the preset's value
-width = 0                                 # 0 = the preset's value
-heads = 0                                 # 0 = the preset's value
-patch = 0                                 # 0 = the preset's value
-adaln = "single"                          # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-Zero per block)
-qk_norm = True                            # RMSNorm on queries and keys (bf16 stability; measured: 12% of a B/2 step on an H100)
-text_len = 77                             # text tokens the DiT cross-attends to: the first N of the encoder's 77 (fewer is cheaper for short captions)
-grad_ckpt = False                         # activation checkpointing per block (memory for compute)
+model = "DiT-B/2"          # preset name from model.PRESETS
+depth = 0                  # 0 = the preset's value
+width = 0                  # 0 = the preset's value
+heads = 0                  # 0 = the preset's value
+patch = 0                  # 0 = the preset's value
+adaln = "single"           # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-Zero per block)
+qk_norm = True             # RMSNorm on queries and keys (bf16 stability; cost: docs/log.md 2026-11-26 11:19)
+text_len = 77              # text tokens the DiT cross-attends to: the first N of the encoder's 77
+grad_ckpt = False          # activation checkpointing per block (memory for compute)
 # diffusion
-schedule = "scaled_linear"                # linear | scaled_linear | cosine
-beta_start = 0.00085                      # first beta (linear schedules)
-beta_end = 0.012                          # last beta (linear schedules)
-prediction = "v"                          # v | eps | x0
-zero_terminal_snr = False                 # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0 prediction
-min_snr_gamma = 5.0                       # min-SNR-gamma loss weighting (arXiv 2303.09556); 0 = off
-t_logit_mean = 0.0                        # with t_logit_std > 0: timesteps t = T * sigmoid(N(mean, std)) (SD3's logit-normal, arXiv 2403.03206); > 0 favours noisier steps
-t_logit_std = 0.0                         # 0 = timesteps uniform on 0..T-1
-noise_offset = 0.0                        # offset noise strength (per-channel constant added to the noise)
-input_perturbation = 0.0                  # input perturbation strength (arXiv 2301.11706)
+schedule = "scaled_linear"  # linear | scaled_linear | cosine
+beta_start = 0.00085       # first beta (linear schedules)
+beta_end = 0.012           # last beta (linear schedules)
+prediction = "v"           # v | eps | x0
+zero_terminal_snr = False  # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0
+min_snr_gamma = 5.0        # min-SNR-gamma loss weighting (arXiv 2303.09556); 0 = off
+t_logit_mean = 0.0         # timesteps T * sigmoid(N(mean, std)) (SD3, arXiv 2403.03206); > 0: noisier
+t_logit_std = 0.0          # 0 = timesteps uniform on 0..T-1
+noise_offset = 0.0         # offset noise strength (per-channel constant added to the noise)
+input_perturbation = 0.0   # input perturbation strength (arXiv 2301.11706)
 # optimisation
-batch = 64                                # micro-batch per GPU
-accum = 1                                 # micro-steps per optimizer step (global batch = batch * accum * GPUs)
-lr = 1e-4                                 # peak learning rate
-lr_schedule = "wsd"                       # constant | cosine | wsd (warmup-stable-decay)
-warmup = 1000                             # optimizer steps of linear LR warmup
-decay_frac = 0.2                          # wsd: share of the run spent decaying the LR linearly to 0
-max_steps = 400_000                       # optimizer steps
-max_hours = 0.0                           # wall-clock budget; > 0 plans the LR decay to end on time (0 = off)
-weight_decay = 0.0                        # AdamW weight decay, on parameters of >= 2 dims (linear and conv weights)
-adam_beta1 = 0.9                          # AdamW beta1
-adam_beta2 = 0.999                        # AdamW beta2
-grad_clip = 1.0                           # gradient-norm clipping (0 = off)
-ema_decay = 0.9999                        # EMA decay (warmed up as min(ema_decay, (1 + n) / (10 + n)))
-max_bad_steps = 20                        # consecutive non-finite steps that stop the run
+batch = 64                 # micro-batch per GPU
+accum = 1                  # micro-steps per optimizer step (global batch = batch * accum * GPUs)
+lr = 1e-4                  # peak learning rate
+lr_schedule = "wsd"        # constant | cosine | wsd (warmup-stable-decay)
+warmup = 1000              # optimizer steps of linear LR warmup
+decay_frac = 0.2           # wsd: share of the run spent decaying the LR linearly to 0
+max_steps = 400_000        # optimizer steps
+max_hours = 0.0            # wall-clock budget; > 0 plans the LR decay to end on time (0 = off)
+weight_decay = 0.0         # AdamW weight decay, on parameters of >= 2 dims (linear and conv weights)
+adam_beta1 = 0.9           # AdamW beta1
+adam_beta2 = 0.999         # AdamW beta2
+grad_clip = 1.0            # gradient-norm clipping (0 = off)
+ema_decay = 0.9999         # EMA decay (warmed up as min(ema_decay, (1 + n) / (10 + n)))
+max_bad_steps = 20         # consecutive non-finite steps that stop the run
 # system
-device = "auto"                           # auto | cpu | cuda | cuda:N
-dtype = "bfloat16"                        # autocast dtype on CUDA: bfloat16 | float32 (the CPU always runs float32)
-compile = True                            # torch.compile the model (CUDA only)
-seed = 0                                  # seeds the data order, the noise and the init
+device = "auto"            # auto | cpu | cuda | cuda:N
+dtype = "bfloat16"         # autocast dtype on CUDA: bfloat16 | float32 (the CPU always runs float32)
+compile = True             # torch.compile the model (CUDA only)
+seed = 0                   # seeds the data order, the noise and the init
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)]
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
@@ -126,7 +134,8 @@ def _convert(key, value, default):
 def _check_key(key):
     if key not in DEFAULTS:
         close = difflib.get_close_matches(key, CONFIG_KEYS, n=3)
-        raise ConfigError(f"unknown key {key!r}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""))
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown key {key!r}{hint}")
 
 
 def parse_args(argv):
@@ -162,8 +171,8 @@ def parse_args(argv):
     return config
 
 
-CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), dtype=("bfloat16", "float32"), prediction=("v", "eps", "x0"),
-               schedule=("linear", "scaled_linear", "cosine"), adaln=("single", "zero"), model=tuple(PRESETS))
+CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), dtype=("bfloat16", "float32"), prediction=PREDICTIONS,
+               schedule=SCHEDULES, adaln=("single", "zero"), model=tuple(PRESETS))
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, warmup=0, max_hours=0,
                 depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0, min_snr_gamma=0,
                 t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)
@@ -186,17 +195,16 @@ def check_config(C):
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(C, key) < 1:
             raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1)")
-    try:  # the model's own checks (DiTConfig), before the cache build
+    try:  # the model's and the schedule's own checks (DiTConfig, Diffusion), before the cache build
         make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, adaln=C.adaln)
+        make_diffusion(C)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not (math.isfinite(C.lr) and C.lr > 0):
         raise ConfigError(f"--lr {C.lr}: must be a positive number")
     if not 1 <= C.text_len <= datalib.CONTEXT_LENGTH:
         raise ConfigError(f"--text_len {C.text_len}: must be 1..{datalib.CONTEXT_LENGTH} (the encoder's tokens)")
-    if C.zero_terminal_snr and C.prediction == "eps":
-        raise ConfigError("zero_terminal_snr with eps prediction is ill-posed (SNR 0 at the last step): use --prediction v")
-    if C.sample_every > 0 and not [q for q in C.sample_prompts.split("|") if q.strip()]:
+    if C.sample_every > 0 and not sample_prompt_list(C):
         raise ConfigError("--sample_prompts has no prompt ('|'-separated); or --sample_every 0")
     if C.device != "auto":
         try:
@@ -205,6 +213,15 @@ def check_config(C):
             raise ConfigError(f"--device {C.device!r}: {e}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {C.device}: torch sees no CUDA device here (use --device cpu)")
+
+
+def make_diffusion(C):
+    return Diffusion(schedule=C.schedule, beta_start=C.beta_start, beta_end=C.beta_end, prediction=C.prediction,
+                     zero_terminal_snr=C.zero_terminal_snr)
+
+
+def sample_prompt_list(C):
+    return [q for q in C.sample_prompts.split("|") if q.strip()]
 
 
 def usage():
@@ -217,7 +234,7 @@ def usage():
 # -----------------------------------------------------------------------------
 # the pieces of a step (bench.py and the tests call these very functions)
 
-def configure_optimizer(model, lr, weight_decay, betas, device_type):
+def configure_optimizer(model, lr, weight_decay, betas):
     """AdamW, decay on parameters of >= 2 dims only; fused (one kernel per step, and it can skip a step on device)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -232,7 +249,8 @@ def lr_decay_start(horizon, C):
 
 
 def lr_at(step, horizon, C):
-    """Linear warmup, then constant, cosine (to 0 at `horizon`) or warmup-stable-decay (linear to 0 over the last decay_frac)."""
+    """Linear warmup, then constant, cosine (to 0 at `horizon`) or warmup-stable-decay (linear to 0 over the last
+    decay_frac)."""
     if step < C.warmup:
         return C.lr * (step + 1) / C.warmup
     if C.lr_schedule == "constant":
@@ -269,16 +287,19 @@ def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ct
     losses, ts = [], []
     for micro in range(C.accum):
         batch = next(loader)
-        rows = slice((micro * world + rank) * C.batch, (micro * world + rank + 1) * C.batch)  # this micro-batch's share of the step's noise
+        first = (micro * world + rank) * C.batch  # this micro-batch's share of the step's noise
+        rows = slice(first, first + C.batch)
         pick = lambda a: None if a is None else a[rows]
-        sync = contextlib.nullcontext() if (not ddp or micro == C.accum - 1) else model.no_sync()  # all-reduce grads on the last micro-step only
+        # DDP all-reduces the gradients on the last micro-step only
+        sync = contextlib.nullcontext() if (not ddp or micro == C.accum - 1) else model.no_sync()
         with sync:
             with ctx:
                 cond = (batch["states"], batch["pooled"]) if "states" in batch else encode_text(batch["tokens"])
                 loss, per_sample, t = diffusion.loss(
                     lambda x, tt, c: model(x, tt, *c), batch["latents"], cond,
                     min_snr_gamma=C.min_snr_gamma, noise_offset=C.noise_offset, input_perturbation=C.input_perturbation,
-                    t=pick(t_all), noise=pick(noise_all), offset_noise=pick(offset_all), perturb_noise=pick(perturb_all))
+                    t=pick(t_all), noise=pick(noise_all), offset_noise=pick(offset_all),
+                    perturb_noise=pick(perturb_all))
             (loss / C.accum).backward()
         losses.append(per_sample)
         ts.append(t)
@@ -298,56 +319,240 @@ def ema_update(ema_params, params, decay):
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema <- decay * ema + (1 - decay) * p
 
 
-@torch.no_grad()
-def sample_grid(model, diffusion, text_encoder, vae, prompts, cfg, grid, device, ctx, path, seed=0):
-    """A grid of one image per prompt from fixed seeds (train-time preview; sample.py is the full tool)."""
-    import numpy as np
-    from PIL import Image
-    model.eval()
-    n = len(prompts)
-    text, pooled = text_encoder(prompts)
-    utext, upooled = text_encoder([""] * n)
-    gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
-    x = torch.stack([torch.randn((model.config.in_channels, grid, grid), generator=g, device=device) for g in gens])
-    with ctx:
-        x = diffusion.sample(lambda x, t, c: model(x, t, *c), x, (text, pooled), uncond=(utext, upooled), cfg=cfg,
-                             steps=50, sampler="ddim", generator=gens)
-        images = vae.decode(x.float())
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    h, w = images.shape[1:3]
-    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
-    Image.fromarray(canvas).save(path)
-    model.train()
+# -----------------------------------------------------------------------------
+# setup: each piece of main() that runs once, in the order main() calls them
+
+def fail(message, code=2):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
-def save_checkpoint(path, state):
-    """Atomic: write a temp file, fsync, then rename over the old checkpoint."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def find_resume(C):
+    """-> (out_dir/ckpt.pt, the checkpoint to resume from or None). A run never overwrites a checkpoint that is not
+    its own: --resume never or a path with an existing out_dir/ckpt.pt is an error."""
+    if C.resume not in ("auto", "never") and not os.path.isfile(C.resume):
+        raise ConfigError(f"--resume {C.resume!r}: no such checkpoint")
+    ckpt_path = os.path.join(C.out_dir, "ckpt.pt")
+    if C.resume != "auto" and os.path.exists(ckpt_path) and os.path.abspath(C.resume) != os.path.abspath(ckpt_path):
+        raise ConfigError(f"{ckpt_path} exists and --resume {C.resume} would overwrite it: "
+                          "use another --out_dir, or move the checkpoint away")
+    if C.resume == "auto":
+        return ckpt_path, (ckpt_path if os.path.exists(ckpt_path) else None)
+    return ckpt_path, (None if C.resume == "never" else C.resume)
 
 
-def load_checkpoint(path):
-    """A train.py checkpoint with what resuming needs (`progress` and `rng` may be missing: DESIGN's layout)."""
+def setup_distributed(C):
+    """torchrun sets RANK: one process per GPU (NCCL; gloo on the CPU). Sets C.device. -> a namespace of the run's
+    rank, world size, the host-side control group and the autocast context."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if C.device == "auto":
+        C.device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world, ctrl = 0, 1, None
+    if ddp:
+        dist.init_process_group(backend="nccl" if C.device.startswith("cuda") else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        # host-side control messages (the cache path, stop and horizon decisions) over gloo on CPU tensors: they
+        # never wait for the GPU. The long timeout covers rank 0 building the cache while the others wait.
+        ctrl = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+        if C.device.startswith("cuda"):
+            C.device = f"cuda:{local_rank}"
+            torch.cuda.set_device(C.device)
+    cuda = C.device.startswith("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and C.dtype == "bfloat16"
+           else contextlib.nullcontext())
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, ctrl=ctrl, cuda=cuda, ctx=ctx)
+
+
+def open_data(C, D):
+    """Rank 0 builds the latent cache once (or finds it); every rank opens it. -> (cache, text encoder)"""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"cannot load checkpoint {path!r} ({type(e).__name__}: {e}); "
-                          "it is truncated or not a checkpoint of this project: move it away (or use another --out_dir) to start over") from None
-    need = ("model", "ema", "optimizer", "step", "model_config", "loader_state")
-    missing = [k for k in need if not (isinstance(ck, dict) and k in ck)]
-    if missing:
-        raise ConfigError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)}): "
-                          "use another --out_dir, or --resume never")
-    return ck
+        cache_path = error = None
+        if D.master:
+            try:
+                cache_path = datalib.ensure_cache(C.data, C.resolution, C.vae, C.text_encoder, cache_dir=C.cache_dir,
+                                                  device=C.device, text_states=C.text_states)
+            except datalib.DataError as e:
+                error = str(e)
+        if D.ddp:  # the others learn the path, or rank 0's error, and exit with the same message
+            holder = [(cache_path, error)]
+            dist.broadcast_object_list(holder, src=0, group=D.ctrl)
+            cache_path, error = holder[0]
+        if error:
+            raise datalib.DataError(error)
+        return datalib.LatentCache(cache_path), datalib.load_text_encoder(C.text_encoder, device=C.device)
+    except datalib.DataError as e:
+        fail(e)
 
+
+def build_model(C, latent_shape, text_encoder):
+    """-> (model, EMA copy in eval mode, AdamW, Diffusion), seeded by C.seed."""
+    torch.manual_seed(C.seed)
+    mcfg = make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch,
+                       in_channels=latent_shape[0], input_size=latent_shape[1], text_dim=text_encoder.dim,
+                       pooled_dim=text_encoder.pooled_dim, text_len=C.text_len, adaln=C.adaln, qk_norm=C.qk_norm,
+                       grad_ckpt=C.grad_ckpt)
+    if latent_shape[1] % mcfg.patch:
+        fail(f"{latent_shape[1]} x {latent_shape[2]} latents are not divisible by patch {mcfg.patch}: "
+             "change --resolution or --patch")
+    model = DiT(mcfg).to(C.device)
+    ema = DiT(mcfg).to(C.device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = configure_optimizer(model, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2))
+    return model, ema, optimizer, make_diffusion(C)
+
+
+def restore(ck, path, C, model, ema, optimizer, loader):
+    """Continue from a checkpoint: weights, EMA, optimizer state, loader position, RNG. -> (step, elapsed s, horizon)"""
+    same = lambda a: {k: v for k, v in a.items() if k != "grad_ckpt"}  # checkpointing changes no weight
+    if same(ck["model_config"]) != same(dataclasses.asdict(model.config)):
+        loader.close()
+        fail(f"{path} holds a different model ({ck['model_config']}); use another --out_dir or --resume never")
+    model.load_state_dict(ck["model"])
+    ema.load_state_dict(ck["ema"])
+    optimizer.load_state_dict(ck["optimizer"])
+    # the optimizer's state dict brings back its hyperparameters too: this run's settings win
+    for group, wd in zip(optimizer.param_groups, (C.weight_decay, 0.0)):
+        group.update(betas=(C.adam_beta1, C.adam_beta2), weight_decay=wd)
+    loader.load_state_dict(ck["loader_state"])
+    if "rng" in ck:
+        torch.set_rng_state(ck["rng"]["cpu"])
+    progress = ck.get("progress", {})
+    # keep a planned horizon (max_hours); without a budget the horizon is max_steps
+    horizon = min(progress.get("horizon", C.max_steps), C.max_steps) if C.max_hours > 0 else C.max_steps
+    return ck["step"], progress.get("elapsed_s", 0.0), horizon
+
+
+def checkpoint_state(C, model, ema, optimizer, loader, step, elapsed_s, horizon):
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "config": dict(vars(C)), "model_config": dataclasses.asdict(model.config),
+            "loader_state": loader.state_dict(), "rng": {"cpu": torch.get_rng_state()},
+            "progress": {"elapsed_s": elapsed_s, "horizon": horizon}}
+
+
+def warn_if_warmup_eats_the_decay(C, print0):
+    # cosine decays over (warmup, max_steps], wsd from its decay start: a warmup past that eats the decay
+    decay_from = C.max_steps - 1 if C.lr_schedule == "cosine" else lr_decay_start(C.max_steps, C)
+    if C.max_hours == 0 and C.lr_schedule != "constant" and C.warmup > decay_from:
+        print0(f"warning: warmup {C.warmup} runs past step {decay_from} of {C.max_steps}, where the LR should be "
+               "decaying: the LR will not follow its schedule (lower --warmup)")
+
+
+def environment(C, argv, step):
+    """log.jsonl's first record of a process: what ran, from which commit, with which versions, on what, how."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout
+        commit = git("rev-parse", "HEAD").strip() or "unknown"
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", False
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "diffusers", "open_clip_torch"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = C.device.startswith("cuda")
+    return {"event": "start", "command": ["train.py", *argv], "git_commit": commit, "git_dirty": dirty,
+            "versions": versions, "device": torch.cuda.get_device_name(C.device) if cuda else platform.processor()
+            or platform.machine(), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "step": step, "config": dict(vars(C))}
+
+
+class Horizon:
+    """The run's last optimizer step. With max_hours > 0 it is re-planned at log steps from the measured seconds per
+    step, so that the LR decay ends on time (under DDP rank 0's plan is the one every rank follows)."""
+    def __init__(self, C, steps):
+        self.C, self.steps, self.first_log = C, steps, None
+
+    def plan(self, step, elapsed_s):
+        """At a log step: re-plan. -> whether the budget is spent."""
+        C = self.C
+        if C.max_hours <= 0:
+            return False
+        # seconds per step: the mean since this process's first log step (checkpoint writes and sample grids
+        # included, as they recur). The first interval is not used: it holds the compile and, after a resume, may be
+        # a few steps long; planning from it would freeze wsd's horizon far too early.
+        if self.first_log is None:
+            self.first_log = (time.time(), step)
+        # wsd freezes the horizon once its decay has begun (moving it would make the LR jump); cosine decays from
+        # the end of warmup, so its horizon keeps being corrected (a smooth change)
+        elif not (C.lr_schedule == "wsd" and step >= lr_decay_start(self.steps, C)):
+            rate = (time.time() - self.first_log[0]) / max(step - self.first_log[1], 1)
+            self.steps = max(step, min(C.max_steps, step + int((C.max_hours * 3600 - elapsed_s) / rate)))
+        return elapsed_s >= C.max_hours * 3600
+
+
+class Meter:
+    """A log interval's sums, kept on the device: adding is free of host syncs, reading is one."""
+    def __init__(self, device, T, bins=10):
+        self.T, self.bins = T, bins
+        self.sums = {k: torch.zeros((), device=device) for k in ("loss", "n", "skipped", "grad_norm")}
+        self.bin_sum, self.bin_cnt = torch.zeros(bins, device=device), torch.zeros(bins, device=device)
+        self.bad_streak = torch.zeros((), device=device)  # non-finite steps in a row now
+        self.bad_worst = torch.zeros((), device=device)   # the longest such streak since the last read
+
+    def add(self, per_sample, t, grad_norm, found_inf):
+        ok = 1.0 - found_inf  # skipped steps stay out of the averages
+        per_sample = torch.where(ok > 0, per_sample, 0.0)
+        self.sums["loss"] += per_sample.mean()
+        self.sums["n"] += ok
+        self.sums["skipped"] += found_inf
+        self.sums["grad_norm"] += torch.where(ok > 0, grad_norm, 0.0)
+        self.bad_streak = (self.bad_streak + 1) * found_inf
+        self.bad_worst = torch.maximum(self.bad_worst, self.bad_streak)
+        b = (t * self.bins // self.T).clamp(0, self.bins - 1)  # the loss in bins of timestep
+        self.bin_sum.index_add_(0, b, per_sample)
+        self.bin_cnt.index_add_(0, b, ok.expand_as(per_sample))
+
+    def read(self, D):
+        """Sum over ranks, read, reset. -> (mean loss, mean grad norm, skipped steps, loss by t bin, worst streak)"""
+        if D.ddp:
+            for v in (*self.sums.values(), self.bin_sum, self.bin_cnt):
+                dist.all_reduce(v)
+        n = max(self.sums["n"].item(), 1e-9)
+        out = (self.sums["loss"].item() / n, self.sums["grad_norm"].item() / n,
+               int(round(self.sums["skipped"].item() / D.world)),
+               [round(s / max(c, 1e-9), 5) for s, c in zip(self.bin_sum.tolist(), self.bin_cnt.tolist())],
+               int(self.bad_worst.item()))
+        for v in (*self.sums.values(), self.bin_sum, self.bin_cnt, self.bad_worst):
+            v.zero_()
+        return out
+
+
+@torch.no_grad()
+def sample_grid(pipe, prompts, cfg, path):
+    """The train-time preview: image k is sample.py's `--seed k` image of prompt k (sample.generate, 50 DDIM steps)."""
+    images = generate(pipe, prompts, list(range(len(prompts))), cfg=cfg, steps=50, sampler="ddim")
+    save_png(make_grid(images, cols=math.ceil(math.sqrt(len(prompts)))), path)
+
+
+def describe(C, model, latent_shape, images, G, world):
+    c, tokens = model.config, (latent_shape[1] // model.config.patch) ** 2
+    params = sum(p.numel() for p in model.parameters())
+    budget = f", {C.max_hours} h budget" if C.max_hours > 0 else ""
+    return (f"model {C.model}: {params / 1e6:.1f}M params, depth {c.depth} width {c.width} heads {c.heads} patch "
+            f"{c.patch}, {latent_shape} latents -> {tokens} tokens, {model.estimate_flops() / 1e9:.1f} GFLOP/img "
+            f"(train)\n{images} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
+            f"{C.max_steps} steps max{budget} | device {C.device}")
+
+
+def console_line(rec):
+    mfu = "-" if rec["mfu"] is None else f"{rec['mfu'] * 100:.1f}%"
+    return (f"step {rec['step']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
+            f"{rec['images_per_s']:.1f} img/s | mfu {mfu} | mem {rec['peak_mem_gb']:.1f} GB | "
+            f"skipped {rec['skipped']} | eta {rec['eta_h']:.2f} h")
+
+
+def agree(D, signalled, horizon, time_up):
+    """Every step under DDP: all ranks take rank 0's horizon and time-up and stop together on any rank's signal
+    (torchrun gives SIGTERM'd workers 30 s): a few bytes over the host-side gloo group, no GPU sync."""
+    msg = torch.tensor([float(signalled), horizon if D.master else 0, float(time_up) if D.master else 0],
+                       dtype=torch.float64)
+    dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=D.ctrl)
+    return bool(msg[0] > 0), int(msg[1]), bool(msg[2] > 0)
 
 # -----------------------------------------------------------------------------
 
@@ -358,240 +563,105 @@ def main(argv):
     try:
         C = SimpleNamespace(**parse_args(argv))
         check_config(C)
-        if C.resume not in ("auto", "never") and not os.path.isfile(C.resume):
-            raise ConfigError(f"--resume {C.resume!r}: no such checkpoint")
-        ckpt_path = os.path.join(C.out_dir, "ckpt.pt")
-        if C.resume != "auto" and os.path.exists(ckpt_path) and os.path.abspath(C.resume) != os.path.abspath(ckpt_path):
-            raise ConfigError(f"{ckpt_path} exists and --resume {C.resume} would overwrite it: "
-                              "use another --out_dir, or move the checkpoint away")
-        resume_from = ckpt_path if C.resume == "auto" and os.path.exists(ckpt_path) else (None if C.resume in ("auto", "never") else C.resume)
-        ck = load_checkpoint(resume_from) if resume_from else None  # before the cache build: a bad file fails fast
+        ckpt_path, resume_from = find_resume(C)
+        ck = load_checkpoint(resume_from, need=FOR_RESUMING) if resume_from else None  # a bad file fails fast
     except ConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
+    except CheckpointError as e:
+        fail(f"{e}: move it away, use another --out_dir, or --resume never")
+    D = setup_distributed(C)
+    print0 = print if D.master else (lambda *a, **k: None)
 
-    # ---- distributed setup (torchrun sets RANK) and device
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if C.device == "auto":
-        C.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if ddp:
-        dist.init_process_group(backend="nccl" if C.device.startswith("cuda") else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-        # host-side control messages (the cache path, stop and horizon decisions) over gloo on CPU tensors: they
-        # never wait for the GPU. The long timeout covers rank 0 building the cache while the others wait.
-        ctrl = dist.new_group(backend="gloo", timeout=timedelta(days=7))
-        if C.device.startswith("cuda"):
-            C.device = f"cuda:{local_rank}"
-            torch.cuda.set_device(C.device)
-    else:
-        rank, world = 0, 1
-    master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
-    device_type = "cuda" if C.device.startswith("cuda") else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[C.dtype]
-    ctx = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and ptdtype != torch.float32 else contextlib.nullcontext()
-
-    # ---- data: build the latent cache once (rank 0), then everyone opens it
+    cache, text_encoder = open_data(C, D)
+    latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
+    raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder)
     try:
-        cache_path = error = None
-        if master:
-            try:
-                cache_path = datalib.ensure_cache(C.data, C.resolution, C.vae, C.text_encoder, cache_dir=C.cache_dir,
-                                                  device=C.device, text_states=C.text_states)
-            except datalib.DataError as e:
-                error = str(e)
-        if ddp:  # the others learn the path, or rank 0's error, and exit with the same message
-            holder = [(cache_path, error)]
-            dist.broadcast_object_list(holder, src=0, group=ctrl)
-            cache_path, error = holder[0]
-        if error:
-            raise datalib.DataError(error)
-        cache = datalib.LatentCache(cache_path)
-        text_encoder = datalib.load_text_encoder(C.text_encoder, device=C.device)
-    except datalib.DataError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=rank, world_size=world, cond_drop=C.cond_drop,
+        loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=D.rank, world_size=D.world, cond_drop=C.cond_drop,
                                 flip=C.flip, device=C.device)
     except ValueError as e:  # fewer samples than one global batch
-        print(f"train.py: error: {e}: lower --batch", file=sys.stderr)
-        sys.exit(2)
-    latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
-
-    # ---- model, EMA, optimizer, schedule
-    torch.manual_seed(C.seed)
-    mcfg = make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch,
-                       in_channels=latent_shape[0], input_size=latent_shape[1], text_dim=text_encoder.dim,
-                       pooled_dim=text_encoder.pooled_dim, text_len=C.text_len, adaln=C.adaln, qk_norm=C.qk_norm,
-                       grad_ckpt=C.grad_ckpt)
-    if latent_shape[1] % mcfg.patch:
-        loader.close()
-        print(f"train.py: error: {latent_shape[1]} x {latent_shape[2]} latents are not divisible by patch {mcfg.patch}: "
-              "change --resolution or --patch", file=sys.stderr)
-        sys.exit(2)
-    raw_model = DiT(mcfg).to(C.device)
-    ema_model = DiT(mcfg).to(C.device).requires_grad_(False)
-    ema_model.load_state_dict(raw_model.state_dict())
-    optimizer = configure_optimizer(raw_model, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2), device_type)
-    diffusion = Diffusion(schedule=C.schedule, beta_start=C.beta_start, beta_end=C.beta_end,
-                          prediction=C.prediction, zero_terminal_snr=C.zero_terminal_snr)
-
-    step, elapsed, horizon = 0, 0.0, C.max_steps
+        fail(f"{e}: lower --batch")
+    step, elapsed, horizon = 0, 0.0, Horizon(C, C.max_steps)
     if ck is not None:
-        same = lambda a: {k: v for k, v in a.items() if k != "grad_ckpt"}  # checkpointing changes no weight
-        if same(ck["model_config"]) != same(dataclasses.asdict(mcfg)):
-            loader.close()
-            print(f"train.py: error: {resume_from} holds a different model ({ck['model_config']}); "
-                  "use another --out_dir or --resume never", file=sys.stderr)
-            sys.exit(2)
-        raw_model.load_state_dict(ck["model"])
-        ema_model.load_state_dict(ck["ema"])
-        optimizer.load_state_dict(ck["optimizer"])
-        # the optimizer's state dict brings back its hyperparameters too: this run's settings win
-        for group, wd in zip(optimizer.param_groups, (C.weight_decay, 0.0)):
-            group.update(betas=(C.adam_beta1, C.adam_beta2), weight_decay=wd)
-        loader.load_state_dict(ck["loader_state"])
-        if "rng" in ck:
-            torch.set_rng_state(ck["rng"]["cpu"])
-        progress = ck.get("progress", {})
-        step, elapsed = ck["step"], progress.get("elapsed_s", 0.0)
-        horizon = min(progress.get("horizon", C.max_steps), C.max_steps) if C.max_hours > 0 else C.max_steps  # keep a planned horizon
+        step, elapsed, horizon.steps = restore(ck, resume_from, C, raw_model, ema_model, optimizer, loader)
         print0(f"resumed from {resume_from} at step {step}")
         del ck
-    # cosine decays over (warmup, max_steps], wsd from its decay start: a warmup past that eats the decay
-    decay_from = C.max_steps - 1 if C.lr_schedule == "cosine" else lr_decay_start(C.max_steps, C)
-    if C.max_hours == 0 and C.lr_schedule != "constant" and C.warmup > decay_from:
-        print0(f"warning: warmup {C.warmup} runs past step {decay_from} of {C.max_steps}, where the LR should be "
-               "decaying: the LR will not follow its schedule (lower --warmup)")
-    model = torch.compile(raw_model) if C.compile and device_type == "cuda" else raw_model
-    if ddp:
-        model = DDP(model, device_ids=[torch.device(C.device).index] if device_type == "cuda" else None)
-    params = [p for p in raw_model.parameters()]
-    ema_params = [p for p in ema_model.parameters()]
+    warn_if_warmup_eats_the_decay(C, print0)
+    model = torch.compile(raw_model) if C.compile and D.cuda else raw_model
+    if D.ddp:
+        model = DDP(model, device_ids=[torch.device(C.device).index] if D.cuda else None)
+    params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())
     assert all(p.requires_grad for p in params) and sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
 
-    G = C.batch * C.accum * world  # images per optimizer step
-    flops = raw_model.estimate_flops()
-    print0(f"model {C.model}: {sum(p.numel() for p in params) / 1e6:.1f}M params, depth {mcfg.depth} width {mcfg.width} "
-           f"heads {mcfg.heads} patch {mcfg.patch}, {latent_shape} latents -> {(latent_shape[1] // mcfg.patch) ** 2} tokens, "
-           f"{flops / 1e9:.1f} GFLOP/img (train)")
-    print0(f"{len(cache)} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
-           f"{C.max_steps} steps max{f', {C.max_hours} h budget' if C.max_hours > 0 else ''} | device {C.device}")
+    G = C.batch * C.accum * D.world  # images per optimizer step
+    print0(describe(C, raw_model, latent_shape, len(cache), G, D.world))
 
-    # ---- bookkeeping: stop on SIGTERM/SIGINT after the current step, with a checkpoint
-    if master:
-        os.makedirs(os.path.join(C.out_dir, "samples"), exist_ok=True)
+    # stop on SIGTERM/SIGINT after the current step, with a checkpoint
     stop = {"signal": None}
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def state():
-        return {"model": raw_model.state_dict(), "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "config": dict(vars(C)), "model_config": dataclasses.asdict(mcfg),
-                "loader_state": loader.state_dict(), "rng": {"cpu": torch.get_rng_state()},
-                "progress": {"elapsed_s": elapsed + time.time() - t_start, "horizon": horizon}}
-
-    acc = {k: torch.zeros((), device=C.device) for k in ("loss", "n", "skipped", "grad_norm")}
-    bin_sum, bin_cnt = torch.zeros(10, device=C.device), torch.zeros(10, device=C.device)
-    bad_streak = torch.zeros((), device=C.device)  # non-finite steps in a row now
-    bad_worst = torch.zeros((), device=C.device)   # the longest such streak since the last log step (checked there)
-    skipped_total = 0
-    log_file = open(os.path.join(C.out_dir, "log.jsonl"), "a") if master else None
-    t_start = t_log = time.time()
-    step_log, plan_from = step, None  # plan_from: (time, step) of this process's first log step, for the step rate
-    bar, vae_model, sampling = None, None, C.sample_every > 0
-    if master:
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                         for s in (signal.SIGTERM, signal.SIGINT)}
+    meter, skipped_total, preview = Meter(C.device, diffusion.T), 0, None
+    sampling = C.sample_every > 0
+    log_file, bar = None, None
+    if D.master:
         from tqdm import tqdm
-        bar = tqdm(total=horizon, initial=step, dynamic_ncols=True, disable=None)
+        os.makedirs(os.path.join(C.out_dir, "samples"), exist_ok=True)
+        log_file = open(os.path.join(C.out_dir, "log.jsonl"), "a")
+        log_file.write(json.dumps(environment(C, argv, step)) + "\n")
+        bar = tqdm(total=horizon.steps, initial=step, dynamic_ncols=True, disable=None)
+    t_start = t_log = time.time()
+    step_log = step
 
     # ---- the loop
-    while step < horizon:
+    while step < horizon.steps:
         rand = step_noise(step, G, latent_shape, C.device, C, diffusion.T)
-        lr = lr_at(step, horizon, C)
-        per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, text_encoder.encode, rand, lr, C, ctx, rank, world)
+        lr = lr_at(step, horizon.steps, C)
+        per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, text_encoder.encode,
+                                                         rand, lr, C, D.ctx, D.rank, D.world)
         ema_update(ema_params, params, min(C.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        ok = 1.0 - found_inf  # skipped steps stay out of the averages
-        per_sample = torch.where(ok > 0, per_sample, 0.0)
-        acc["loss"] += per_sample.mean()
-        acc["n"] += ok
-        acc["skipped"] += found_inf
-        acc["grad_norm"] += torch.where(ok > 0, grad_norm, 0.0)
-        bad_streak = (bad_streak + 1) * found_inf
-        bad_worst = torch.maximum(bad_worst, bad_streak)
-        b = (t * 10 // diffusion.T).clamp(0, 9)  # loss in 10 bins of timestep
-        bin_sum.index_add_(0, b, per_sample)
-        bin_cnt.index_add_(0, b, ok.expand_as(per_sample))
+        meter.add(per_sample, t, grad_norm, found_inf)
         if bar is not None:
             bar.update(1)
 
         time_up = False
-        if step % C.log_every == 0 or step >= horizon:
-            if ddp:
-                for v in (*acc.values(), bin_sum, bin_cnt):
-                    dist.all_reduce(v)
-            n = max(acc["n"].item(), 1e-9)
+        if step % C.log_every == 0 or step >= horizon.steps:
+            now = elapsed + time.time() - t_start
+            time_up = horizon.plan(step, now)
+            loss, gnorm, skipped, loss_by_t, worst = meter.read(D)
+            skipped_total += skipped
             dt = time.time() - t_log
             imgs = (step - step_log) * G / dt
-            skipped_total += int(round(acc["skipped"].item() / world))
-            now = elapsed + time.time() - t_start
-            if C.max_hours > 0:  # plan the horizon (rank 0's clock decides under DDP, below) so the LR ends on time
-                # seconds per step: the mean since this process's first log step (checkpoint writes and sample
-                # grids included, as they recur). The first interval is not used: it holds the compile and, after a
-                # resume, may be a few steps long; planning from it would freeze wsd's horizon far too early.
-                if plan_from is None:
-                    plan_from = (time.time(), step)
-                # wsd freezes the horizon once its decay has begun (moving it would make the LR jump); cosine
-                # decays from the end of warmup, so its horizon keeps being corrected (a smooth change)
-                elif not (C.lr_schedule == "wsd" and step >= lr_decay_start(horizon, C)):
-                    rate = (time.time() - plan_from[0]) / max(step - plan_from[1], 1)
-                    horizon = max(step, min(C.max_steps, step + int((C.max_hours * 3600 - now) / rate)))
-                    if bar is not None:
-                        bar.total = horizon
-                time_up = now >= C.max_hours * 3600
-            mfu = raw_model.mfu(imgs / world, C.device)  # nan where the peak is unknown (CPU)
-            rec = {"step": step, "loss": acc["loss"].item() / n, "lr": lr, "grad_norm": acc["grad_norm"].item() / n,
-                   "images_per_s": imgs, "mfu": mfu if math.isfinite(mfu) else None, "skipped": skipped_total,
-                   "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if device_type == "cuda" else 0.0,
-                   "eta_h": (horizon - step) * dt / max(step - step_log, 1) / 3600, "elapsed_h": now / 3600,
-                   "loss_by_t": [round(s / max(c, 1e-9), 5) for s, c in zip(bin_sum.tolist(), bin_cnt.tolist())]}
-            if master:
+            mfu = raw_model.mfu(imgs / D.world, C.device)  # nan where the peak is unknown (CPU)
+            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "images_per_s": imgs,
+                   "mfu": mfu if math.isfinite(mfu) else None, "skipped": skipped_total,
+                   "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if D.cuda else 0.0,
+                   "eta_h": (horizon.steps - step) * dt / max(step - step_log, 1) / 3600, "elapsed_h": now / 3600,
+                   "loss_by_t": loss_by_t}
+            if D.master:
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
-                mfu_s = "-" if rec["mfu"] is None else f"{rec['mfu'] * 100:.1f}%"
-                bar.write(f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | "
-                          f"{imgs:.1f} img/s | mfu {mfu_s} | mem {rec['peak_mem_gb']:.1f} GB | "
-                          f"skipped {skipped_total} | eta {rec['eta_h']:.2f} h")
-            if bad_worst.item() >= C.max_bad_steps:
-                print(f"train.py: error: {int(bad_worst.item())} non-finite steps in a row by step {step}; stopping. "
-                      f"The last good checkpoint ({ckpt_path}) is untouched.", file=sys.stderr)
-                sys.exit(1)
-            for v in (*acc.values(), bin_sum, bin_cnt, bad_worst):
-                v.zero_()
+                bar.total = horizon.steps
+                bar.write(console_line(rec))
+            if worst >= C.max_bad_steps:
+                fail(f"{worst} non-finite steps in a row by step {step}; stopping. The last good checkpoint "
+                     f"({ckpt_path}) is untouched.", code=1)
             t_log, step_log = time.time(), step
 
         signalled = stop["signal"] is not None
-        if ddp:  # every step, all ranks take rank 0's horizon and time-up, and stop together on any rank's signal
-            # (torchrun gives SIGTERM'd workers 30 s): a few bytes over the host-side gloo group, no GPU sync
-            msg = torch.tensor([float(signalled), horizon if master else 0, float(time_up) if master else 0],
-                               dtype=torch.float64)
-            dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=ctrl)
-            signalled, horizon, time_up = bool(msg[0] > 0), int(msg[1]), bool(msg[2] > 0)
+        if D.ddp:
+            signalled, horizon.steps, time_up = agree(D, signalled, horizon.steps, time_up)
         if time_up:
-            horizon = step
-        last = step >= horizon  # after the re-planning: a horizon moved to this very step ends the run here
-        if master and (step % C.ckpt_every == 0 or last or signalled):
-            save_checkpoint(ckpt_path, state())  # before sampling: a failed preview never costs training
-        if master and sampling and not signalled and (step % C.sample_every == 0 or last):
-            prompts = [p for p in C.sample_prompts.split("|") if p.strip()]
+            horizon.steps = step
+        last = step >= horizon.steps  # after the re-planning: a horizon moved to this very step ends the run here
+        if D.master and (step % C.ckpt_every == 0 or last or signalled):  # before sampling: a failed preview
+            save_checkpoint(ckpt_path, checkpoint_state(   # never costs training
+                C, raw_model, ema_model, optimizer, loader, step, elapsed + time.time() - t_start, horizon.steps))
+        if D.master and sampling and not signalled and (step % C.sample_every == 0 or last):
             try:
-                vae_model = vae_model or datalib.load_vae(C.vae, device=C.device)  # loaded on first use only
-                sample_grid(ema_model, diffusion, text_encoder, vae_model, prompts, C.sample_cfg, latent_shape[1],
-                            C.device, ctx, os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
+                preview = preview or Pipeline(ema_model, diffusion, datalib.load_vae(C.vae, device=C.device),
+                                              text_encoder, dict(vars(C)), step, torch.device(C.device), ckpt_path)
+                sample_grid(preview, sample_prompt_list(C), C.sample_cfg,
+                            os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
             except Exception as e:  # out of memory, a VAE that cannot be loaded offline, ...: training goes on
                 print(f"warning: sample grid at step {step} failed ({type(e).__name__}: {str(e)[:200]}); no more "
                       "sample grids this run (training continues; sample.py works on the checkpoint)", file=sys.stderr)
@@ -599,14 +669,14 @@ def main(argv):
         if signalled:
             print0(f"signal {stop['signal'] or 'on another rank'}: checkpoint saved at step {step}, exiting")
             break
+
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)
     loader.close()
     if bar is not None:
         bar.close()
-    if log_file:
         log_file.close()
-    if ddp:
+    if D.ddp:
         dist.barrier()
         dist.destroy_process_group()
     return {"step": step, "model": raw_model, "ema": ema_model, "optimizer": optimizer, "skipped": skipped_total}

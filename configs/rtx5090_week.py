@@ -1,25 +1,29 @@
 # The one-week run on one RTX 5090 (32 GB): python train.py configs/rtx5090_week.py --data /path/to/shards
 #
-# Budget (see README "Sizing the week"): ~210 TFLOP/s dense bf16 (fp32 accumulate) x ~50% MFU x 604,800 s
+# Budget (docs/week.md): ~210 TFLOP/s dense bf16 (fp32 accumulate) x ~50% MFU x 604,800 s
 # = ~6e19 training FLOPs. model.py counts DiT-XL/2 at 256 px (256 tokens + 77 text tokens) at ~0.9 TFLOP per
 # training image, so the week is ~70M images: 270K optimizer steps of 256 images, about the 400K x 256 images
 # of the DiT paper's XL/2 ImageNet run (FID 19.5) in FLOPs. DiT's Figure 9 shows the larger models reach a
 # given FID with fewer training FLOPs, so the week goes to the largest preset, not to more steps of a small one.
-# Measured on an H100 (README "Performance", bench.py): our XL/2 trains at 336 img/s, 29.5% MFU, and needs
+# On an H100 (bench.py; docs/log.md 2026-11-26 11:19) our XL/2 trains at 336 img/s, 29.5% MFU, and needs
 # 41.2 GB at micro-batch 64, so 64 does not fit the 5090's 32 GB; at 32 the activations halve (~12 GB of weights,
-# grads, AdamW state and EMA + ~15 GB: an estimate, not yet measured on a 5090). If 32 runs out of memory, set
-# grad_ckpt = True. At the H100's 29.5% MFU the week is ~44M images; ~73M if the 5090 reaches 50%.
+# grads, AdamW state and EMA + ~15 GB: an estimate for the 5090, to confirm with
+# `python bench.py --models XL/2 --batch 32` on the card). If 32 runs out of memory, set grad_ckpt = True.
+# At the H100's 29.5% MFU the week is ~44M images; ~73M if the 5090 reaches 50%.
 
 data = "data/shards"                 # img2dataset webdataset shards (or an imagefolder with metadata.jsonl)
 out_dir = "out/week"
 resolution = 256                     # sd-vae-ft-mse latents 4x32x32 -> 256 tokens at patch 2
 vae = "stabilityai/sd-vae-ft-mse"
 text_encoder = "ViT-L-14/laion2b_s32b_b82k"
-text_states = False                  # encoding 77 cached token ids costs ~1.5% of an XL/2 step; caching states costs 118 KB/image
+text_states = False                  # encoding 77 cached token ids costs ~1.5% of an XL/2 step;
+                                     # caching the states instead costs 118 KB/image
 model = "DiT-XL/2"
-adaln = "single"                     # PixArt adaLN-single: ~26% fewer parameters than adaLN-Zero at XL (README)
-batch = 32                           # micro-batch per GPU: ours needs 41.2 GB at 64 (H100, bench.py), too much for 32 GB
-qk_norm = True                       # +12% img/s without it at B/2 (H100), but a week unattended in bf16 wants the stability
+adaln = "single"                     # PixArt adaLN-single: ~26% fewer parameters than adaLN-Zero at XL/2
+                                     # (python model.py)
+batch = 32                           # micro-batch per GPU: 64 needs 41.2 GB (H100, bench.py), over the 32 GB
+qk_norm = True                       # +12% img/s without it at B/2 (H100; docs/log.md 2026-11-26 11:19),
+                                     # but a week unattended in bf16 wants the stability
 accum = 8                            # global batch 256, as in the DiT and PixArt papers
 lr = 1e-4                            # DiT / PixArt use 1e-4 (PixArt 2e-5 at batch 64 per GPU with more GPUs)
 lr_schedule = "wsd"                  # constant LR, then linear decay over the last 20%: ends annealed on time

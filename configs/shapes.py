@@ -2,15 +2,18 @@
 # Pixel space (vae none), the tiny random CLIP-style text tower, the built-in coloured shapes.
 data = "shapes:6000"
 out_dir = "out/shapes"
-resolution = 16                      # 16 px pixel space: 8x8 tokens at patch 2 (measured: 3x the img/s of 32 px at patch 4, and it learns faster)
+resolution = 16                      # 16 px pixel space: 8x8 tokens at patch 2, 3x the img/s of 32 px at patch 4,
+                                     # and it learns faster (docs/log.md 2026-11-26 06:32)
 vae = "none"
 text_encoder = "tiny"
 model = "DiT-S/2"
 depth = 6
 width = 128
 heads = 4
-qk_norm = False                      # measured: +19% img/s on the CPU, and at equal time shape acc 0.588 / 0.616 vs 0.514 / 0.569 with it (CFG 3 / 5)
-text_len = 16                        # the captions are 9 tokens: cross-attend to 16 of the 77 (+15% img/s)
+qk_norm = False                      # +19% img/s on the CPU, and shape accuracy at equal time no worse
+                                     # (docs/log.md 2026-11-26 11:44, the demo config)
+text_len = 16                        # the captions are 9 tokens: cross-attend to 16 of the 77
+                                     # (+15% img/s; docs/log.md 2026-11-26 11:44)
 batch = 32
 accum = 1
 lr = 1e-3
@@ -22,13 +25,16 @@ decay_frac = 0.3
 ema_decay = 0.995
 cond_drop = 0.1
 prediction = "v"
-min_snr_gamma = 0.0                  # plain v loss: min-SNR-5 downweights the high-noise steps where the shape is decided (measured: shape acc 0.37 -> 0.43 at CFG 3 in 3.5 min)
+min_snr_gamma = 0.0                  # plain v loss: min-SNR-5 downweights the high-noise steps where the shape is
+                                     # decided (shape acc 0.37 -> 0.43 at CFG 3 without it;
+                                     # docs/log.md 2026-11-26 07:01)
 t_logit_mean = 0.5                   # timesteps from a logit-normal leaning to noise, where the shape is decided
-t_logit_std = 1.0                    # (measured at equal time: shape acc 0.588 -> 0.833 at CFG 3; README)
+t_logit_std = 1.0                    # (shape acc 0.588 -> 0.833 at CFG 3 at equal time; docs/log.md 2026-11-26 11:44)
 compile = False
 device = "cpu"
 log_every = 50
 ckpt_every = 250
 sample_every = 0
-sample_prompts = "a red circle on a white background|a blue square on a black background|a yellow triangle on a gray background|a green circle on a black background"
+sample_prompts = ("a red circle on a white background|a blue square on a black background"
+                  "|a yellow triangle on a gray background|a green circle on a black background")
 sample_cfg = 4.0

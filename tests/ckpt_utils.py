@@ -5,6 +5,7 @@ import torch
 
 import data
 from model import DiT, DiTConfig
+from sample import save_checkpoint
 
 
 def make_tiny_checkpoint(path, resolution=16, prediction="v", schedule="scaled_linear", zero_terminal_snr=False,
@@ -27,6 +28,7 @@ def make_tiny_checkpoint(path, resolution=16, prediction="v", schedule="scaled_l
                         resolution=resolution, vae="none", text_encoder="tiny", model="DiT-S/2", prediction=prediction,
                         schedule=schedule, zero_terminal_snr=zero_terminal_snr, beta_start=0.00085, beta_end=0.012,
                         seed=seed)
-    torch.save({"model": raw, "ema": ema, "optimizer": {}, "step": step, "config": train_config,
-                "model_config": dataclasses.asdict(config), "loader_state": {}, "rng": {}}, path)
+    save_checkpoint(str(path), {"model": raw, "ema": ema, "optimizer": {}, "step": step, "config": train_config,
+                                "model_config": dataclasses.asdict(config), "loader_state": {}, "rng": {},
+                                "progress": {}})
     return path

@@ -233,6 +233,22 @@ def test_tokenize_is_77_ids_for_empty_short_and_long_captions():
     assert (tokens[2] != 0).all() and tokens[2, -1] == te.eot
 
 
+def test_public_token_helpers_pack_like_open_clips_tokenizer():
+    import open_clip
+    te = data.load_text_encoder("tiny")
+    fits, over = " ".join(["a"] * 75), " ".join(["a"] * 76)  # 77 and 78 ids with start and end of text
+    captions = ["", "a red circle on a white background", "caf\u00e9 au lait", fits, over, LONG]
+    ids = [te.token_ids(c) for c in captions]
+    assert all(i[0] == te.sot and i[-1] == te.eot for i in ids)
+    # untruncated: the cache counts the captions over 77 ids in manifest["fixed"]
+    assert [len(i) for i in ids[:1] + ids[3:5]] == [2, 77, 78] and len(ids[5]) > 77
+    packed = te.pack(ids)
+    assert packed.shape == (len(captions), 77) and packed.dtype == torch.long
+    assert torch.equal(packed, te.tokenize(captions))
+    reference = open_clip.get_tokenizer("ViT-L-14")  # open_clip's own tokenizer, the one "tiny" uses
+    assert torch.equal(packed, reference(captions))
+
+
 def test_tiny_text_tower_distinct_and_identical_across_processes(tmp_path):
     rng_before = torch.get_rng_state()
     te = data.load_text_encoder("tiny")
@@ -384,7 +400,7 @@ def files_of(folder):
 
 def test_a_cache_of_other_settings_is_never_thrown_away(tmp_path):
     """An explicit cache_dir that holds a finished cache of other settings, or whose source changed since, is an
-    error that leaves every byte as it was (it used to be deleted and rebuilt: hours of VAE encoding)."""
+    error that leaves every byte as it was (rebuilding would throw away hours of VAE encoding)."""
     src = tmp_path / "imgs"
     src.mkdir()
     for i in range(4):

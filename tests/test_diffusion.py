@@ -6,7 +6,8 @@ import torch
 import diffusers.schedulers.scheduling_ddim as ddim_module
 import diffusers.schedulers.scheduling_ddpm as ddpm_module
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.guiders.guider_utils import rescale_noise_cfg  # = StableDiffusionPipeline's (whose module needs transformers)
+# rescale_noise_cfg = StableDiffusionPipeline's (whose module needs transformers)
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.training_utils import compute_snr
 
 from diffusion import Diffusion, rescale_cfg
@@ -110,9 +111,11 @@ def test_prediction_conversions(schedule, zts):
     truth = {"eps": noise, "v": a.sqrt() * noise - (1 - a).sqrt() * x0, "x0": x0}  # v (Salimans & Ho 2022), by hand
     for kind in ("eps", "v", "x0"):
         if not (zts and kind == "eps"):
-            torch.testing.assert_close(ours(schedule, kind, zts).target(x0, noise, t), truth[kind], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ours(schedule, kind, zts).target(x0, noise, t), truth[kind],
+                                       rtol=1e-12, atol=1e-12)
         for to in ("eps", "v", "x0"):
-            ok = d.alphas_cumprod[t] > 0 if kind == "eps" else torch.ones(len(t), dtype=torch.bool)  # eps -> x0 needs SNR > 0
+            # eps -> x0 needs SNR > 0
+            ok = d.alphas_cumprod[t] > 0 if kind == "eps" else torch.ones(len(t), dtype=torch.bool)
             got = d.convert(truth[kind], x_t, t, to, kind=kind)
             torch.testing.assert_close(got[ok], truth[to][ok], rtol=1e-8, atol=1e-8)
 
@@ -236,13 +239,30 @@ def test_sampler_rejects_unknown_names():
         ours().timesteps(10, "uniform")
 
 
+def test_bad_arguments_raise_value_error():
+    """Callers catch ValueError only: every bad constructor, sample() or loss() argument raises one, not an assert."""
+    for bad in (dict(T=0), dict(T=10.5), dict(beta_start=0.0), dict(beta_end=1.5),
+                dict(schedule="linear", beta_end=-1)):
+        with pytest.raises(ValueError):
+            Diffusion(**bad)
+    assert Diffusion("cosine", beta_start=0.0, beta_end=0.0).T == T  # the cosine schedule has no betas to check
+    d, x, cond = ours(), torch.zeros(2, 3, 2, 2), torch.zeros(2, 3)
+    for bad in (dict(steps=0), dict(steps=T + 1), dict(spacing="uniform"), dict(sampler="euler"), dict(eta=-0.5),
+                dict(t_start=T), dict(sampler="ddpm", generator=[torch.Generator()])):  # one generator for 2 samples
+        with pytest.raises(ValueError):
+            d.sample(toy_model(d), x, cond, **bad)
+    with pytest.raises(ValueError):
+        d.loss(toy_model(d), x, cond, generator=[torch.Generator()])
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_sample_from_t_start(sampler):
     """SDEdit start: the steps are t_start then the grid below it; a model that knows x0 gives x0 back (float64);
     t_start = T-1 is the plain trailing-grid sample."""
     d = ours()
     g = torch.Generator().manual_seed(9)
-    x0, noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    x0 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
     seen = []
 
     def oracle(x, t, c):  # the exact v of x_t for this x0
@@ -269,7 +289,8 @@ def test_sample_from_t_start(sampler):
 
 def test_cfg_scale_one_equals_conditional():
     g = torch.Generator().manual_seed(7)
-    x_T, cond, uncond = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+    x_T = torch.randn(3, 3, 4, 4, generator=g)
+    cond, uncond = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
     d = ours()
     plain = d.sample(toy_model(d), x_T, cond, steps=10)
     guided = d.sample(toy_model(d), x_T, cond, uncond=uncond, cfg=1.0, steps=10)
@@ -318,7 +339,8 @@ def test_rescale_cfg_equals_rescale_noise_cfg():
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpmpp_2m", 0.0)])
 def test_list_of_generators_makes_each_sample_independent_of_its_batch(sampler, eta):
     g = torch.Generator().manual_seed(10)
-    x_T, cond, uncond = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+    x_T = torch.randn(3, 3, 4, 4, generator=g)
+    cond, uncond = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
     d = ours()
     kw = dict(cfg=2.0, guidance_rescale=0.5, steps=8, sampler=sampler, eta=eta)
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
@@ -335,7 +357,8 @@ def test_list_of_generators_makes_each_sample_independent_of_its_batch(sampler, 
 # end to end, independent of diffusers: for these data the optimal denoiser E[x0 | x_t] is known in closed form
 
 def exact_denoiser(d, posterior_mean):
-    """model_fn returning the optimal prediction of d.prediction's kind, from E[x0 | x_t] = posterior_mean(x_t, a, s)."""
+    """model_fn returning the optimal prediction of d.prediction's kind, from
+    E[x0 | x_t] = posterior_mean(x_t, a, s)."""
     def model_fn(x, t, cond):
         a, s = d.sqrt_ab[t].view(-1, 1).float(), d.sqrt_1m_ab[t].view(-1, 1).float()
         x0 = posterior_mean(x, a, s)
@@ -352,9 +375,11 @@ def test_two_point_mixture_50_steps_reproduce_mean_and_std(schedule, prediction,
     d = ours(schedule, prediction, zts)
     # posterior log-odds of +1 given x_t = a x0 + s eps: log(p / (1 - p)) + 2 a x_t / s^2
     model_fn = exact_denoiser(d, lambda x, a, s: torch.tanh(0.5 * math.log(p / (1 - p)) + a * x / s ** 2))
-    n_plus = round(p * n)  # stratified draw of x_T from its exact marginal: x0 in proportion, Gaussian quantiles as noise
+    # stratified draw of x_T from its exact marginal: x0 in proportion, Gaussian quantiles as noise
+    n_plus = round(p * n)
     quantiles = lambda m: torch.special.ndtri((torch.arange(m, dtype=torch.float64) + 0.5) / m).float()
-    x0, z = torch.cat([torch.ones(n_plus), -torch.ones(n - n_plus)]), torch.cat([quantiles(n_plus), quantiles(n - n_plus)])
+    x0 = torch.cat([torch.ones(n_plus), -torch.ones(n - n_plus)])
+    z = torch.cat([quantiles(n_plus), quantiles(n - n_plus)])
     a_T = d.alphas_cumprod[d.timesteps(50)[0]].item()  # the first timestep's signal level (0 with zero terminal SNR)
     x = d.sample(model_fn, (a_T ** 0.5 * x0 + (1 - a_T) ** 0.5 * z).view(n, 1), None, steps=50, sampler=sampler)
     mean, std = 2 * p - 1, 2 * (p * (1 - p)) ** 0.5
@@ -365,8 +390,9 @@ def test_two_point_mixture_50_steps_reproduce_mean_and_std(schedule, prediction,
                                                       ("cosine", "x0", False)])
 def test_gaussian_data_ddim_trajectory_is_the_closed_form_affine_map(schedule, prediction, zts):
     """x0 ~ N(mu, sd^2): E[x0 | x_t] = mu + a sd^2 / V_t (x_t - a mu), V_t = a^2 sd^2 + s^2, and one DDIM step
-    (x_s = a_s x0 + s_s eps) gives x_s - a_s mu = c (x_t - a_t mu), c = (a_s a_t sd^2 + s_s s_t) / V_t. By Cauchy-Schwarz
-    c^2 V_t <= V_s: DDIM shrinks the variance a little each step (about 3% in std over 50 steps at sd = 1)."""
+    (x_s = a_s x0 + s_s eps) gives x_s - a_s mu = c (x_t - a_t mu), c = (a_s a_t sd^2 + s_s s_t) / V_t. By
+    Cauchy-Schwarz c^2 V_t <= V_s: DDIM shrinks the variance a little each step (about 3% in std over 50 steps at
+    sd = 1)."""
     mu, sd = 0.5, 1.0
     d = ours(schedule, prediction, zts)
     model_fn = exact_denoiser(d, lambda x, a, s: mu + a * sd ** 2 / (a ** 2 * sd ** 2 + s ** 2) * (x - a * mu))
@@ -407,7 +433,8 @@ def test_min_snr_weight_for_x0_prediction():
     d = ours("scaled_linear", "x0")
     t = torch.arange(T)
     snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
-    torch.testing.assert_close(d.loss_weight(t, 5.0), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)).float())
+    torch.testing.assert_close(d.loss_weight(t, 5.0),
+                               torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)).float())
 
 
 def linear_model(x, t, cond):
@@ -434,7 +461,8 @@ def test_loss_equals_float64_recomputation(prediction, zts, gamma, offset, rho):
     target = {"eps": noise, "v": ab.sqrt() * noise - (1 - ab).sqrt() * x0, "x0": x0}[prediction]
     mse = ((linear_model(x_t, k["t"], k["cond"].double()) - target) ** 2).mean(dim=(1, 2, 3))
     snr = (ab / (1 - ab)).flatten()
-    w = {"eps": snr.clamp(max=gamma) / snr, "v": snr.clamp(max=gamma) / (snr + 1), "x0": snr.clamp(max=gamma)}[prediction]
+    w = {"eps": snr.clamp(max=gamma) / snr, "v": snr.clamp(max=gamma) / (snr + 1),
+         "x0": snr.clamp(max=gamma)}[prediction]
     w = w if gamma > 0 else torch.ones_like(snr)
     assert per_sample.dtype == torch.float32 and not per_sample.requires_grad and torch.equal(t, k["t"])
     torch.testing.assert_close(per_sample.double(), mse, rtol=1e-5, atol=1e-7)

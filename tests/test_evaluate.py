@@ -141,7 +141,8 @@ def test_inception_wrapper_feeds_torch_fidelity(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_clip():
     torch.manual_seed(1)  # a seed whose cosines on these tests' pictures have both signs
-    model = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+    model = open_clip.CLIP(embed_dim=16,
+                           vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
                            text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
     preprocess = open_clip.image_transform(32, is_train=False)
     return evaluate.ClipScorer(model, preprocess, open_clip.get_tokenizer("ViT-B-32"), name="tiny-random-clip")
@@ -274,6 +275,10 @@ def test_read_prompts_txt(tmp_path):
 #                                  Shapes probe                                 #
 #################################################################################
 
+def test_kind_fill_covers_every_shape_kind():
+    assert set(evaluate.KIND_FILL) == set(data.SHAPE_KINDS)
+
+
 def all_combos(copies):
     return [(c, k, b) for c in data.SHAPE_COLORS for k in data.SHAPE_KINDS for b in data.SHAPE_BACKGROUNDS
             for _ in range(copies)]
@@ -345,8 +350,8 @@ def test_bad_settings_exit_2_before_sampling(ckpt, tmp_path, capsys, args, want)
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     (tmp_path / "empty").mkdir()
     args = [{"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty")}.get(a, a) for a in args]
-    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt"), "--n", "20", "--clip", "none",
-            "--out", str(tmp_path / "eval.json")]
+    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt"), "--n", "20",
+            "--clip", "none", "--out", str(tmp_path / "eval.json")]
     net = TinyFeatures()
     with pytest.raises(SystemExit) as e:
         evaluate.main(argv + args, extractor=net, clip_scorer=None)

@@ -63,7 +63,8 @@ def test_presets_build_on_meta_with_expected_params():
             assert n == expected_params(cfg), name
             print(f"| {name} | {adaln} | {n / 1e6:.1f} | {model.estimate_flops() / 1e9:.1f} |")
     # the DiT paper's sizes (Table 1)
-    assert (make_config("DiT-XL/2").depth, make_config("DiT-XL/2").width, make_config("DiT-XL/2").heads) == (28, 1152, 16)
+    xl = make_config("DiT-XL/2")
+    assert (xl.depth, xl.width, xl.heads) == (28, 1152, 16)
     assert make_config("DiT-S/8").patch == 8 and make_config("DiT-L/4").width == 1024
 
 

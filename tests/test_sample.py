@@ -121,7 +121,7 @@ def test_cli_writes_pngs_and_grid(ckpt, pipe, tmp_path):
         assert im.text["prompt"] == PROMPTS[k // 2] and im.text["seed"] == str(3 + k)
         assert '"cfg": 2.5' in im.text["parameters"] and '"sampler": "ddim"' in im.text["parameters"]
         assert np.abs(np.asarray(im).astype(int) - want[k].numpy().astype(int)).max() <= 1
-    assert Image.open(out / "grid.png").size == (2 * 18 + 2, 2 * 18 + 2)  # 2 x 2 tiles of 16 px, 2 px padding
+    assert Image.open(out / "grid.png").size == (2 * 258 + 2, 2 * 258 + 2)  # 2 x 2 tiles of 16 px enlarged 16x, pad 2
 
 
 def test_a_second_run_never_overwrites_the_first(ckpt, tmp_path):

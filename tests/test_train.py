@@ -50,6 +50,12 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def log_records(out_dir):
+    """log.jsonl's step records (each process opens it with an environment record)."""
+    recs = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    return [r for r in recs if r.get("event") != "start"]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_parses_both_forms_and_config_files(tmp_path):
@@ -128,7 +134,7 @@ def test_overfits_four_examples(tmp_path):
     c4 = datalib.ensure_cache("shapes:4", 16, "none", "tiny", cache_dir=str(tmp_path / "c4"), device="cpu")
     out = train.main(args(c4, tmp_path / "o", prediction="eps", min_snr_gamma=0, cond_drop=0, flip=False,
                           lr=2e-3, warmup=20, max_steps=300, log_every=20, lr_schedule="constant", width=96))
-    recs = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
+    recs = log_records(tmp_path / "o")
     assert out["step"] == 300 and out["skipped"] == 0
     first, last = recs[0]["loss"], min(r["loss"] for r in recs[-3:])
     assert last < first / 10, (first, last)
@@ -187,7 +193,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(cache, tmp_path):
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = out / "log.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 4):  # env + 3 steps
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
@@ -234,7 +240,7 @@ def test_nan_step_is_skipped_and_counted(cache, tmp_path):
     assert out["step"] == steps and out["skipped"] == expected
     assert all(torch.isfinite(p).all() for p in out["model"].parameters())
     assert all(torch.isfinite(p).all() for p in out["ema"].parameters())
-    recs = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
+    recs = log_records(tmp_path / "o")
     assert recs[-1]["skipped"] == expected and all(np.isfinite(r["loss"]) for r in recs)
 
 
@@ -268,9 +274,9 @@ def test_existing_checkpoint_is_never_overwritten_and_a_truncated_one_is_a_clear
     assert (out / "ckpt.pt").read_bytes() == junk
 
 
-def test_foreign_checkpoints_are_clear_errors_and_designs_layout_resumes(cache, tmp_path, capsys):
-    """A bare state dict or a list in out_dir/ckpt.pt: exit 2 before any work. A checkpoint with only DESIGN.md's
-    keys (no `progress`, no `rng`) resumes."""
+def test_foreign_checkpoints_are_clear_errors_and_the_older_layout_resumes(cache, tmp_path, capsys):
+    """A bare state dict or a list in out_dir/ckpt.pt: exit 2 before any work. A checkpoint of the older layout
+    (no `progress`, no `rng`) resumes."""
     out = tmp_path / "o"
     out.mkdir()
     for foreign in ({"weight": torch.zeros(2)}, [1, 2]):
