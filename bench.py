@@ -8,19 +8,21 @@ depth/width/heads, run side by side in one process; plus the loader, the text en
     python bench.py --models XL/2 --grad_ckpt true     # any other --key value is a train.py key (train.parse_args)
     python bench.py configs/NAME.py --models B/2       # or a train.py config file
     python bench.py --tiny                             # CPU smoke run (< 1 min): tiny shapes, the very same code paths
+    python bench.py --models none --batch 256 --text_encoder tiny   # only the loader and text encoder rows
 
-A training step is train.py's: step_noise + lr_at + train_step (the accumulation loop, diffusion.loss, backward,
-clip, fused AdamW with on-device skip) + ema_update, under the same autocast and torch.compile rule (compiled on
-CUDA only). The peer goes through the very same train_step via a thin adapter, so both sides pay for the same
-loss (v-target MSE with min-SNR weights), optimizer and EMA, and only the network differs. Text states are fed
-as cached-style device tensors, so neither the loader nor the text encoder is inside the timed step (both are
-measured on their own below). Timing: CUDA events around blocks of steps, warm-up (and compilation) excluded,
-ours and the peer alternating A B / B A in every round; step ms is the median over rounds.
+A training step is train.py's (step_noise, lr_at, train_step with diffusion.loss, clip and fused AdamW, ema_update)
+under its autocast and torch.compile rule (compiled on CUDA only). The peer goes through the same train_step via a
+thin adapter, so only the network differs. Text states are cached-style device tensors: the loader and the text
+encoder have rows of their own. A sampling row is sample.py's sample_latents around our DiT (the denoising loop; no
+VAE decode). Every row goes through one runner, run_cases: CUDA events around blocks of steps, warm-up (and
+compilation) excluded, cases alternating A B / B A in every round; step ms is the median over rounds.
+For a kernel profile, run under `python -m torch.utils.bottleneck` or torch.profiler.
 """
 import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -32,96 +34,35 @@ import sys
 import tempfile
 import time
 import warnings
+import zlib
 from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import data as datalib
+import sample
 import train
-from diffusion import Diffusion
 from model import PRESETS, DiT, make_config, peak_flops
 
 TEXT_LEN, TEXT_DIM = 77, 768  # CLIP ViT-L/14 token states, the shape the peer's caption_channels expects
 TINY = dict(depth=2, width=64, heads=4, patch=2)  # --tiny: ours and the peer at this shape, 8x8 latents
 TINY_GRID, TINY_BATCH = 8, 4
+SYNC_WARNING = "called a synchronizing CUDA operation"  # c10/cuda/CUDAFunctions.cpp warn_or_error_on_sync
 
 #################################################################################
-#                               The peer                                        #
+#                 Timing: the one case runner of every row                      #
 #################################################################################
-
-class PixArtPeer(nn.Module):
-    """diffusers' PixArtTransformer2DModel behind our forward signature, so train.train_step drives it unchanged.
-    `pooled` is unused: PixArt conditions on the timestep (adaLN-single) and the text states only."""
-    def __init__(self, depth, width, heads, patch, grid, caption_channels=TEXT_DIM):
-        super().__init__()
-        from diffusers import PixArtTransformer2DModel
-        self.net = PixArtTransformer2DModel(
-            num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4, out_channels=4,
-            num_layers=depth, sample_size=grid, patch_size=patch, caption_channels=caption_channels,
-            cross_attention_dim=width, use_additional_conditions=False, norm_type="ada_norm_single")
-
-    def forward(self, x, t, text, pooled):
-        # x (B, 4, H, W); t (B,) long; text (B, L, caption_channels) -> (B, 4, H, W)
-        return self.net(x, encoder_hidden_states=text, timestep=t,
-                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-
-#################################################################################
-#                               Helpers                                         #
-#################################################################################
-
-def card_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"CPU {cpu or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_block(fn, device):
-    """Seconds that fn() takes: CUDA events on the GPU (device time between the two records), wall clock on the CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        sync(device)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
 
 def mem_now(device):
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def counted_flops(build, grid, patch_in=4):
-    """Training FLOPs per image (forward + backward of a batch of 1) counted by torch.utils.flop_counter on the
-    meta device: shapes only, no memory, no compute. The same counter ANCHORS.md used for the peer's numbers."""
-    with torch.device("meta"):
-        net = build()
-        x = torch.randn(1, patch_in, grid, grid)
-        t = torch.randint(0, 1000, (1,))
-        text, pooled = torch.randn(1, TEXT_LEN, TEXT_DIM), torch.randn(1, TEXT_DIM)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            net(x, t, text, pooled).float().pow(2).mean().backward()
-    return counter.get_total_flops()
-
-
-SYNC_WARNING = "called a synchronizing CUDA operation"  # c10/cuda/CUDAFunctions.cpp warn_or_error_on_sync
+def free_memory(device):
+    torch._dynamo.reset()  # the compiled graphs first: they hold on to the modules they were traced from
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def count_syncs(fn, device):
@@ -141,286 +82,252 @@ def count_syncs(fn, device):
     hits = [w for w in caught if SYNC_WARNING in str(w.message)]
     return len(hits), sorted({f"{os.path.basename(w.filename)}:{w.lineno}" for w in hits})
 
+@dataclasses.dataclass
+class Case:
+    name: str            # "ours DiT-B/2" | "pixart DiT-B/2"
+    impl: str            # "ours" | "pixart"
+    work: object = None  # work(n): n steps (optimizer steps, or one n-step denoising loop); holds the live objects
+    images: float = 0.0  # images per step: batch * accum (an optimizer step), batch / steps (a denoising step)
+    n_params: int = 0
+    flops: float = 0.0   # training FLOPs per image used for MFU: ours model.estimate_flops(), the peer's counted
+    flops_counted: float = 0.0  # torch.utils.flop_counter's count for either (a cross-check of estimate_flops)
+    resident: int = 0    # bytes this case keeps allocated between steps (weights, EMA, AdamW state, its batch)
+    peak: int = 0        # bytes at the peak of its own step, the other case's resident memory excluded
+    first_s: float = 0.0  # seconds of the first (maybe compiling) step
+    times: list = dataclasses.field(default_factory=list)  # seconds per step, one per timed round
+    syncs: int = None    # host syncs in one step (CUDA only)
+    sync_sites: list = dataclasses.field(default_factory=list)
+    error: str = ""
+    img_s: float = None
+    out: object = None   # the last result: sampling, the latents; the loader, a batch
+
+
+def run_cases(builders, steps, rounds, warmup, device, syncs=True):
+    """Every timed row: training, loader, text encoder, sampling. Each build() -> Case takes its first step before
+    the next is built, so that each one's resident memory is its own; warm-up steps; one untimed step under the sync
+    detector (a training step should have none); then `rounds` blocks of `steps` steps per case, alternating A B,
+    B A, ... so that clock and thermal drift hit all alike. Peak memory: a case's own transient peak plus its own
+    resident memory, what it would need alone. -> the cases with their img/s, their live objects dropped."""
+    cases, cuda = [], device.type == "cuda"
+    for build in builders:  # the first (maybe compiling) step; then its resident memory: AdamW state, grads freed
+        base = mem_now(device)
+        cases.append(case := build())
+        t0 = time.perf_counter()
+        case.work(1)
+        if cuda:
+            torch.cuda.synchronize(device)
+        case.first_s, case.resident = time.perf_counter() - t0, mem_now(device) - base
+    for case in cases * max(0, warmup - 1):  # the warm-up steps after the first, round robin
+        case.work(1)
+    for case in cases if syncs else ():
+        case.syncs, case.sync_sites = count_syncs(lambda: case.work(1), device)
+    for r in range(rounds):
+        for case in (cases if r % 2 == 0 else cases[::-1]):
+            if cuda:  # CUDA events: the device time between the two records; the wall clock on the CPU
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            at, t0 = mem_now(device), time.perf_counter()
+            case.work(steps)
+            if cuda:
+                end.record()
+                end.synchronize()
+                case.peak = max(case.peak, torch.cuda.max_memory_allocated(device) - at + case.resident)
+            case.times.append((start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0) / steps)
+    for case in cases:
+        case.img_s = case.images / statistics.median(case.times) if case.times else None
+        case.work = None
+    return cases
 
 #################################################################################
 #                         Training step: ours vs the peer                       #
 #################################################################################
 
-IMPLS = ("ours", "pixart")
+class PixArtPeer(torch.nn.Module):
+    """diffusers' PixArtTransformer2DModel behind our forward signature, so train.train_step drives it unchanged.
+    `pooled` is unused: PixArt conditions on the timestep (adaLN-single) and the text states only."""
+    def __init__(self, depth, width, heads, patch, grid, caption_channels=TEXT_DIM):
+        super().__init__()
+        from diffusers import PixArtTransformer2DModel
+        self.net = PixArtTransformer2DModel(
+            num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4, out_channels=4,
+            num_layers=depth, sample_size=grid, patch_size=patch, caption_channels=caption_channels,
+            cross_attention_dim=width, use_additional_conditions=False, norm_type="ada_norm_single")
 
-
-@dataclasses.dataclass
-class Case:
-    name: str            # "ours DiT-B/2" | "pixart DiT-B/2"
-    impl: str            # "ours" | "pixart"
-    n_params: int = 0
-    flops: float = 0.0   # training FLOPs per image used for MFU: ours model.estimate_flops(), the peer's counted
-    flops_counted: float = 0.0  # torch.utils.flop_counter's count for either (a cross-check of estimate_flops)
-    step: int = 0
-    base: int = 0        # bytes allocated before this case was built
-    resident: int = 0    # bytes this case keeps allocated between steps (weights, EMA, AdamW state, its batch)
-    peak: int = 0        # bytes at the peak of its own step, the other case's resident memory excluded
-    times: list = dataclasses.field(default_factory=list)  # seconds per step, one per timed round
-    syncs: int = None    # host syncs in one step (CUDA only)
-    sync_sites: list = dataclasses.field(default_factory=list)
-    error: str = ""
-    # the live objects, dropped by release()
-    raw: nn.Module = None        # the uncompiled module
-    model: nn.Module = None      # what train_step calls (compiled on CUDA when C.compile, as train.py does)
-    optimizer: object = None
-    params: list = None
-    ema_params: list = None
-    loader: object = None        # yields the same cached-style batch (latents, states, pooled) forever
-    shape: tuple = None          # (C, h, w) of the latents
-    img_s: float = None
-    mfu: float = None
-
-    def summarize(self, C, device):
-        """img/s and MFU while the module is alive: ours through model.mfu, the peer through its counted FLOPs."""
-        if self.times:
-            self.img_s = C.batch * C.accum / statistics.median(self.times)
-            peak = peak_flops(device)
-            mfu = self.raw.mfu(self.img_s, device) if self.impl == "ours" else (self.img_s * self.flops / peak if peak else None)
-            self.mfu = mfu if mfu is not None and math.isfinite(mfu) else None
-
-    def release(self):
-        self.raw = self.model = self.optimizer = self.params = self.ema_params = self.loader = None
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    def forward(self, x, t, text, pooled):
+        # x (B, 4, H, W); t (B,) long; text (B, L, caption_channels) -> (B, 4, H, W)
+        return self.net(x, encoder_hidden_states=text, timestep=t,
+                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
 
 
 def our_config(preset, shape, grid, C):
     """Our DiT at the bench shape with train.py's model keys (grad_ckpt acts in training only)."""
-    return make_config(preset, depth=shape["depth"], width=shape["width"], heads=shape["heads"], patch=shape["patch"],
-                       in_channels=4, input_size=grid, text_dim=TEXT_DIM, pooled_dim=TEXT_DIM, adaln=C.adaln,
-                       qk_norm=C.qk_norm, text_len=C.text_len, grad_ckpt=C.grad_ckpt)
+    return make_config(preset, **shape, in_channels=4, input_size=grid, text_dim=TEXT_DIM, pooled_dim=TEXT_DIM,
+                       adaln=C.adaln, qk_norm=C.qk_norm, text_len=C.text_len, grad_ckpt=C.grad_ckpt)
 
 
-def build_case(impl, label, preset, shape, grid, C, device):
-    """Model, EMA, optimizer and a device batch, built as train.py builds them."""
-    case = Case(f"{impl} {label}", impl, base=mem_now(device))
+def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
+    """Model, EMA, optimizer and a device batch, built as train.py builds them; case.work(n) runs n optimizer steps,
+    the body of train.py's loop minus its logging accumulators."""
     torch.manual_seed(C.seed)
-    if impl == "ours":
-        mcfg = our_config(preset, shape, grid, C)
-        build = lambda: DiT(mcfg)
-        case.raw = build().to(device)
-        case.flops = case.raw.estimate_flops()  # what model.mfu() uses
-    else:
-        build = lambda: PixArtPeer(shape["depth"], shape["width"], shape["heads"], shape["patch"], grid)
-        case.raw = build().to(device)
-        if C.grad_ckpt:
-            case.raw.net.enable_gradient_checkpointing()  # the same memory-for-compute trade as ours
-    case.flops_counted = counted_flops(build, grid)
-    case.flops = case.flops or case.flops_counted
-    case.params = list(case.raw.parameters())
-    case.n_params = sum(p.numel() for p in case.params)
-    case.ema_params = [p.detach().clone() for p in case.params]  # train.py keeps an EMA copy of every parameter
-    case.optimizer = train.configure_optimizer(case.raw, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2), device.type)
-    case.model = torch.compile(case.raw) if C.compile and device.type == "cuda" else case.raw  # train.py's rule
+    mcfg = our_config(preset, shape, grid, C)
+    build = (lambda: DiT(mcfg)) if impl == "ours" else (lambda: PixArtPeer(**shape, grid=grid))
+    raw = build().to(device)
+    if impl == "pixart" and C.grad_ckpt:
+        raw.net.enable_gradient_checkpointing()  # the same memory-for-compute trade as ours
+    # training FLOPs per image (forward + backward of a batch of 1) by torch.utils.flop_counter, for ours and the
+    # peer alike, on the meta device: shapes only, no memory, no compute
+    with torch.device("meta"):
+        net, counter = build(), FlopCounterMode(display=False)
+        with counter:
+            net(torch.randn(1, 4, grid, grid), torch.randint(0, 1000, (1,)), torch.randn(1, TEXT_LEN, TEXT_DIM),
+                torch.randn(1, TEXT_DIM)).float().pow(2).mean().backward()
+    params = list(raw.parameters())
+    ema_params = [p.detach().clone() for p in params]  # train.py keeps an EMA copy of every parameter
+    optimizer = train.configure_optimizer(raw, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2))
+    model = torch.compile(raw) if C.compile and device.type == "cuda" else raw  # train.py's rule
+    def no_text_encoder(tokens):
+        raise AssertionError("bench batches carry text states: the text encoder must not run in the timed step")
     g = torch.Generator().manual_seed(C.seed)
-    batch = {"latents": torch.randn(C.batch, 4, grid, grid, generator=g).to(device),
-             "states": torch.randn(C.batch, TEXT_LEN, TEXT_DIM, generator=g).to(device),
-             "pooled": torch.randn(C.batch, TEXT_DIM, generator=g).to(device)}
-    case.loader, case.shape = itertools.repeat(batch), (4, grid, grid)
-    return case
+    loader = itertools.repeat({"latents": torch.randn(C.batch, 4, grid, grid, generator=g).to(device),
+                               "states": torch.randn(C.batch, TEXT_LEN, TEXT_DIM, generator=g).to(device),
+                               "pooled": torch.randn(C.batch, TEXT_DIM, generator=g).to(device)})
+    steps = itertools.count()  # optimizer steps taken: step_noise and lr_at are functions of it, as in train.py
+    def work(n):
+        for step in itertools.islice(steps, n):
+            rand = train.step_noise(step, C.batch * C.accum, (4, grid, grid), device, C, diffusion.T)
+            lr = train.lr_at(step, C.max_steps, C)
+            train.train_step(model, optimizer, diffusion, loader, no_text_encoder, rand, lr, C, ctx)
+            train.ema_update(ema_params, params, min(C.ema_decay, (1 + step) / (10 + step)))
+    counted = counter.get_total_flops()  # for MFU, ours is model.estimate_flops(), what model.mfu() uses
+    return Case(f"{impl} {label}", impl, work, images=C.batch * C.accum, n_params=sum(p.numel() for p in params),
+                flops=raw.estimate_flops() if impl == "ours" else counted, flops_counted=counted)
 
 
-def no_text_encoder(tokens):
-    raise AssertionError("bench batches carry text states: the text encoder must not run in the timed step")
-
-
-def run_steps(case, n, C, diffusion, ctx, device):
-    """n optimizer steps of `case`: the body of train.py's loop, minus its logging accumulators."""
-    for _ in range(n):
-        rand = train.step_noise(case.step, C.batch * C.accum, case.shape, device, C, diffusion.T)
-        lr = train.lr_at(case.step, C.max_steps, C)
-        train.train_step(case.model, case.optimizer, diffusion, case.loader, no_text_encoder, rand, lr, C, ctx)
-        train.ema_update(case.ema_params, case.params, min(C.ema_decay, (1 + case.step) / (10 + case.step)))
-        case.step += 1
-
-
-def first_step(case, C, diffusion, ctx, device, log):
-    """The compiling step; afterwards the case's resident memory (AdamW state exists, grads are freed)."""
-    t0 = time.perf_counter()
-    run_steps(case, 1, C, diffusion, ctx, device)
-    sync(device)
-    case.resident = mem_now(device) - case.base
-    log(f"  {case.name}: first step{' (compiles)' if C.compile and device.type == 'cuda' else ''} "
-        f"{time.perf_counter() - t0:.1f} s")
-
-
-def timed_round(case, steps, C, diffusion, ctx, device):
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    at = mem_now(device)
-    dt = time_block(lambda: run_steps(case, steps, C, diffusion, ctx, device), device)
-    case.times.append(dt / steps)
-    if device.type == "cuda":  # own transient peak + own resident memory: what the case would need alone
-        case.peak = max(case.peak, torch.cuda.max_memory_allocated(device) - at + case.resident)
-
-
-def profile_steps(case, C, diffusion, ctx, device, folder, log, n=3):
-    """torch.profiler over n untimed steps: a Chrome/Perfetto trace in `folder` and the top ops on stderr."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        run_steps(case, n, C, diffusion, ctx, device)
-        sync(device)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{case.name.replace(' ', '_').replace('/', '-')}.json")
-    prof.export_chrome_trace(path)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    log(f"  profile of {n} steps of {case.name} -> {path}\n" + prof.key_averages().table(sort_by=sort, row_limit=20))
-
-
-def bench_training(label, preset, shape, grid, C, device, ctx, diffusion, steps, rounds, warmup, log, sequential=False,
-                   profile=""):
-    """Ours and the peer at one shape. Both resident and alternating (A B, B A, ... so that clock and thermal drift
-    hit both alike); where both do not fit (OOM), or with sequential=True, one at a time in the same process."""
-    oom = None
+def bench_training(label, preset, shape, grid, C, device, ctx, diffusion, steps, rounds, warmup, log, sequential=False):
+    """Ours and the peer at one shape: both resident and alternating; where both do not fit (OOM), or with
+    sequential=True, one at a time in the same process, where an OOM alone becomes that case's error row."""
+    builders = {impl: lambda impl=impl: build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx)
+                for impl in ("ours", "pixart")}
+    def oom_line(e):  # the first line of an out-of-memory error; anything else is raised again
+        if "out of memory" not in str(e):
+            raise e
+        return str(e).splitlines()[0]
     if not sequential:
-        cases, case = [], None
         try:
-            for impl in IMPLS:  # built and stepped one after the other, so that each one's resident memory is its own
-                case = build_case(impl, label, preset, shape, grid, C, device)
-                cases.append(case)
-                first_step(case, C, diffusion, ctx, device, log)
-            for _ in range(max(0, warmup - 1)):
-                for case in cases:
-                    run_steps(case, 1, C, diffusion, ctx, device)
-            for case in cases:  # one untimed step under the sync detector: a step should have none
-                case.syncs, case.sync_sites = count_syncs(lambda: run_steps(case, 1, C, diffusion, ctx, device), device)
-            for r in range(rounds):
-                for case in (cases if r % 2 == 0 else cases[::-1]):
-                    timed_round(case, steps, C, diffusion, ctx, device)
-            for case in cases:
-                if profile:
-                    profile_steps(case, C, diffusion, ctx, device, profile, log)
-                case.summarize(C, device)
-                case.release()
-            return cases, "alternating"
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # inductor may wrap an OOM met while autotuning
-            if "out of memory" not in str(e):
-                raise
-            oom = str(e).splitlines()[0]
-        for case in cases:  # outside the except block, so that the traceback no longer pins the tensors
-            case.release()
-        cases = case = None
-        torch._dynamo.reset()
-        free_memory(device)
+            return run_cases(list(builders.values()), steps, rounds, warmup, device), "alternating"
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; inductor may wrap an OOM met autotuning
+            oom = oom_line(e)
+        free_memory(device)  # outside the except block, so that the traceback no longer pins the tensors
         log(f"  OOM with both models resident ({oom[:120]}); rerunning one at a time")
     cases = []
-    for impl in IMPLS:
-        case = Case(f"{impl} {label}", impl)
+    for impl, build in builders.items():
         try:
-            case = build_case(impl, label, preset, shape, grid, C, device)
-            first_step(case, C, diffusion, ctx, device, log)
-            run_steps(case, max(0, warmup - 1), C, diffusion, ctx, device)
-            case.syncs, case.sync_sites = count_syncs(lambda: run_steps(case, 1, C, diffusion, ctx, device), device)
-            for _ in range(rounds):
-                timed_round(case, steps, C, diffusion, ctx, device)
-            if profile:
-                profile_steps(case, C, diffusion, ctx, device, profile, log)
-            case.summarize(C, device)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            if "out of memory" not in str(e):
-                raise
-            case.error = f"OOM alone: {str(e).splitlines()[0]}"
-        case.release()
-        torch._dynamo.reset()
+            cases += run_cases([build], steps, rounds, warmup, device)
+        except RuntimeError as e:
+            cases.append(Case(f"{impl} {label}", impl, error=f"OOM alone: {oom_line(e)}"))
         free_memory(device)
-        cases.append(case)
     return cases, "sequential"
 
 
 def train_record(case, peer, label, grid, C, device, mode):
-    """One JSON-able row for a case (with ratios against the peer in ours' row)."""
+    """One JSON-able row for a case (with ratios against the peer in ours' row). MFU as model.mfu computes it (PaLM
+    arXiv 2204.02311 App. B), from the case's training FLOPs per image."""
     rec = {"kind": "train", "model": f"{case.impl} {label}", "impl": case.impl, "preset": label, "batch": C.batch,
            "accum": C.accum, "latent": [4, grid, grid], "compile": bool(C.compile and device.type == "cuda"),
            "grad_ckpt": C.grad_ckpt, "mode": mode}
     if case.error or not case.times:
         return {**rec, "error": case.error or "not timed"}
+    cuda, peak = device.type == "cuda", peak_flops(device)
     rec.update(params=case.n_params, gflop_per_img=case.flops / 1e9, gflop_counted=case.flops_counted / 1e9,
                step_ms=statistics.median(case.times) * 1e3, step_ms_min=min(case.times) * 1e3,
-               step_ms_max=max(case.times) * 1e3, img_s=case.img_s, mfu=case.mfu,
-               peak_gb=case.peak / 2**30 if device.type == "cuda" else None, syncs_per_step=case.syncs,
-               sync_sites=case.sync_sites)
+               step_ms_max=max(case.times) * 1e3, img_s=case.img_s,
+               mfu=case.img_s * case.flops / peak if peak else None, peak_gb=case.peak / 2**30 if cuda else None,
+               syncs_per_step=case.syncs, sync_sites=case.sync_sites)
     if case.impl == "ours" and peer is not None and peer.img_s:
         rec["ratio_vs_peer"] = case.img_s / peer.img_s
-        rec["mem_ratio_vs_peer"] = case.peak / peer.peak if device.type == "cuda" and peer.peak else None
+        rec["mem_ratio_vs_peer"] = case.peak / peer.peak if cuda and peer.peak else None
     return rec
 
 #################################################################################
 #                       Loader, text encoder, sampler                           #
 #################################################################################
 
+def captions(n):
+    return [f"a photo of a red fox number {i} sitting in the snow, golden hour" for i in range(n)]
+
+
 def bench_loader(C, grid, device, batches):
     """data.Loader samples/s over a small shapes cache (vae none: 3 x grid x grid "latents", tokens only)."""
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report
-        n = max(256, 4 * C.batch)
-        path = datalib.ensure_cache(f"shapes:{n}", grid, "none", "tiny", cache_dir=os.path.join(tmp, "cache"))
+        path = datalib.ensure_cache(f"shapes:{max(256, 4 * C.batch)}", grid, "none", "tiny",
+                                    cache_dir=os.path.join(tmp, "cache"))
         loader = datalib.Loader(datalib.LatentCache(path), C.batch, seed=C.seed, cond_drop=C.cond_drop, device=device)
-        for _ in range(2):
-            next(loader)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            batch = next(loader)
-        sync(device)
-        dt = time.perf_counter() - t0
+        def work(n):
+            for _ in range(n):
+                case.out = next(loader)
+        case = Case("data.Loader", "loader", work, images=C.batch)
+        run_cases([lambda: case], batches, rounds=1, warmup=2, device=device, syncs=False)
         loader.close()
-    return {"kind": "loader", "model": "data.Loader", "batch": C.batch, "latent": list(batch["latents"].shape[1:]),
-            "samples_per_s": batches * C.batch / dt, "ms_per_batch": dt / batches * 1e3}
+    return {"kind": "loader", "model": "data.Loader", "batch": C.batch, "latent": list(case.out["latents"].shape[1:]),
+            "samples_per_s": case.img_s, "ms_per_batch": case.times[0] * 1e3}
 
 
-def bench_text_encoder(name, C, device, ctx, reps):
-    """data.load_text_encoder(name).encode on (B, 77) token batches, as train_step runs it when states are not cached."""
-    te = datalib.load_text_encoder(name, device=device)
-    n = C.batch * C.accum
-    tokens = te.tokenize([f"a photo of a red fox number {i} sitting in the snow, golden hour" for i in range(n)]).to(device)
-    with ctx:
-        te.encode(tokens)  # warm-up
-    def work():  # under train_step's autocast, as it runs there
+def bench_text_encoder(name, C, device, ctx, log):
+    """data.load_text_encoder(name).encode on (B, 77) token batches under train_step's autocast, as train_step runs
+    it where text states are not cached. A name that does not load here (offline, not cached) times 'tiny'."""
+    try:
+        te = datalib.load_text_encoder(name, device=device)
+    except Exception as e:
+        log(f"  cannot load {name!r} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); timing 'tiny' instead")
+        name, te = "tiny", datalib.load_text_encoder("tiny", device=device)
+    n, reps = C.batch * C.accum, 10 if device.type == "cuda" else 2
+    tokens = te.tokenize(captions(n)).to(device)
+    def work(k):
         with ctx:
-            for _ in range(reps):
+            for _ in range(k):
                 te.encode(tokens)
-    dt = time_block(work, device) / reps
+    [case] = run_cases([lambda: Case(te.name, "text_encoder", work, images=n)], reps, rounds=1, warmup=1,
+                       device=device, syncs=False)
     random_weights = name != "tiny" and "/" not in name and not os.path.exists(name)  # an open_clip arch alone
     return {"kind": "text_encoder", "model": te.name + (" (random weights: the cost only)" if random_weights else ""),
-            "batch": n, "dim": te.dim,
-            "params": sum(p.numel() for p in te.tower.parameters() if p is not None),
-            "ms_per_step": dt * 1e3, "captions_per_s": n / dt}
+            "batch": n, "dim": te.dim, "params": sum(p.numel() for p in te.tower.parameters() if p is not None),
+            "ms_per_step": case.times[0] * 1e3, "captions_per_s": case.img_s}
 
 
-def bench_sampling(preset, shape, grid, C, device, ctx, diffusion, batch=16, steps=50, cfg=7.5):
-    """50-step DDIM with CFG (one batched forward of [uncond; cond]) at batch 16, as sample.py runs it (eager, eval)."""
-    mcfg = our_config(preset, shape, grid, C)
-    torch.manual_seed(C.seed)
-    model = DiT(mcfg).to(device).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(C.seed)
-    cond = (torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g).to(device), torch.randn(batch, TEXT_DIM, generator=g).to(device))
-    uncond = (torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g).to(device).expand(batch, -1, -1),
-              torch.randn(1, TEXT_DIM, generator=g).to(device).expand(batch, -1))
-    def model_fn(x, t, c):  # sample.py's model_fn
-        with ctx:
-            return model(x, t, c[0], c[1]).float()
-    def run(n_steps):
-        gens = [torch.Generator(device).manual_seed(C.seed + i) for i in range(batch)]
-        x_T = torch.stack([torch.randn((4, grid, grid), generator=gg, device=device) for gg in gens])
-        return diffusion.sample(model_fn, x_T, cond, uncond=uncond, cfg=cfg, steps=n_steps, sampler="ddim", generator=gens)
-    run(2)  # warm-up
-    dt = time_block(lambda: run(steps), device)
-    del model
-    return {"kind": "sampling", "model": f"ours {preset}", "batch": batch, "steps": steps, "cfg": cfg, "sampler": "ddim",
-            "latent": [4, grid, grid], "s_per_batch": dt, "img_s": batch / dt, "ms_per_step": dt / steps * 1e3}
+def stand_in_text_encoder(device):
+    """captions -> (states (B, 77, 768), pooled (B, 768)) of CLIP-L's shape, each caption's drawn once from its crc32
+    and kept on the device: the sampling row pays for a lookup, not an encoder (the encoder has its own row)."""
+    @functools.lru_cache(maxsize=None)
+    def one(caption):
+        g = torch.Generator().manual_seed(zlib.crc32(caption.encode()))
+        return torch.randn(TEXT_LEN, TEXT_DIM, generator=g).to(device), torch.randn(TEXT_DIM, generator=g).to(device)
+    return lambda captions: tuple(torch.stack(x) for x in zip(*map(one, captions)))
+
+
+def bench_sampling(label, preset, shape, grid, C, device, diffusion, batch=16, steps=50, cfg=7.5):
+    """sample.sample_latents at batch 16: 50-step DDIM with CFG (one batched forward of [uncond; cond] per step) over
+    our DiT, eager and eval as sample.py runs it, image i from seed C.seed + i. The Pipeline's VAE is only the factor
+    and channels that Pipeline.latent_shape reads: the row stops before the decode. -> (the Case, its JSON row)"""
+    prompts, seeds = captions(batch), [C.seed + i for i in range(batch)]
+    def build():
+        torch.manual_seed(C.seed)
+        model = DiT(our_config(preset, shape, grid, C)).to(device).eval().requires_grad_(False)
+        pipe = sample.Pipeline(model, diffusion, SimpleNamespace(name="none (no decode)", factor=8, channels=4),
+                               stand_in_text_encoder(device), {"resolution": grid * 8}, 0, device, "")
+        def work(n):  # n denoising steps: one sample_latents call
+            case.out = sample.sample_latents(pipe, prompts, seeds, cfg=cfg, steps=n, sampler="ddim")
+        case = Case(f"ours {label}", "ours", work, images=batch / steps)
+        return case
+    [case] = run_cases([build], steps, rounds=1, warmup=2, device=device, syncs=False)
+    dt = statistics.median(case.times) * steps
+    return case, {"kind": "sampling", "model": case.name, "batch": batch, "steps": steps, "cfg": cfg, "sampler": "ddim",
+                  "latent": [4, grid, grid], "s_per_batch": dt, "img_s": case.img_s, "ms_per_step": dt / steps * 1e3,
+                  "peak_gb": case.peak / 2**30 if device.type == "cuda" else None}
 
 #################################################################################
-#                                   Main                                        #
+#                               Report and main                                 #
 #################################################################################
 
 def fmt(v, spec, dash="-"):
@@ -428,13 +335,15 @@ def fmt(v, spec, dash="-"):
 
 
 def print_table(rows):
+    """The training rows as a markdown table, then where the FLOPs come from and any host-sync call sites."""
     head = ["model", "params", "GFLOP/img", "step ms", "img/s", "MFU", "peak GB", "ours/peer", "syncs/step"]
     lines = []
     for r in rows:
         if r.get("error"):
             lines.append([r["model"], "", "", "", "", "", "", "", r["error"][:60]])
             continue
-        ratio = "ref" if r["impl"] == "pixart" else fmt(r.get("ratio_vs_peer"), ".2f") + ("x" if r.get("ratio_vs_peer") else "")
+        ratio = r.get("ratio_vs_peer")
+        ratio = "ref" if r["impl"] == "pixart" else fmt(ratio, ".2f") + ("x" if ratio else "")
         lines.append([r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['gflop_per_img']:.4g}", f"{r['step_ms']:.1f}",
                       f"{r['img_s']:.1f}", fmt(r["mfu"] and r["mfu"] * 100, ".1f") + ("%" if r["mfu"] else ""),
                       fmt(r["peak_gb"], ".2f"), ratio, fmt(r["syncs_per_step"], "d")])
@@ -442,153 +351,120 @@ def print_table(rows):
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(l, widths)) + " |" for l in lines]
+    counted = ", ".join(f"{r['preset']} {r['gflop_counted']:.4g}" for r in rows
+                        if r["impl"] == "ours" and not r.get("error"))
+    out.append(f"# GFLOP/img: model.estimate_flops for ours (torch.utils.flop_counter: {counted or '-'}), "
+               "the flop counter's for the peer")
+    out += [f"# {r['model']}: host syncs at {', '.join(r['sync_sites'])}" for r in rows if r.get("syncs_per_step")]
     print("\n".join(out))
 
 
+def print_header(argv, C, args, device):
+    """The '#' lines above the table; -> the fields every JSON line carries (where and with what it was measured)."""
+    import diffusers
+    date, cuda = datetime.datetime.now().astimezone().isoformat(timespec="seconds"), device.type == "cuda"
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):  # on Linux platform.processor() says little more than 'x86_64'
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    card = torch.cuda.get_device_name(device) if cuda else f"CPU {cpu} ({torch.get_num_threads()} threads)"
+    meta = {"cmd": " ".join(["python bench.py", *argv]), "card": card, "date": date, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "device": str(device), "dtype": C.dtype if cuda else "float32",
+            "compile": bool(C.compile and cuda), "qk_norm": C.qk_norm, "text_len": C.text_len}
+    peak = peak_flops(device)
+    print(f"# bench.py | {meta['card']} | {date} | torch {torch.__version__} | diffusers {diffusers.__version__}")
+    print(f"# {args.grid * 8} px -> latents 4x{args.grid}x{args.grid}, text {TEXT_LEN}x{TEXT_DIM} | micro-batch "
+          f"{C.batch} x accum {C.accum} | autocast {meta['dtype']} | compile {meta['compile']} | "
+          f"grad_ckpt {C.grad_ckpt} | adaln {C.adaln} | qk_norm {C.qk_norm} | text_len {C.text_len} | "
+          f"{args.warmup} warm-up + {args.rounds} rounds x {args.steps} timed steps per case")
+    print(f"# peak FLOP/s for MFU: {fmt(peak and peak / 1e12, '.1f', 'unknown')} TFLOP/s (model.PEAK_FLOPS)",
+          flush=True)
+    return meta
+
+
 def parse(argv):
+    """-> (args with the run's shapes and step counts, C: train.py's config with bench.py's overrides)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Other --key value pairs (and a leading config file) go to train.parse_args.")
-    p.add_argument("--models", default="B/2,L/2,XL/2", help="comma-separated presets (B/2 or DiT-B/2), or none (only the "
-                   "loader and text encoder rows); ignored with --tiny")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: train.py's, 64)")
-    p.add_argument("--res", type=int, default=None, help="image side in px; latents are 4 x res/8 x res/8 (default 256)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile as train.py does (CUDA only; default: train.py's compile key)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per case per round (default 10; --tiny 2)")
-    p.add_argument("--rounds", type=int, default=None, help="alternating timed rounds (default 3; --tiny 2)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per case, the compiling one included (default 3; --tiny 1)")
-    p.add_argument("--text_encoder", default=None,
-                   help="encoder to time (default: the architecture of train.py's, random weights, e.g. ViT-L-14; 'tiny' with --tiny)")
-    p.add_argument("--sequential", action="store_true",
-                   help="one model resident at a time (automatic after an OOM with both resident), else alternating")
-    p.add_argument("--profile", default="", help="also profile 3 untimed steps of each case: Chrome traces into this folder")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes and few steps: a < 1 min CPU smoke run of every path")
-    p.add_argument("--out", default="", help="append the JSON lines to this file")
+    add = p.add_argument
+    add("--models", default="B/2,L/2,XL/2", help="comma-separated presets (B/2 or DiT-B/2), or none")
+    add("--batch", type=int, help="micro-batch (default: train.py's)")
+    add("--res", type=int, help="image side in px (default: train.py's resolution)")
+    add("--steps", type=int, help="timed steps per case per round (default 10; --tiny 2)")
+    add("--rounds", type=int, help="alternating timed rounds (default 3; --tiny 2)")
+    add("--warmup", type=int, help="warm-up steps per case, the first included (default 3; --tiny 1)")
+    add("--text_encoder", help="encoder to time (default: train.py's architecture, random weights)")
+    add("--sequential", action="store_true", help="one model resident at a time (automatic after an OOM)")
+    add("--tiny", action="store_true", help="tiny shapes, few steps: a < 1 min CPU smoke run of every path")
+    add("--out", default="", help="append the JSON lines to this file")
     args, rest = p.parse_known_args(argv)
     try:
-        config = train.parse_args(rest)
+        C = SimpleNamespace(**train.parse_args(rest))
     except train.ConfigError as e:
         p.error(str(e))
-    C = SimpleNamespace(**config)
-    if args.batch is not None:
-        C.batch = args.batch
-    if args.res is not None:
-        C.resolution = args.res
-    if args.compile is not None:
-        C.compile = args.compile
-    if args.tiny:
-        C.batch = args.batch or TINY_BATCH
-    C.device = ("cuda" if torch.cuda.is_available() else "cpu") if C.device == "auto" else C.device
-    args.models = [] if args.models.strip().lower() == "none" else \
-        [m.strip() if m.strip().startswith("DiT-") else f"DiT-{m.strip()}" for m in args.models.split(",")]
-    for name in args.models:
-        if name not in PRESETS:
-            p.error(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    tiny = args.tiny
+    C.batch = args.batch or (TINY_BATCH if tiny else C.batch)
+    C.resolution = args.res or C.resolution
+    models = [] if args.models.strip().lower() == "none" else \
+        ["DiT-" + m.strip().removeprefix("DiT-") for m in args.models.split(",")]
+    if set(models) - set(PRESETS):
+        p.error(f"unknown preset {sorted(set(models) - set(PRESETS))}; choose from {sorted(PRESETS)}")
     if C.resolution % 16:
         p.error(f"--res {C.resolution}: must be a multiple of 16 (8x VAE, patch 2)")
+    args.grid = TINY_GRID if tiny else C.resolution // 8
+    args.presets = [("tiny", "DiT-S/2", TINY)] if tiny else [(m.removeprefix("DiT-"), m, PRESETS[m]) for m in models]
+    args.steps, args.rounds = args.steps or (2 if tiny else 10), args.rounds or (2 if tiny else 3)
+    args.warmup = args.warmup or (1 if tiny else 3)
+    # The encoder's cost does not depend on its weights: by default train.py's architecture with random weights
+    # ("ViT-L-14/laion2b_s32b_b82k" -> "ViT-L-14": the CLIP-L/14 text tower, no download)
+    te = C.text_encoder
+    default = te.split("/")[0] if "/" in te and not os.path.exists(te) else te
+    args.text_encoder = "tiny" if tiny else args.text_encoder or default
     return args, C
 
 
 def main(argv):
     args, C = parse(argv)
-    device = torch.device(C.device)
+    ctx = train.setup_distributed(C).ctx  # train.py's device ("auto"), TF32 and autocast rules; one process here
+    device, diffusion = torch.device(C.device), train.make_diffusion(C)
     if args.tiny and device.type == "cpu":  # tiny ops gain nothing from intra-op threads, and on a busy 2-core
         torch.set_num_threads(1)            # machine OpenMP spin-waits made them 10-20x slower (measured)
-    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py's main()
-    torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[C.dtype]
-    ctx = torch.autocast(device.type, dtype=ptdtype) if device.type == "cuda" and ptdtype != torch.float32 else contextlib.nullcontext()
-    diffusion = Diffusion(schedule=C.schedule, beta_start=C.beta_start, beta_end=C.beta_end, prediction=C.prediction,
-                          zero_terminal_snr=C.zero_terminal_snr)
-    if args.tiny:
-        grid, presets = TINY_GRID, [("tiny", "DiT-S/2", TINY)]
-        steps, rounds, warmup = args.steps or 2, args.rounds or 2, args.warmup or 1
-    else:
-        grid = C.resolution // 8
-        presets = [(name.removeprefix("DiT-"), name, PRESETS[name]) for name in args.models]
-        steps, rounds, warmup = args.steps or 10, args.rounds or 3, args.warmup or 3
-    compiled = bool(C.compile and device.type == "cuda")
-    import diffusers
-    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    meta = {"cmd": " ".join(["python bench.py", *argv]), "card": card_name(device), "date": date, "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "device": str(device), "dtype": C.dtype if device.type == "cuda" else "float32",
-            "compile": compiled, "qk_norm": C.qk_norm, "text_len": C.text_len}
-    print(f"# bench.py | {meta['card']} | {date} | torch {torch.__version__} | diffusers {diffusers.__version__}")
-    print(f"# {C.resolution if not args.tiny else grid * 8} px -> latents 4x{grid}x{grid}, text {TEXT_LEN}x{TEXT_DIM} | "
-          f"micro-batch {C.batch} x accum {C.accum} | autocast {meta['dtype']} | compile {compiled} | "
-          f"grad_ckpt {C.grad_ckpt} | adaln {C.adaln} | qk_norm {C.qk_norm} | text_len {C.text_len} | "
-          f"{warmup} warm-up + {rounds} rounds x {steps} timed steps per case")
-    print(f"# peak FLOP/s for MFU: {fmt(peak_flops(device) and peak_flops(device) / 1e12, '.1f', 'unknown')} TFLOP/s (model.PEAK_FLOPS)")
-    sys.stdout.flush()
+    meta = print_header(argv, C, args, device)
     log = lambda s: print(s, file=sys.stderr, flush=True)
-
     records = []
     def emit(rec):  # each record reaches --out as soon as it exists: a run cut short keeps what it measured
         records.append(rec)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps({**meta, **rec}) + "\n")
+        return rec
 
-    for label, preset, shape in presets:
-        log(f"[train] {label} {shape}")
-        (ours, peer), mode = bench_training(label, preset, shape, grid, C, device, ctx, diffusion, steps, rounds, warmup, log,
-                                            sequential=args.sequential, profile=args.profile)
-        for rec in (train_record(ours, peer, label, grid, C, device, mode), train_record(peer, None, label, grid, C, device, mode)):
-            emit(rec)
-            log(f"  {rec['model']}: " + (rec["error"] if rec.get("error") else
-                f"{rec['step_ms']:.1f} ms/step, {rec['img_s']:.1f} img/s, peak {fmt(rec['peak_gb'], '.2f')} GB"))
-        torch._dynamo.reset()  # drop the compiled graphs before the next shape
-        free_memory(device)
-
-    train_rows = list(records)
-    print()
-    print_table(train_rows)
-    for label, _, _ in presets:
-        o = next(r for r in train_rows if r["model"] == f"ours {label}")
-        if "ratio_vs_peer" in o:
-            mem = o.get("mem_ratio_vs_peer")
-            print(f"# {label}: ours {o['ratio_vs_peer']:.2f}x the peer's img/s (target >= 1.2x)"
-                  + (f", {mem:.2f}x its peak memory (target <= 1.0x), {o['peak_gb']:.1f} GB "
-                     f"({'fits' if o['peak_gb'] < 32 else 'does not fit'} 32 GB)" if mem else ""))
-        if not o.get("error"):
-            print(f"# {label}: GFLOP/img is model.estimate_flops for ours ({o['gflop_counted']:.4g} by torch.utils.flop_counter), "
-                  f"the flop counter's for the peer")
-        if o.get("syncs_per_step"):
-            print(f"# {label}: ours has {o['syncs_per_step']} host syncs per step, at {', '.join(o['sync_sites'])}")
-    sys.stdout.flush()
-
-    log("[loader]")
-    rec = bench_loader(C, grid, device, batches=20 if args.tiny else 200)
-    emit(rec)
+    for label, preset, shape in args.presets:
+        (ours, peer), mode = bench_training(label, preset, shape, args.grid, C, device, ctx, diffusion, args.steps,
+                                            args.rounds, args.warmup, log, sequential=args.sequential)
+        for case, ref in ((ours, peer), (peer, None)):
+            r = emit(train_record(case, ref, label, args.grid, C, device, mode))
+            log(f"  {r['model']}: " + (r["error"] if r.get("error") else f"first step {case.first_s:.1f} s"
+                f"{' (compiles)' if meta['compile'] else ''}, {r['step_ms']:.1f} ms/step, {r['img_s']:.1f} img/s, "
+                f"peak {fmt(r['peak_gb'], '.2f')} GB"))
+        free_memory(device)  # before the next shape
+    if records:  # the training rows, all the records so far
+        print()
+        print_table(records)
+    rec = emit(bench_loader(C, args.grid, device, batches=20 if args.tiny else 200))
     print(f"\nloader: {rec['samples_per_s']:.0f} samples/s ({rec['ms_per_batch']:.2f} ms per batch of {rec['batch']}, "
-          f"latents {'x'.join(map(str, rec['latent']))} fp16 from a memmap cache)")
-
-    log("[text encoder]")
-    # The cost does not depend on the weights: by default time train.py's encoder architecture with random weights
-    # ("ViT-L-14/laion2b_s32b_b82k" -> "ViT-L-14": the CLIP-L/14 text tower, no download). --text_encoder NAME loads NAME.
-    name = "tiny" if args.tiny else args.text_encoder or (C.text_encoder.split("/")[0] if "/" in C.text_encoder
-                                                            and not os.path.exists(C.text_encoder) else C.text_encoder)
-    reps = 10 if device.type == "cuda" else 2
-    try:
-        rec = bench_text_encoder(name, C, device, ctx, reps)
-    except Exception as e:  # not loadable here (offline, not cached): the tiny tower instead, and say so
-        log(f"  cannot load {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); timing 'tiny' instead")
-        rec = bench_text_encoder("tiny", C, device, ctx, reps)
-    ours_ms = {r["preset"]: r["step_ms"] for r in train_rows if r["impl"] == "ours" and not r.get("error")}
-    rec["share_of_step"] = {k: rec["ms_per_step"] / (ms + rec["ms_per_step"]) for k, ms in ours_ms.items()}
+          f"latents {'x'.join(map(str, rec['latent']))} fp16 from a memmap cache)", flush=True)
+    rec = bench_text_encoder(args.text_encoder, C, device, ctx, log)
+    rec["share_of_step"] = {r["preset"]: rec["ms_per_step"] / (r["step_ms"] + rec["ms_per_step"])
+                            for r in records if r.get("impl") == "ours" and not r.get("error")}
     emit(rec)
     share = ", ".join(f"{v * 100:.1f}% of a {k} step" for k, v in rec["share_of_step"].items())
     print(f"text encoder {rec['model']} ({rec['params'] / 1e6:.1f}M): {rec['ms_per_step']:.2f} ms per step of "
-          f"{rec['batch']} captions if text states are not cached ({share})")
-
-    for label, preset, shape in presets:
-        log(f"[sampling] {label}")
-        rec = bench_sampling(preset, shape, grid, C, device, ctx, diffusion)
-        rec["model"] = f"ours {label}"
-        emit(rec)
-        print(f"sampling ours {label}: {rec['s_per_batch']:.2f} s per batch of {rec['batch']} "
-              f"({rec['steps']}-step DDIM, CFG {rec['cfg']}: {rec['ms_per_step']:.1f} ms/step, {rec['img_s']:.2f} img/s)")
-
+          f"{rec['batch']} captions if text states are not cached ({share})", flush=True)
+    for label, preset, shape in args.presets:
+        rec = emit(bench_sampling(label, preset, shape, args.grid, C, device, diffusion)[1])
+        print(f"sampling {rec['model']}: {rec['s_per_batch']:.2f} s per batch of {rec['batch']} ({rec['steps']}-step "
+              f"DDIM, CFG {rec['cfg']}: {rec['ms_per_step']:.1f} ms/step, {rec['img_s']:.2f} img/s)", flush=True)
     print("\n" + "\n".join(json.dumps({**meta, **r}) for r in records))
     return records
 

@@ -67,6 +67,7 @@ def test_tiny_run_reports_every_case(tiny_run):
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["ours tiny", "pixart tiny"]
     for needle in ("loader:", "text encoder tiny", "sampling ours tiny"):
         assert needle in stdout
+    assert "target" not in stdout.lower()  # the ratio against the peer is a number, not a verdict
     assert sum(l.startswith("{") for l in stdout.splitlines()) == len(recs)  # the same JSON lines on stdout
 
 
@@ -102,18 +103,19 @@ def test_oom_with_both_resident_falls_back_to_one_at_a_time(monkeypatch, one_thr
     from diffusion import Diffusion
     C = SimpleNamespace(**train.parse_args(["--batch", "2", "--device", "cpu"]))
     device, ctx, diffusion = torch.device("cpu"), contextlib.nullcontext(), Diffusion()
-    real_first_step, calls = bench.first_step, []
-    def first_step(case, *a, **k):  # the peer "does not fit" beside ours; alone it does once, then never again
-        calls.append(case.impl)
-        if case.impl == "pixart" and calls.count("pixart") != 2:
+    real_build_case, calls = bench.build_case, []
+    def build_case(impl, *a, **k):  # the peer "does not fit" beside ours; alone it does once, then never again
+        calls.append(impl)
+        if impl == "pixart" and calls.count("pixart") != 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return real_first_step(case, *a, **k)
-    monkeypatch.setattr(bench, "first_step", first_step)
+        return real_build_case(impl, *a, **k)
+    monkeypatch.setattr(bench, "build_case", build_case)
     run = lambda: bench.bench_training("tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, ctx, diffusion,
                                        steps=1, rounds=1, warmup=1, log=lambda s: None)
     (ours, peer), mode = run()
     assert calls == ["ours", "pixart", "ours", "pixart"] and mode == "sequential"
-    assert not ours.error and not peer.error and ours.img_s > 0 and peer.img_s > 0 and ours.raw is None
+    assert not ours.error and not peer.error and ours.img_s > 0 and peer.img_s > 0
+    assert ours.work is None and peer.work is None  # released: no model, optimizer or batch kept alive
     (ours, peer), mode = run()
     assert mode == "sequential" and not ours.error and peer.error.startswith("OOM alone")
     rows = [bench.train_record(c, p, "tiny", bench.TINY_GRID, C, device, mode) for c, p in ((ours, peer), (peer, None))]
@@ -123,7 +125,6 @@ def test_oom_with_both_resident_falls_back_to_one_at_a_time(monkeypatch, one_thr
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_in_a_training_step_on_cuda():
     """train.py's step (step_noise, train_step, ema_update), run through bench.py, should not synchronise the host."""
-    import contextlib
     from types import SimpleNamespace
     import bench
     import train
@@ -131,11 +132,12 @@ def test_no_host_sync_in_a_training_step_on_cuda():
     C = SimpleNamespace(**train.parse_args(["--batch", "4", "--compile", "false"]))
     device, ctx = torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
     diffusion = Diffusion()
-    case = bench.build_case("ours", "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device)
-    bench.run_steps(case, 2, C, diffusion, ctx, device)
-    n, sites = bench.count_syncs(lambda: bench.run_steps(case, 1, C, diffusion, ctx, device), device)
+    case = bench.build_case("ours", "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, diffusion, ctx)
+    case.work(2)
+    n, sites = bench.count_syncs(lambda: case.work(1), device)
     assert n == 0, f"{n} host syncs per step at {sites}"
-    assert bench.count_syncs(lambda: torch.ones(1, device=device).item(), device)[0] == 1  # the detector sees a real one
+    # the detector sees a real one
+    assert bench.count_syncs(lambda: torch.ones(1, device=device).item(), device)[0] == 1
 
 
 def test_count_syncs_counts_syncs_not_the_debug_mode_notice(monkeypatch):
@@ -146,7 +148,8 @@ def test_count_syncs_counts_syncs_not_the_debug_mode_notice(monkeypatch):
     import bench
     def set_mode(mode):
         if mode != "default":
-            warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations")
+            warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                          "synchronizing operations")
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
     def two_syncs():
         for _ in range(2):
@@ -157,10 +160,60 @@ def test_count_syncs_counts_syncs_not_the_debug_mode_notice(monkeypatch):
 
 
 def test_models_none_runs_only_the_loader_and_text_encoder_rows(one_thread, capsys):
-    """The README's loader numbers come from `python bench.py --models none --batch 256 --text_encoder tiny`."""
+    """docs/log.md's loader numbers (2026-11-26 13:57) come from
+    `python bench.py --models none --batch 256 --text_encoder tiny`."""
     import bench
     recs = bench.main(["--models", "none", "--batch", "16", "--text_encoder", "tiny", "--device", "cpu"])
     assert [r["kind"] for r in recs] == ["loader", "text_encoder"]
     assert recs[0]["batch"] == 16 and recs[0]["latent"] == [3, 32, 32]
     positive(recs[0], "samples_per_s")
     assert "loader:" in capsys.readouterr().out
+
+
+def test_sampling_row_runs_sample_latents(one_thread):
+    """The sampling row times sample.py's own path: the latents of its timed call are those of sample.sample_latents
+    for the same prompts and seeds, on a Pipeline built here around a DiT with the same seeded weights."""
+    from types import SimpleNamespace
+    import bench
+    import sample
+    import train
+    from diffusion import Diffusion
+    from model import DiT
+    C = SimpleNamespace(**train.parse_args(["--device", "cpu"]))
+    device, diffusion = torch.device("cpu"), Diffusion()
+    case, rec = bench.bench_sampling("tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, diffusion,
+                                     batch=3, steps=4, cfg=3.0)
+    torch.manual_seed(C.seed)
+    model = DiT(bench.our_config("DiT-S/2", bench.TINY, bench.TINY_GRID, C)).eval().requires_grad_(False)
+    pipe = sample.Pipeline(model, diffusion, SimpleNamespace(factor=8, channels=4), bench.stand_in_text_encoder(device),
+                           {"resolution": bench.TINY_GRID * 8}, 0, device, "")
+    ref = sample.sample_latents(pipe, bench.captions(3), [C.seed + i for i in range(3)], cfg=3.0, steps=4)
+    assert case.out.shape == (3, 4, bench.TINY_GRID, bench.TINY_GRID) and torch.equal(case.out, ref)
+    assert case.work is None  # released
+    assert (rec["batch"], rec["steps"], rec["cfg"], rec["latent"]) == (3, 4, 3.0, [4, bench.TINY_GRID, bench.TINY_GRID])
+    assert rec["s_per_batch"] == pytest.approx(rec["steps"] * rec["ms_per_step"] / 1e3, rel=1e-9)
+    assert rec["img_s"] == pytest.approx(rec["batch"] / rec["s_per_batch"], rel=1e-9)
+
+
+def test_stand_in_text_encoder_is_a_function_of_the_caption():
+    """Same caption, same states, in any batch position and any instance (crc32 seeds, not Python's salted hash);
+    CLIP-L's shapes; another caption, other states."""
+    import bench
+    a, b = bench.stand_in_text_encoder(torch.device("cpu")), bench.stand_in_text_encoder(torch.device("cpu"))
+    (s1, p1), (s2, p2) = a(["a red fox", ""]), b(["", "a red fox"])
+    assert s1.shape == (2, 77, 768) and p1.shape == (2, 768)
+    assert torch.equal(s1[0], s2[1]) and torch.equal(p1[1], p2[0]) and not torch.equal(s1[0], s1[1])
+
+
+def test_command_lines_reach_the_train_config():
+    """The docstring's command lines, parsed only (nothing built): presets with or without DiT-, --res, --batch, a
+    config file first and any train.py key after it (--grad_ckpt, --compile)."""
+    import bench
+    args, C = bench.parse(["configs/shapes.py", "--models", "B/2,DiT-XL/2", "--res", "512", "--batch", "16",
+                           "--grad_ckpt", "true", "--compile", "false"])
+    assert [label for label, _, _ in args.presets] == ["B/2", "XL/2"] and args.grid == 64
+    assert (C.batch, C.grad_ckpt, C.compile, C.text_len, args.text_encoder) == (16, True, False, 16, "tiny")
+    args, C = bench.parse(["--models", "none"])
+    assert args.presets == [] and args.text_encoder == "ViT-L-14"  # train.py's encoder architecture, random weights
+    with pytest.raises(SystemExit):
+        bench.parse(["--models", "Q/2"])
