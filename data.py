@@ -3,7 +3,8 @@ data.py: the user's images and captions in, training batches out. The only file 
 pretrained parts (the VAE and the CLIP text tower) enter the project.
 
   sources     folder with metadata.jsonl (file_name, text) | images + same-named .txt |
-              webdataset .tar shards (folder or glob) | an existing cache | "shapes[:N[:SEED]]"
+              webdataset .tar shards (folder or glob) | an existing cache | "shapes[:N[:SEED]]" |
+              "scenes[:N[:SEED]]" (scenes.py: compositional captions, GenEval's six categories)
   preprocess  any PIL mode -> RGB (alpha over white, 16-bit rescaled, CMYK converted, EXIF rotation),
               short side resized to `resolution` (antialiased LANCZOS), centre crop, [-1, 1]
   encoders    the frozen VAE (diffusers AutoencoderKL) and CLIP text tower (open_clip)
@@ -14,7 +15,9 @@ pretrained parts (the VAE and the CLIP text tower) enter the project.
 Choices:
 - Flips: both horizontal flips are encoded and cached (latents[:, 1] = the mirrored image's latent).
   The VAE is not flip-equivariant, so mirroring a cached latent would give latents the decoder never
-  saw. Cost: 2x encode time and 2x latent disk (16 KB/image at 256 px with sd-vae).
+  saw. Cost: 2x encode time and 2x latent disk (16 KB/image at 256 px with sd-vae). A mirrored image's
+  caption says "right" where the image's said "left": the manifest keeps the token ids of MIRROR_WORDS and
+  the loader swaps them in flipped samples' tokens (cached text states cannot be swapped: a warning).
 - Small images: short side < resolution / 2 is skipped ("too_small": upscaling more than 2x teaches
   the model blur); a short side between resolution / 2 and resolution is upscaled.
 - Captions: a missing or empty caption skips the item (caption dropout provides the unconditional
@@ -28,6 +31,7 @@ Choices:
   settings> unless told where, reuses it while the manifest matches (settings + source fingerprint).
 """
 import argparse, collections, functools, glob, hashlib, io, json, os, queue, random, re, struct, sys, tarfile, threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import NamedTuple
@@ -37,6 +41,8 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
+
+import scenes
 
 CONTEXT_LENGTH = 77  # CLIP's token window
 CACHE_FORMAT = 1     # bump when the cache layout changes: an old cache is then refused (with a message), not misread
@@ -61,6 +67,8 @@ class Item(NamedTuple):
 def source_kind(data):
     if _shapes_args(data):
         return "shapes"
+    if _scenes_args(data):
+        return "scenes"
     if os.path.isdir(data):
         if all(os.path.exists(os.path.join(data, f)) for f in ("manifest.json", "latents.npy")):
             return "cache"  # a data folder that merely holds some manifest.json is read as data
@@ -70,13 +78,15 @@ def source_kind(data):
     if glob.glob(data) and all(p.endswith(".tar") for p in glob.glob(data)):
         return "webdataset"
     raise DataError(f"data source {data!r} not found or not supported: "
-                    "expected a folder, a .tar glob, a cache or 'shapes[:N[:SEED]]'")
+                    "expected a folder, a .tar glob, a cache, 'shapes[:N[:SEED]]' or 'scenes[:N[:SEED]]'")
 
 def source_items(data, resolution):
     """(iterator of Items in a fixed order, item count or None when unknown before reading)."""
     kind = source_kind(data)
     if kind == "shapes":
         return _shapes_items(data, resolution)
+    if kind == "scenes":
+        return _scenes_items(data, resolution)
     if kind == "imagefolder":
         return _imagefolder_items(data)
     if kind == "webdataset":
@@ -96,10 +106,12 @@ def _files(data):
     return out
 
 def source_fingerprint(data):
-    """sha1 over (relative path, size, mtime) of every file; for shapes, over (count, seed, renderer)."""
+    """sha1 over (relative path, size, mtime) of every file; for shapes and scenes, over (count, seed, renderer)."""
     h, kind = hashlib.sha1(), source_kind(data)
     if kind == "shapes":
         h.update(("shapes-v2:%d:%d" % _shapes_args(data)).encode())
+    elif kind == "scenes":
+        h.update((f"{SCENES_VERSION}:%d:%d" % _scenes_args(data)).encode())
     else:
         for p in _files(data):
             st = os.stat(p)
@@ -217,6 +229,34 @@ def shape_sample(i, seed, resolution):
     rng = random.Random(f"shapes-{seed}-{i}")  # str seeds hash with sha512: the same in every process
     spec = rng.choice(list(SHAPE_COLORS)), rng.choice(SHAPE_KINDS), rng.choice(list(SHAPE_BACKGROUNDS))
     return shapes_caption(*spec), render_shape(*spec, resolution, rng)
+
+# The built-in compositional set "scenes[:N[:SEED]]": scenes.py draws it (grammar, held-out split, captions) and
+# reads it back (evaluate.py --probe scenes).
+
+SCENES_DEFAULT_COUNT = 20000
+SCENES_VERSION = "scenes-v1"  # in the cache fingerprint: bump when scenes.py draws other pictures or captions
+
+def _scenes_args(data):
+    """(count, seed) of "scenes[:N[:SEED]]", None for other sources; a count below 1 is a DataError."""
+    m = re.fullmatch(r"scenes(?::([-+]?\d+))?(?::(\d+))?", data)
+    if not m:
+        return None
+    n = SCENES_DEFAULT_COUNT if m.group(1) is None else int(m.group(1))
+    if n < 1:
+        raise DataError(f"{data!r}: the scenes count must be >= 1, got {n}")
+    return n, int(m.group(2) or 0)
+
+def _scenes_items(data, resolution):
+    n, seed = _scenes_args(data)
+    try:
+        scenes.check_resolution(resolution)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    read = lambda i: scenes.scene_sample(i, seed, resolution)[::-1]  # (image, caption)
+    return (Item(f"scene{i}", functools.partial(read, i)) for i in range(n)), n
+
+def _builtin(data):
+    return bool(_shapes_args(data) or _scenes_args(data))
 
 #################################################################################
 #                                  Preprocessing                                #
@@ -584,6 +624,21 @@ def _write_headers(out, rows, count):
                 f.write(_npy_header(row[0], (count, *row[1])))
                 f.flush(), os.fsync(f.fileno())
 
+# Words a horizontal flip swaps in a caption. Each must be one BPE token (CLIP's "left</w>"): a word inside
+# another ("leftmost", "left-hand") is another token and is left as it is.
+MIRROR_WORDS = (("left", "right"),)
+
+def mirror_token_pairs(te):
+    """[[id, id], ...]: the token ids of MIRROR_WORDS, from the text encoder's own tokenizer (a pair that it
+    splits into several tokens is left out)."""
+    ids = [(te.token_ids(a)[1:-1], te.token_ids(b)[1:-1]) for a, b in MIRROR_WORDS]  # without start / end of text
+    return [[a[0], b[0]] for a, b in ids if len(a) == len(b) == 1]
+
+def _count_mirrored(path, pairs, chunk=1 << 16):
+    """How many token rows of tokens.npy hold a mirrored word (those a flip changes), read chunk by chunk."""
+    tokens, ids = np.load(path, mmap_mode="r"), np.array(pairs, np.int64).ravel()
+    return int(sum(np.isin(tokens[i:i + chunk], ids).any(1).sum() for i in range(0, len(tokens), chunk)))
+
 def _write_manifest(data, kind, out, settings, prog, rows, vae, te):
     """The empty caption's tokens (and states), then manifest.json, the file that marks the cache finished."""
     empty = te.tokenize([""])
@@ -596,7 +651,8 @@ def _write_manifest(data, kind, out, settings, prog, rows, vae, te):
                     scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, vae_factor=vae.factor,
                     latent_shape=list(rows["latents.npy"][1][1:]), flips=2,
                     text_dim=te.dim, pooled_dim=te.pooled_dim, context_length=CONTEXT_LENGTH,
-                    empty_tokens=empty[0].tolist(), files=list(rows))
+                    empty_tokens=empty[0].tolist(), files=list(rows), mirror_tokens=mirror_token_pairs(te))
+    manifest["mirror_captions"] = _count_mirrored(os.path.join(out, "tokens.npy"), manifest["mirror_tokens"])
     _write_json(os.path.join(out, "manifest.json"), manifest)
     os.remove(os.path.join(out, "progress.json"))
     print(f"cache {out}: {manifest['count']} images from {manifest['items']} items; "
@@ -634,8 +690,8 @@ def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_sta
 def cache_slug(data, resolution, vae, text_encoder, text_states=False):
     """A readable folder name for a source + settings, with a hash of the full settings."""
     clean = lambda s: re.sub(r"[^A-Za-z0-9._]+", "-", s).strip("-.")
-    src = data if _shapes_args(data) else os.path.basename(os.path.normpath(data.split("*")[0] or ".")) or "data"
-    key = json.dumps([data if _shapes_args(data) else os.path.abspath(data), resolution, vae, text_encoder,
+    src = data if _builtin(data) else os.path.basename(os.path.normpath(data.split("*")[0] or ".")) or "data"
+    key = json.dumps([data if _builtin(data) else os.path.abspath(data), resolution, vae, text_encoder,
                       bool(text_states)])
     vae_short = "none" if vae == "none" else os.path.basename(os.path.normpath(vae))
     te_short = os.path.basename(os.path.normpath(text_encoder)) if os.path.exists(text_encoder) else text_encoder
@@ -683,6 +739,8 @@ class LatentCache:
 #                                  The loader                                   #
 #################################################################################
 
+_WARNED = set()  # cache paths whose text-states flip warning was given (once per process)
+
 @functools.lru_cache(maxsize=4)
 def epoch_plan(n, seed, epoch, cond_drop):
     """(perm, flip, drop) of one epoch; flip/drop are indexed by sample, so they depend on (seed, epoch, index) only."""
@@ -692,6 +750,13 @@ def epoch_plan(n, seed, epoch, cond_drop):
     for a in (perm, flip, drop):
         a.flags.writeable = False
     return perm, flip, drop
+
+def mirror_tokens(tokens, flip, pairs):
+    """tokens (B, L) int64, flip (B,) bool, pairs (P, 2) int64 -> tokens where, in the flipped rows, each id of a
+    pair is replaced by the other one (no loop over samples)."""
+    is_a, is_b = tokens[..., None] == pairs[:, 0], tokens[..., None] == pairs[:, 1]  # (B, L, P)
+    other = (is_a * pairs[:, 1] + is_b * pairs[:, 0]).sum(-1)  # (B, L): a mirrored id's partner, 0 elsewhere
+    return torch.where(flip[:, None] & (is_a | is_b).any(-1), other, tokens)
 
 class Loader:
     """Infinite deterministic batches from a cache. Per epoch e: perm from (seed, e), global batches of
@@ -707,7 +772,24 @@ class Loader:
             raise ValueError(f"cache has {len(self.cache)} samples, fewer than one global batch "
                              f"({batch_size} x {world_size})")
         self.step = 0  # batches consumed by the caller (prefetched ones do not count)
+        self._mirror = self._mirror_pairs() if flip else None
         self._start()
+
+    def _mirror_pairs(self):
+        """The (P, 2) token ids a flip swaps, None when there is nothing to swap: a cache built before the manifest
+        kept them (read as before), or one with cached text states (which say the unflipped words: a warning)."""
+        m = self.cache.manifest
+        if not m.get("mirror_tokens"):
+            return None
+        if self.cache.states is None:
+            return torch.tensor(m["mirror_tokens"], dtype=torch.long)
+        if m.get("mirror_captions") and self.cache.path not in _WARNED:
+            _WARNED.add(self.cache.path)
+            warnings.warn(f"{self.cache.path}: {m['mirror_captions']} captions hold "
+                          f"{'/'.join(w for p in MIRROR_WORDS for w in p)}, but cached text states cannot be "
+                          "mirrored: flipped samples keep the unflipped words (rebuild without --text_states, or "
+                          "flip = False)", stacklevel=3)
+        return None
 
     def plan(self, step):
         """This rank's batch number `step`: (sample indices, flip flags, drop flags)."""
@@ -722,6 +804,8 @@ class Loader:
         idx, flip, drop = self.plan(step)
         c = self.cache
         tokens = c.tokens[idx].astype(np.int64)  # (B, 77)
+        if self._mirror is not None:  # a mirrored image's caption says "right" where the image's said "left"
+            tokens = mirror_tokens(torch.from_numpy(tokens), torch.from_numpy(flip), self._mirror).numpy()
         tokens[drop] = c.empty_tokens
         batch = {"latents": c.latents[idx, flip.astype(np.int64)], "tokens": tokens}  # (B, C, h, w) float16, (B, 77)
         if c.states is not None:
@@ -797,7 +881,8 @@ class Loader:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Encode a dataset into a latent cache (resumable: rerun after a kill).")
     p.add_argument("--data", required=True,
-                   help="folder (metadata.jsonl | images + .txt | .tar shards), .tar glob, or shapes[:N[:SEED]]")
+                   help="folder (metadata.jsonl | images + .txt | .tar shards), .tar glob, shapes[:N[:SEED]] "
+                   "or scenes[:N[:SEED]]")
     p.add_argument("--out", default="", help="cache folder (default: cache/<slug of source and settings>)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse")

@@ -1,9 +1,11 @@
 """
 Sample quality as papers report it: FID, Inception Score and CLIP score over a prompt file, optionally over a
-sweep of CFG scales, plus a pixel-level prompt-adherence probe for the built-in `shapes` set.
+sweep of CFG scales, plus pixel-level prompt-adherence probes for the built-in `shapes` and `scenes` sets.
 
     python evaluate.py --ckpt out/ckpt.pt --prompts coco30k.txt --ref coco30k_256/ --n 30000 --cfg 1,3,5
     python evaluate.py --ckpt out/ckpt.pt --probe shapes --cfg 1,4
+    python evaluate.py --ckpt out/ckpt.pt --probe scenes --cfg 1,3,5   # GenEval's six categories (scenes.py)
+    python evaluate.py --probe scenes --truth --resolution 64          # the reader on true renders: 1.0
 
 FID / IS use the TF-Inception "2015-12-05" weights through torch-fidelity (the weights TTUR, pytorch-fid and
 clean-fid use). torch-fidelity resizes uint8 images to 299x299 with a bilinear resize that reproduces
@@ -30,6 +32,7 @@ from PIL import Image
 from scipy import linalg, ndimage
 from tqdm import tqdm
 
+import scenes
 from data import (IMAGE_EXTS, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, open_clip_quick_gelu,
                   render_shape, shapes_caption, to_pixels)
 from diffusion import SAMPLERS
@@ -313,6 +316,52 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim"
     return dict(cfg=cfg, t_start=t_start, **accuracy)
 
 #################################################################################
+#                   Scenes compositional probe (GenEval-style)                  #
+#################################################################################
+
+# The prompts, the reader and the rules are scenes.py's; this samples the images and prints the tables.
+
+SCENE_SETS = {"in_distribution": scenes.in_distribution_prompts, "held_out": scenes.held_out_prompts}
+
+
+def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim", eta=0.0, guidance_rescale=0.0,
+                 batch_size=16, progress=False, resolution=None) -> dict:
+    """Both prompt sets, n_per_prompt seeds each (image k: seed + k) -> {cfg, truth, resolution, in_distribution,
+    held_out} with scenes.evaluate_images' accuracies. pipe None: true renders at `resolution` (the reader's
+    ceiling, 1.0 by construction) instead of samples."""
+    out = dict(cfg=None if pipe is None else cfg, truth=pipe is None,
+               resolution=resolution if pipe is None else pipe.resolution)
+    for name, prompts in SCENE_SETS.items():
+        texts, specs, seeds = scenes.probe_plan(prompts(), n_per_prompt, seed)
+        if pipe is None:
+            images = np.stack([np.asarray(scenes.render_spec(s, k, resolution)) for s, k in zip(specs, seeds)])
+        else:
+            images = generate(pipe, texts, seeds, cfg=cfg, steps=steps, sampler=sampler, eta=eta,
+                              guidance_rescale=guidance_rescale, batch_size=batch_size, progress=progress).numpy()
+        out[name] = scenes.evaluate_images(images, specs)
+    return out
+
+
+def run_scenes_probe(args, pipe, cfgs, report):
+    """The scenes probe at every CFG scale (once on true renders when pipe is None) into `report`, a table each."""
+    rows = [probe_scenes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
+                         sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale,
+                         batch_size=args.batch, progress=True, resolution=args.resolution)
+             for c in (cfgs if pipe is not None else [None])]
+    report["probe_scenes"] = rows
+    report["probe_scenes_prompts"] = {name: [p.text for p in prompts()] for name, prompts in SCENE_SETS.items()}
+    names = [c.replace("_", " ") for c in scenes.CATEGORIES]
+    for r in rows:
+        print(f"\nscenes probe, {'true renders' if r['truth'] else 'cfg %g' % r['cfg']} at {r['resolution']} px "
+              f"({args.probe_n} images per prompt, {scenes.SLOTS} prompts per category; overall: the mean over the "
+              "categories a set has)")
+        print(f"| set | n | {' | '.join(names)} | overall |\n|---|---|{'---|' * (len(names) + 1)}")
+        for name in SCENE_SETS:
+            acc = r[name]
+            print(f"| {name.replace('_', '-')} | {acc['n']} | "
+                  + " | ".join(fmt(acc[c], ".3f") for c in scenes.CATEGORIES + ("overall",)) + " |")
+
+#################################################################################
 #                                  CLI                                          #
 #################################################################################
 
@@ -347,8 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_weights", default="", help="local open_clip checkpoint of --clip's ARCH/TAG (offline; "
                    "the TAG still decides QuickGELU vs GELU)")
     p.add_argument("--stats_cache", default="cache/fid_stats", help="folder caching reference statistics")
-    p.add_argument("--probe", default="", choices=("", "shapes"), help="also run a prompt-adherence probe")
-    p.add_argument("--probe_n", type=int, default=8, help="probe images per shapes caption")
+    p.add_argument("--probe", default="", choices=("", "shapes", "scenes"),
+                   help="also run a prompt-adherence probe: shapes (colour, kind) or scenes (GenEval's categories)")
+    p.add_argument("--probe_n", type=int, default=8, help="probe images per caption (shapes) or prompt (scenes)")
+    p.add_argument("--truth", action="store_true", help="with --probe scenes, no checkpoint: score true renders "
+                   "of the probe's prompts (the reader's ceiling)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help=f"--truth's render size (default {scenes.MIN_RESOLUTION}, the smallest the reader reads)")
     p.add_argument("--probe_from", default="", help="also probe from true renders noised to these timesteps "
                    "(comma separated, e.g. 200,400): where the model loses the prompted shape")
     p.add_argument("--save_images", default="", help="folder to keep the generated images in (a new one: "
@@ -362,7 +416,7 @@ def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
     """The settings that need no checkpoint, checked (p.error: exit 2) -> (args, cfgs, prompts, t_starts)."""
     args = p.parse_args(argv)
     if not args.prompts and not args.probe:
-        p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes")
+        p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes|scenes")
     check_args(p, args)
     if args.n < 0 or args.probe_n < 1:
         p.error("--n must be >= 0 (0: one sample per prompt) and --probe_n >= 1")
@@ -385,9 +439,35 @@ def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
         t_starts = [int(t) for t in args.probe_from.split(",") if t.strip()]
     except ValueError:
         p.error(f"--probe_from must be comma-separated timesteps: 200,400, got {args.probe_from!r}")
-    if t_starts and not args.probe:
+    if t_starts and args.probe != "shapes":
         p.error("--probe_from needs --probe shapes")
+    check_truth_settings(p, args)
     return args, cfgs, prompts, t_starts
+
+
+def check_truth_settings(p: argparse.ArgumentParser, args):
+    """--truth and --resolution: true renders of the scenes probe, no checkpoint (p.error: exit 2)."""
+    if args.truth and (args.probe != "scenes" or args.prompts):
+        p.error("--truth scores true renders of the scenes probe: give --probe scenes, without --prompts")
+    if args.resolution is not None and not args.truth:
+        p.error("--resolution is --truth's render size (a checkpoint samples at its own resolution)")
+    if args.truth:
+        args.resolution = scenes.MIN_RESOLUTION if args.resolution is None else args.resolution
+        try:
+            scenes.check_resolution(args.resolution)
+        except ValueError as e:
+            p.error(f"--resolution: {e}")
+
+
+def check_pipeline_settings(p: argparse.ArgumentParser, args, pipe, t_starts):
+    """The settings checked against the loaded checkpoint, before anything is sampled (p.error: exit 2)."""
+    if any(not 0 <= t < pipe.diffusion.T for t in t_starts):
+        p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
+    if args.probe == "scenes":
+        try:
+            scenes.check_resolution(pipe.resolution)
+        except ValueError as e:
+            p.error(f"--probe scenes: the checkpoint's images are too small: {e}")
 
 
 def metric_networks(args, device, extractor=None, clip_scorer=None) -> tuple:
@@ -455,9 +535,14 @@ def main(argv=None, extractor=None, clip_scorer=None):
     """extractor / clip_scorer: injected callables (tests); by default the TF-Inception and open_clip models."""
     p = build_parser()
     args, cfgs, prompts, t_starts = parse_settings(p, argv)
+    if args.truth:  # no checkpoint: the scenes reader on true renders
+        report = dict(truth=True, date=datetime.date.today().isoformat(),
+                      settings=dict(seed=args.seed, probe_n=args.probe_n))
+        run_scenes_probe(args, None, cfgs, report)
+        write_report(report, args.out, args.ckpt)
+        return
     pipe = open_pipeline(p, args, weights=args.weights)
-    if any(not 0 <= t < pipe.diffusion.T for t in t_starts):
-        p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
+    check_pipeline_settings(p, args, pipe, t_starts)
     device_name = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu"
     report = dict(ckpt=args.ckpt, step=pipe.step, date=datetime.date.today().isoformat(), device=device_name,
                   settings=dict(steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
@@ -467,6 +552,8 @@ def main(argv=None, extractor=None, clip_scorer=None):
         run_metrics(args, pipe, prompts, cfgs, report, extractor, clip_scorer)
     if args.probe == "shapes":
         run_probe(args, pipe, cfgs, t_starts, report)
+    if args.probe == "scenes":
+        run_scenes_probe(args, pipe, cfgs, report)
     write_report(report, args.out, args.ckpt)
 
 

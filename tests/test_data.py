@@ -1,5 +1,5 @@
 """data.py: sources, preprocessing, the frozen encoders, the resumable cache and the loader (CPU, small files)."""
-import io, json, os, subprocess, sys, tarfile
+import collections, io, json, os, re, subprocess, sys, tarfile
 
 import numpy as np
 import pytest
@@ -55,16 +55,19 @@ def test_each_source_form_gives_the_same_cache(tmp_path, monkeypatch):
             _write(folder / f"img{i}.png", img), _write(folder / f"img{i}.txt", cap.encode())
             _write(meta / f"img{i}.png", img)
             f.write(json.dumps({"file_name": f"img{i}.png", "text": cap}) + "\n")
-    samples = [(f"{i:06d}", {"png": img, "txt": cap.encode(), "json": b"{}"}) for i, (img, cap) in enumerate(zip(images, captions))]
+    samples = [(f"{i:06d}", {"png": img, "txt": cap.encode(), "json": b"{}"})
+               for i, (img, cap) in enumerate(zip(images, captions))]
     _tar(shards / "00000.tar", samples[:3]), _tar(shards / "00001.tar", samples[3:])
     sources = [str(folder), str(meta), str(shards), str(shards / "*.tar")]
     kinds = [data.source_kind(s) for s in sources]
     assert kinds == ["captioned_images", "imagefolder", "webdataset", "webdataset"]
-    caches = [data.LatentCache(data.ensure_cache(s, 16, "none", "tiny", cache_dir=str(tmp_path / f"c{i}"))) for i, s in enumerate(sources)]
+    caches = [data.LatentCache(data.ensure_cache(s, 16, "none", "tiny", cache_dir=str(tmp_path / f"c{i}")))
+              for i, s in enumerate(sources)]
     ref = caches[0]
     assert len(ref) == 5 and ref.latents.shape == (5, 2, 3, 16, 16) and ref.captions() == captions
     for c in caches[1:]:
-        assert np.array_equal(c.latents, ref.latents) and np.array_equal(c.tokens, ref.tokens) and c.captions() == captions
+        assert np.array_equal(c.latents, ref.latents) and np.array_equal(c.tokens, ref.tokens)
+        assert c.captions() == captions
     # vae "none" end to end: a 16x16 image is cached as its exact pixels in [-1, 1], index 1 as its mirror image
     pixels = np.asarray(Image.open(io.BytesIO(images[2]))).astype(np.float32).transpose(2, 0, 1) / 127.5 - 1
     assert np.array_equal(ref.latents[2, 0], pixels.astype(np.float16))
@@ -95,9 +98,45 @@ def test_shapes_are_deterministic_and_match_their_captions():
         assert (bg | fg).all()  # flat colours: the probe in evaluate.py reads them back
         ys, xs = np.nonzero(fg)
         w, h = np.ptp(xs) + 1, np.ptp(ys) + 1
-        assert abs(w - h) <= 1 and 0.35 * 32 - 1 <= w <= 0.70 * 32 + 1, (w, h)  # square bounding box: not clipped by the border
+        # square bounding box: not clipped by the border
+        assert abs(w - h) <= 1 and 0.35 * 32 - 1 <= w <= 0.70 * 32 + 1, (w, h)
     assert [data.shape_sample(i, 0, 16)[0] for i in range(10)] != [data.shape_sample(i, 1, 16)[0] for i in range(10)]
-    assert data._shapes_args("shapes") == (data.SHAPES_DEFAULT_COUNT, 0) and data._shapes_args("shapes:5000") == (5000, 0)
+    assert data._shapes_args("shapes") == (data.SHAPES_DEFAULT_COUNT, 0)
+    assert data._shapes_args("shapes:5000") == (5000, 0)
+
+
+
+def test_scenes_source_builds_the_scene_samples(tmp_path):
+    """"scenes:N[:SEED]" is a built-in source beside shapes: its cache holds scenes.scene_sample(i, SEED, R) as they
+    are (vae none: the exact pixels), keyed scene<i>, and its fingerprint names the renderer's version."""
+    import scenes
+    c = data.LatentCache(data.ensure_cache("scenes:6:3", 32, "none", "tiny", cache_dir=str(tmp_path / "c")))
+    want = [scenes.scene_sample(i, 3, 32) for i in range(6)]
+    assert _keys(c.path) == [f"scene{i}" for i in range(6)] and c.captions() == [t for t, _ in want]
+    pixels = np.stack([np.asarray(im) for _, im in want]).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+    assert np.array_equal(c.latents[:, 0], pixels.astype(np.float16))
+    assert data._scenes_args("scenes") == (data.SCENES_DEFAULT_COUNT, 0) and data.source_kind("scenes:5") == "scenes"
+    assert data.source_fingerprint("scenes:6:3") != data.source_fingerprint("scenes:6:4")
+    before = data.source_fingerprint("scenes:6:3")
+    data.SCENES_VERSION, old = "scenes-v2", data.SCENES_VERSION
+    try:
+        assert data.source_fingerprint("scenes:6:3") != before  # a new renderer never reuses an old cache
+    finally:
+        data.SCENES_VERSION = old
+
+
+@pytest.mark.parametrize("source, want", [("scenes:0", "count must be >= 1, got 0"),
+                                          ("scenes:-3", "count must be >= 1, got -3")])
+def test_scenes_count_below_one_is_a_one_line_error(tmp_path, capsys, source, want):
+    with pytest.raises(data.DataError, match=want):
+        data.ensure_cache(source, 32, "none", "tiny", cache_dir=str(tmp_path / "c"))
+    assert data.main(["--data", source, "--out", str(tmp_path / "o"), "--resolution", "32", "--vae", "none",
+                      "--text_encoder", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0] and not (tmp_path / "o").exists()
+    # and a resolution the scenes reader cannot read is refused before anything is rendered
+    with pytest.raises(data.DataError, match=">= 32 px"):
+        data.ensure_cache("scenes:4", 16, "none", "tiny", cache_dir=str(tmp_path / "small"))
 
 
 ##### bad input
@@ -124,7 +163,8 @@ def test_bad_input_zoo(tmp_path):
     good = {"rgb.jpg": jpeg, "rgba.png": _png(rgba), "palette.png": pal_png.getvalue(), "gray16.png": _png(gray16),
             "gray.png": _png(np.full((R, R), 128, np.uint8)), "cmyk.jpg": cmyk.getvalue(),
             "la.png": _png(np.stack([np.zeros((R, R), np.uint8), half], -1), "LA"),
-            "upscaled.png": _png(np.full((20, 20, 3), 200, np.uint8)), "nonutf8.png": _png(np.zeros((R, R, 3), np.uint8)),
+            "upscaled.png": _png(np.full((20, 20, 3), 200, np.uint8)),
+            "nonutf8.png": _png(np.zeros((R, R, 3), np.uint8)),
             "long.png": _png(np.zeros((R, R, 3), np.uint8))}
     bad = {"truncated.jpg": jpeg[: len(jpeg) // 2], "zero.jpg": b"", "text.jpg": b"hello, I am not a JPEG\n",
            "tiny.png": _png(np.zeros((8, 8, 3), np.uint8)), "nocaption.png": _png(np.zeros((R, R, 3), np.uint8)),
@@ -132,22 +172,28 @@ def test_bad_input_zoo(tmp_path):
     for name, payload in {**good, **bad}.items():
         _write(d / name, payload)
         stem = os.path.splitext(name)[0]
-        caption = {"nonutf8": b"caf\xe9 au lait \xff", "long": LONG.encode(), "emptycaption": b"  \n"}.get(stem, f"a {stem} image".encode())
+        caption = {"nonutf8": b"caf\xe9 au lait \xff", "long": LONG.encode(), "emptycaption": b"  \n"}.get(
+            stem, f"a {stem} image".encode())
         if stem != "nocaption":
             _write(d / f"{stem}.txt", caption)
     c = data.LatentCache(data.ensure_cache(str(d), R, "none", "tiny", cache_dir=str(tmp_path / "cache")))
     m = c.manifest
-    assert m["skipped"] == {"decode_error": 1, "empty_file": 1, "not_an_image": 1, "too_small": 1, "missing_caption": 1, "empty_caption": 1}
+    assert m["skipped"] == {"decode_error": 1, "empty_file": 1, "not_an_image": 1, "too_small": 1,
+                            "missing_caption": 1, "empty_caption": 1}
     assert m["fixed"] == {"non_utf8_caption": 1, "caption_truncated": 1}
     keys = _keys(c.path)
     assert sorted(keys) == sorted(good) and len(c) == len(good) == m["count"]
     lat = {k: c.latents[i, 0].astype(np.float32) for i, k in enumerate(keys)}  # (3, R, R) in [-1, 1]
-    white, left, right = np.ones(3), (slice(None), slice(None), slice(0, R // 2)), (slice(None), slice(None), slice(R // 2, None))
-    assert (lat["rgba.png"][left] == 1).all() and np.allclose(lat["rgba.png"][right].mean((1, 2)), [1, -1, -1])  # alpha over white
+    white = np.ones(3)
+    left, right = (slice(None), slice(None), slice(0, R // 2)), (slice(None), slice(None), slice(R // 2, None))
+    # alpha over white
+    assert (lat["rgba.png"][left] == 1).all() and np.allclose(lat["rgba.png"][right].mean((1, 2)), [1, -1, -1])
     assert (lat["palette.png"][left] == 1).all() and np.allclose(lat["palette.png"][right].mean((1, 2)), [-1, -1, 1])
     assert (lat["la.png"][left] == 1).all() and (lat["la.png"][right] == -1).all()
-    assert (lat["gray16.png"][left] == 1).all() and (lat["gray16.png"][right] == -1).all()  # 16-bit rescaled, not clipped
-    assert np.allclose(lat["gray.png"], 128 / 127.5 - 1, atol=1e-3) and np.allclose(lat["upscaled.png"], 200 / 127.5 - 1, atol=1e-3)
+    # 16-bit rescaled, not clipped
+    assert (lat["gray16.png"][left] == 1).all() and (lat["gray16.png"][right] == -1).all()
+    assert np.allclose(lat["gray.png"], 128 / 127.5 - 1, atol=1e-3)
+    assert np.allclose(lat["upscaled.png"], 200 / 127.5 - 1, atol=1e-3)
     assert np.allclose(lat["cmyk.jpg"].mean((1, 2)), white, atol=0.02)
     texts = dict(zip(keys, c.captions()))
     assert "\ufffd" in texts["nonutf8.png"] and texts["nonutf8.png"].startswith("caf")
@@ -160,14 +206,16 @@ def test_bad_metadata_and_shards(tmp_path):
     meta = tmp_path / "meta"
     meta.mkdir()
     _write(meta / "good.png", img)
-    lines = [json.dumps({"file_name": "good.png", "text": "fine"}), "{not json", json.dumps({"file_name": "gone.png", "text": "x"}),
+    lines = [json.dumps({"file_name": "good.png", "text": "fine"}), "{not json",
+             json.dumps({"file_name": "gone.png", "text": "x"}),
              json.dumps({"file_name": "good.png"})]
     _write(meta / "metadata.jsonl", "\n".join(lines).encode())
     m = data.LatentCache(data.ensure_cache(str(meta), 16, "none", "tiny", cache_dir=str(tmp_path / "c1"))).manifest
     assert m["count"] == 1 and m["skipped"] == {"bad_metadata": 1, "missing_file": 1, "missing_caption": 1}
     shards = tmp_path / "shards"
     shards.mkdir()
-    _tar(shards / "a.tar", [("k0", {"png": img, "txt": b"zero"}), ("k1", {"txt": b"no image"}), ("k2", {"jpg": img, "txt": b"two"})])
+    _tar(shards / "a.tar", [("k0", {"png": img, "txt": b"zero"}), ("k1", {"txt": b"no image"}),
+                            ("k2", {"jpg": img, "txt": b"two"})])
     _write(shards / "b.tar", os.urandom(3000))
     _tar(tmp_path / "full.tar", [("k3", {"png": img, "txt": b"three"}), ("k4", {"png": img, "txt": b"four"})])
     full = open(tmp_path / "full.tar", "rb").read()
@@ -175,7 +223,8 @@ def test_bad_metadata_and_shards(tmp_path):
     c = data.LatentCache(data.ensure_cache(str(shards), 16, "none", "tiny", cache_dir=str(tmp_path / "c2")))
     assert c.captions() == ["zero", "two", "three"]
     # k1 has no image; b.tar is noise; c.tar ends inside k4.png, so k4 lost its caption and the shard is flagged
-    assert c.manifest["skipped"] == {"missing_image": 1, "unreadable_shard": 1, "missing_caption": 1, "truncated_shard": 1}
+    assert c.manifest["skipped"] == {"missing_image": 1, "unreadable_shard": 1, "missing_caption": 1,
+                                     "truncated_shard": 1}
 
 
 def test_empty_or_unreadable_source_is_an_error_with_exit_code_2(tmp_path, capsys):
@@ -183,11 +232,12 @@ def test_empty_or_unreadable_source_is_an_error_with_exit_code_2(tmp_path, capsy
     (tmp_path / "junk").mkdir()
     _write(tmp_path / "junk" / "a.jpg", b"not an image")
     _write(tmp_path / "junk" / "a.txt", b"caption")
-    for src in [str(tmp_path / "empty"), str(tmp_path / "missing"), str(tmp_path / "nothing*.tar"), str(tmp_path / "junk")]:
+    for src in [str(tmp_path / n) for n in ("empty", "missing", "nothing*.tar", "junk")]:
         with pytest.raises(data.DataError):
             data.ensure_cache(src, 16, "none", "tiny", cache_dir=str(tmp_path / "out"))
     # the CLI (`python data.py ...` is sys.exit(main())) maps DataError to exit code 2 with a one-line reason
-    assert data.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--vae", "none", "--text_encoder", "tiny"]) == 2
+    assert data.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--vae", "none",
+                      "--text_encoder", "tiny"]) == 2
     assert "error:" in capsys.readouterr().err
 
 
@@ -209,8 +259,10 @@ def test_kill_and_resume_gives_the_identical_cache(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.build_cache("shapes:40", out, **kw)
     progress = json.load(open(os.path.join(out, "progress.json")))
-    assert progress["items"] == 16 and progress["count"] == 16 and not os.path.exists(os.path.join(out, "manifest.json"))
-    assert os.path.getsize(os.path.join(out, "latents.npy")) > progress["sizes"]["latents.npy"]  # uncommitted rows on disk
+    assert progress["items"] == 16 and progress["count"] == 16
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    # uncommitted rows on disk
+    assert os.path.getsize(os.path.join(out, "latents.npy")) > progress["sizes"]["latents.npy"]
     with pytest.raises(data.DataError, match="not a finished cache"):
         data.LatentCache(out)
     monkeypatch.undo()
@@ -228,7 +280,8 @@ def test_tokenize_is_77_ids_for_empty_short_and_long_captions():
     captions = ["", "a red circle on a white background", LONG]
     tokens = te.tokenize(captions)
     assert tokens.shape == (3, 77) and tokens.dtype == torch.long
-    assert torch.equal(tokens, open_clip.get_tokenizer("ViT-L-14")(captions))  # open_clip's own tokenizer is the reference
+    # open_clip's own tokenizer is the reference
+    assert torch.equal(tokens, open_clip.get_tokenizer("ViT-L-14")(captions))
     assert tokens[0, :2].tolist() == [te.sot, te.eot] and (tokens[0, 2:] == 0).all()
     assert (tokens[2] != 0).all() and tokens[2, -1] == te.eot
 
@@ -262,8 +315,9 @@ def test_tiny_text_tower_distinct_and_identical_across_processes(tmp_path):
     assert (states[0, 1:] - states[1, 1:]).abs().max() > 1e-2 and (pooled[0] - pooled[1]).abs().max() > 1e-2
     # another process (the CLI, with cached text states) gets bit-identical states
     out = tmp_path / "cli"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--data", "shapes:6", "--out", str(out), "--resolution", "8",
-                        "--vae", "none", "--text_encoder", "tiny", "--text_states", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--data", "shapes:6", "--out", str(out),
+                        "--resolution", "8", "--vae", "none", "--text_encoder", "tiny", "--text_states",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "bytes" in p.stdout and "per caption" in p.stdout  # the disk cost of text states is printed
     c = data.LatentCache(str(out))
@@ -291,8 +345,9 @@ def test_local_open_clip_folder(tmp_path):
 def test_vae_wrapper_round_trips_shapes_and_scaling(tmp_path):
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
-    ref = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5).eval()
+    ref = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.5).eval()
     ref.save_pretrained(tmp_path / "vae")
     vae = data.load_vae(str(tmp_path / "vae"))  # same class and code path as stabilityai/sd-vae-ft-mse
     assert (vae.channels, vae.factor, vae.scaling_factor) == (4, 2, 0.5)
@@ -304,7 +359,8 @@ def test_vae_wrapper_round_trips_shapes_and_scaling(tmp_path):
         assert y.shape == x.shape and torch.allclose(y, ref.decode(z / 0.5).sample.clamp(-1, 1), atol=1e-6)
     # through the cache: both flips encoded by the VAE, stored as float16
     c = data.LatentCache(data.build_cache("shapes:3", str(tmp_path / "c"), 16, vae, "tiny"))
-    imgs = torch.stack([torch.from_numpy(np.array(data.shape_sample(i, 0, 16)[1])) for i in range(3)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    imgs = torch.stack([torch.from_numpy(np.array(data.shape_sample(i, 0, 16)[1])) for i in range(3)])
+    imgs = imgs.permute(0, 3, 1, 2).float() / 127.5 - 1
     assert c.manifest["scaling_factor"] == 0.5 and c.latents.shape == (3, 2, 4, 8, 8)
     assert np.allclose(c.latents[:, 0], vae.encode(imgs).numpy(), atol=2e-3)
     assert np.allclose(c.latents[:, 1], vae.encode(imgs.flip(-1)).numpy(), atol=2e-3)
@@ -380,7 +436,8 @@ def test_loader_flip_and_drop_do_not_depend_on_batch_size(cache):
     flags = []
     for batch_size, world_size in [(2, 1), (3, 2), (8, 1)]:
         per_sample = {}
-        loaders = [data.Loader(cache, batch_size, seed=4, rank=r, world_size=world_size, cond_drop=0.5) for r in range(world_size)]
+        loaders = [data.Loader(cache, batch_size, seed=4, rank=r, world_size=world_size, cond_drop=0.5)
+                   for r in range(world_size)]
         for loader in loaders:
             for step in range(loader.batches_per_epoch):
                 idx, flip, drop = _check_batch(cache, loader, step, next(loader))
@@ -391,7 +448,8 @@ def test_loader_flip_and_drop_do_not_depend_on_batch_size(cache):
     values = list(flags[0].values())
     assert 0 < sum(f for f, _ in values) < 24 and 0 < sum(d for _, d in values) < 24
     no_flip = data.Loader(cache, 4, seed=4, flip=False)
-    assert not no_flip.plan(0)[1].any() and torch.equal(next(no_flip)["latents"], torch.from_numpy(cache.latents[no_flip.plan(0)[0], 0]).float())
+    assert not no_flip.plan(0)[1].any()
+    assert torch.equal(next(no_flip)["latents"], torch.from_numpy(cache.latents[no_flip.plan(0)[0], 0]).float())
 
 
 def files_of(folder):
@@ -424,3 +482,67 @@ def test_a_data_folder_with_a_stray_manifest_is_data_not_a_cache(tmp_path):
     (src / "a.txt").write_text("a black square")
     (src / "manifest.json").write_text('{"made by": "another tool"}')
     assert data.source_kind(str(src)) == "captioned_images"
+
+
+##### flips and captions: a mirrored image says "right" where the image said "left"
+
+def swap_left_right(caption):
+    """The reference: the caption of the mirrored image, by word."""
+    return re.sub(r"\b(left|right)\b", lambda m: {"left": "right", "right": "left"}[m[1]], caption)
+
+
+@pytest.fixture(scope="module")
+def scene_cache(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("scenes") / "cache")
+    return data.LatentCache(data.build_cache("scenes:96", out, 32, "none", "tiny"))
+
+
+def _epoch_tokens(loader):
+    """(sample index, flipped, dropped, tokens) of every sample of the loader's first epoch."""
+    rows = []
+    for step in range(loader.batches_per_epoch):
+        idx, flip, drop = loader.plan(step)
+        rows += zip(idx, flip, drop, next(loader)["tokens"])
+    loader.close()
+    return rows
+
+
+def test_flipped_samples_get_the_mirrored_caption_tokens(scene_cache):
+    te = data.load_text_encoder("tiny")
+    m, captions = scene_cache.manifest, scene_cache.captions()
+    ids = lambda word: te.token_ids(word)[1:-1]  # one BPE token each: "left</w>", "right</w>"
+    assert m["mirror_tokens"] == [ids("left") + ids("right")]
+    mirrored = [i for i, t in enumerate(captions) if swap_left_right(t) != t]
+    assert m["mirror_captions"] == len(mirrored) > 0
+    seen = collections.Counter()
+    for i, flip, drop, tokens in _epoch_tokens(data.Loader(scene_cache, 8, seed=1, cond_drop=0.2)):
+        text = "" if drop else swap_left_right(captions[i]) if flip else captions[i]
+        assert torch.equal(tokens, te.tokenize([text])[0]), (captions[i], flip, drop)
+        seen[(i in mirrored and not drop, bool(flip))] += 1
+    assert seen[(True, True)] and seen[(True, False)]  # mirrored captions both flipped and not were checked
+
+
+def test_a_cache_without_mirror_tokens_loads_as_before(scene_cache, tmp_path):
+    """A cache built before the manifest kept mirror_tokens: the loader hands out its token rows unchanged."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in os.listdir(scene_cache.path):
+        os.link(os.path.join(scene_cache.path, name), old / name)
+    manifest = {k: v for k, v in scene_cache.manifest.items() if k not in ("mirror_tokens", "mirror_captions")}
+    os.remove(old / "manifest.json")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    rows = _epoch_tokens(data.Loader(data.LatentCache(str(old)), 8, seed=1))
+    assert any(flip for _, flip, _, _ in rows)
+    for i, flip, drop, tokens in rows:
+        assert np.array_equal(tokens.numpy(), scene_cache.tokens[i])
+
+
+def test_text_states_cannot_be_mirrored_a_warning_once(tmp_path):
+    c = data.LatentCache(data.build_cache("scenes:32", str(tmp_path / "c"), 32, "none", "tiny", text_states=True))
+    assert c.manifest["mirror_captions"] > 0
+    with pytest.warns(UserWarning, match="text states cannot be mirrored") as caught:
+        loaders = [data.Loader(c, 8, seed=1), data.Loader(c, 8, seed=1)]
+    assert len(caught) == 1  # once per cache and process, not per loader
+    rows = _epoch_tokens(loaders[0])
+    assert all(np.array_equal(tokens.numpy(), c.tokens[i]) for i, _, _, tokens in rows)  # as stored
+    loaders[1].close()

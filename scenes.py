@@ -1,0 +1,396 @@
+"""
+scenes.py: the built-in compositional set "scenes" and its reader, the two sides of one contract. The set draws
+scenes of flat shapes on a grid with a caption in one of GenEval's six categories (Ghosh et al. 2023, arXiv
+2310.11513); the reader reads the objects back from pixels, and the scorer judges them by GenEval's rules. A leaf
+module (numpy, PIL, scipy only): data.py renders the training set with it, evaluate.py's `--probe scenes` scores
+samples with it.
+
+  grammar     kinds circle | square | triangle; 6 colours; 2 sizes (small, large: unnamed in captions, free);
+              a white background; a 3 x 3 grid, one object per cell, never touching
+  categories  single object "a triangle" | two objects "a circle and a square" | counting "three squares" (2-4) |
+              colours "a red circle" | position "a red circle to the left of a blue square" (right of, above,
+              below) | colour attribution "a red circle and a blue square"
+  held out    HELD_OUT_PAIRS (colour, kind) and HELD_OUT_KINDS (a kind pairing) are never drawn in any training
+              render; held_out_prompts() asks for them, in_distribution_prompts() for the rest
+  reader      read_objects(uint8 (H, W, 3)) -> [SceneObject(kind, colour, size, centroid, box)]
+  scoring     score(spec, objects) -> bool; evaluate_images(images, specs) -> accuracy per category, overall
+
+A caption describes every object in its image: an attribute it does not name (a colour in "a triangle", every
+size) is free, but there are no unnamed objects. Resolutions below MIN_RESOLUTION (32 px, where the small objects
+are 5 px) raise ValueError.
+"""
+import random
+import re
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+#################################################################################
+#                                  Grammar                                      #
+#################################################################################
+
+KINDS = ("circle", "square", "triangle")
+# far apart in RGB (nearest pair: orange-yellow, 80) and all far from the white background (>= 239)
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
+           "purple": (140, 50, 180), "orange": (245, 130, 20)}
+SIZES = {"small": 0.5, "large": 0.7}  # side as a fraction of a grid cell, rounded down to odd pixels
+BACKGROUND = (255, 255, 255)
+GRID = 3                              # 3 x 3 cells: "left of" / "above" are a column / row apart
+JITTER = 0.08                         # an object's centre moves up to this fraction of a cell from the cell's
+# True renders read without error from 20 px (3-px objects; from 16 px the small side is 1 px); renders blurred
+# by 0.6 px with pixel noise of std 15, a stand-in for samples, read without error from 32 px (5-px small
+# objects; 0.997 at 30 px, 0.98 at 24 px over 400 scenes). Below it read_objects and render raise ValueError.
+MIN_RESOLUTION = 32
+CATEGORIES = ("single_object", "two_objects", "counting", "colours", "position", "colour_attribution")
+COUNTS = {2: "two", 3: "three", 4: "four"}
+RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+# the held-out split: every colour and kind is seen in training, these combinations never are
+HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("yellow", "square")})
+HELD_OUT_KINDS = frozenset({frozenset({"circle", "triangle"})})  # never together in one training image
+ALL_PAIRS = frozenset((c, k) for c in COLOURS for k in KINDS)
+TRAIN_PAIRS = ALL_PAIRS - HELD_OUT_PAIRS
+SLOTS = 12  # prompts per category in a probe set; a category with fewer distinct prompts repeats them
+
+
+def check_resolution(resolution):
+    if resolution < MIN_RESOLUTION:
+        raise ValueError(f"scenes need >= {MIN_RESOLUTION} px (smaller objects are not read reliably), "
+                         f"got {resolution}")
+
+
+def side_px(size, resolution):
+    """An object's side in pixels: odd, so a triangle's apex and a circle sit on the pixel grid symmetrically."""
+    s = int(SIZES[size] * resolution / GRID)
+    return s - 1 + s % 2
+
+#################################################################################
+#                              Captions and specs                               #
+#################################################################################
+
+# A spec is what a caption asks for, JSON-ready: {"category", "objects": [{"kind", "colour" (None: free)}],
+# "count" (counting), "relation" (position: a RELATIONS key, object 0 relative to object 1)}.
+
+def phrase(obj):
+    words = ([obj["colour"]] if obj["colour"] else []) + [obj["kind"]]
+    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+
+
+def caption(spec):
+    a = spec["objects"][0]
+    if spec["category"] == "counting":
+        return f"{COUNTS[spec['count']]} {a['kind']}s"
+    if spec["category"] == "position":
+        return f"{phrase(a)} {RELATIONS[spec['relation']]} {phrase(spec['objects'][1])}"
+    return " and ".join(phrase(o) for o in spec["objects"])
+
+
+_NP = rf"an? (?:({'|'.join(COLOURS)}) )?({'|'.join(KINDS)})"
+_COUNTING = re.compile(rf"({'|'.join(COUNTS.values())}) ({'|'.join(KINDS)})s")
+_TWO = re.compile(rf"{_NP} (and|{'|'.join(RELATIONS.values())}) {_NP}")
+_ONE = re.compile(_NP)
+
+
+def parse_caption(text):
+    """The spec a caption of this grammar asks for (the inverse of caption()); ValueError for other text."""
+    obj = lambda colour, kind: {"kind": kind, "colour": colour}
+    if m := _COUNTING.fullmatch(text):
+        words = {w: n for n, w in COUNTS.items()}
+        return {"category": "counting", "objects": [obj(None, m[2])], "count": words[m[1]]}
+    if m := _TWO.fullmatch(text):
+        objects = [obj(m[1], m[2]), obj(m[4], m[5])]
+        if m[3] != "and":
+            return {"category": "position", "objects": objects,
+                    "relation": {v: k for k, v in RELATIONS.items()}[m[3]]}
+        if (m[1] is None) == (m[4] is None):
+            return {"category": "two_objects" if m[1] is None else "colour_attribution", "objects": objects}
+    if m := _ONE.fullmatch(text):
+        return {"category": "single_object" if m[1] is None else "colours", "objects": [obj(m[1], m[2])]}
+    raise ValueError(f"not a scenes caption: {text!r}")
+
+
+def is_held_out(spec):
+    """Whether a spec names a held-out (colour, kind) pair or puts a held-out kind pairing together."""
+    objects = spec["objects"]
+    named = any((o["colour"], o["kind"]) in HELD_OUT_PAIRS for o in objects)
+    return named or frozenset(o["kind"] for o in objects) in HELD_OUT_KINDS
+
+
+def all_specs(category):
+    """Every spec of a category, in a fixed order (position: 864, colour attribution: 180, ...)."""
+    obj = lambda k, c=None: {"kind": k, "colour": c}
+    ordered = [(a, b) for a in KINDS for b in KINDS if a != b]
+    if category == "single_object":
+        return [{"category": category, "objects": [obj(k)]} for k in KINDS]
+    if category == "colours":
+        return [{"category": category, "objects": [obj(k, c)]} for k in KINDS for c in COLOURS]
+    if category == "counting":
+        return [{"category": category, "objects": [obj(k)], "count": n} for k in KINDS for n in COUNTS]
+    if category == "two_objects":
+        return [{"category": category, "objects": [obj(a), obj(b)]} for a, b in ordered]
+    colour_pairs = [(c, d) for c in COLOURS for d in COLOURS if category == "position" or c != d]
+    specs = [{"category": category, "objects": [obj(a, c), obj(b, d)]} for a, b in ordered for c, d in colour_pairs]
+    if category == "position":
+        specs = [dict(s, relation=r) for s in specs for r in RELATIONS]
+    return specs
+
+
+_TRAIN_SPECS = {c: [s for s in all_specs(c) if not is_held_out(s)] for c in CATEGORIES}  # what training draws
+
+#################################################################################
+#                                  Rendering                                    #
+#################################################################################
+
+class Placed(NamedTuple):
+    """One drawn object, resolution-free: its cell and its offset from the cell centre (fractions of a cell)."""
+    kind: str
+    colour: str
+    size: str
+    row: int
+    col: int
+    dx: float = 0.0
+    dy: float = 0.0
+
+
+def draw_shape(draw, kind, box, fill):
+    """A filled kind in the inclusive pixel box (x0, y0, x1, y1); the reader's templates are drawn by this too."""
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    elif kind == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+
+
+def render(objects, resolution):
+    """Placed objects -> PIL RGB image. An object stays >= 1 px inside its cell, so neighbours are >= 2 px apart."""
+    check_resolution(resolution)
+    img = Image.new("RGB", (resolution, resolution), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    edges = [round(k * resolution / GRID) for k in range(GRID + 1)]
+    for o in objects:
+        side = side_px(o.size, resolution)
+        box = []
+        for lo, hi, d in ((edges[o.col], edges[o.col + 1], o.dx), (edges[o.row], edges[o.row + 1], o.dy)):
+            start = round((lo + hi - side) / 2 + d * (hi - lo))
+            box.append(min(max(start, lo + 1), hi - 1 - side))
+        x0, y0 = box
+        draw_shape(draw, o.kind, (x0, y0, x0 + side - 1, y0 + side - 1), COLOURS[o.colour])
+    return img
+
+
+def _position_cells(relation, cells):
+    """Ordered (cell of object 0, cell of object 1) pairs where the relation is the dominant offset (strictly):
+    a diagonal neighbour would satisfy two relations only marginally under GenEval's 0.1 box margin."""
+    sign = -1 if relation in ("left of", "above") else 1
+    axis = 1 if relation in ("left of", "right of") else 0
+    return [(a, b) for a in cells for b in cells
+            if sign * (a[axis] - b[axis]) > abs(a[1 - axis] - b[1 - axis])]
+
+
+def layout(spec, rng, pairs):
+    """A random scene for a spec: cells, sizes, offsets, and the free colours drawn from `pairs` (colour, kind)."""
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    wanted = spec["objects"] * spec.get("count", 1)
+    if spec["category"] == "position":
+        chosen = list(rng.choice(_position_cells(spec["relation"], cells)))
+    else:
+        chosen = rng.sample(cells, len(wanted))
+    out = []
+    for o, (row, col) in zip(wanted, chosen):
+        colour = o["colour"] or rng.choice([c for c in COLOURS if (c, o["kind"]) in pairs])
+        out.append(Placed(o["kind"], colour, rng.choice(list(SIZES)), row, col,
+                          rng.uniform(-JITTER, JITTER), rng.uniform(-JITTER, JITTER)))
+    return out
+
+
+def draw_scene(i, seed):
+    """Training scene i: (spec, [Placed]), a function of (i, seed) only; held-out pairs are never drawn."""
+    rng = random.Random(f"scenes-{seed}-{i}")  # str seeds hash with sha512: the same in every process
+    spec = rng.choice(_TRAIN_SPECS[rng.choice(CATEGORIES)])
+    spec = dict(spec, objects=[dict(o) for o in spec["objects"]])  # the caller's own copy
+    return spec, layout(spec, rng, TRAIN_PAIRS)
+
+
+def scene_sample(i, seed, resolution):
+    """Sample i of the scenes set: (caption, PIL image), a function of (i, seed, resolution) only."""
+    spec, objects = draw_scene(i, seed)
+    return caption(spec), render(objects, resolution)
+
+
+def render_spec(spec, seed, resolution):
+    """A true render of any spec (held-out ones included; free colours from every pair), from its seed."""
+    return render(layout(spec, random.Random(f"scenes-truth-{seed}"), ALL_PAIRS), resolution)
+
+#################################################################################
+#                                  Prompt sets                                  #
+#################################################################################
+
+class Prompt(NamedTuple):
+    text: str
+    category: str
+    spec: dict
+
+
+def _prompt_set(held_out):
+    """SLOTS prompts per category that has any on this side of the split (a fixed draw; small sets cycle)."""
+    out = []
+    for category in CATEGORIES:
+        specs = [s for s in all_specs(category) if is_held_out(s) == held_out]
+        if specs:
+            picks = random.Random(f"scenes-prompts-{category}-{held_out}").sample(specs, min(SLOTS, len(specs)))
+            out += [Prompt(caption(s), category, s) for s in (picks * SLOTS)[:SLOTS]]
+    return out
+
+
+def in_distribution_prompts():
+    """72 prompts, 12 per category, of combinations the training set draws."""
+    return _prompt_set(False)
+
+
+def held_out_prompts():
+    """48 prompts, 12 per category, each naming a held-out pair or pairing: two objects, colours, position and
+    colour attribution (a kind alone and a count of one kind name no combination to hold out)."""
+    return _prompt_set(True)
+
+
+def probe_plan(prompts, n_per_prompt, seed):
+    """(texts, specs, seeds): each prompt n_per_prompt times in a row, image k with seed + k (as the shapes probe)."""
+    expanded = [p for p in prompts for _ in range(n_per_prompt)]
+    return [p.text for p in expanded], [p.spec for p in expanded], [seed + k for k in range(len(expanded))]
+
+#################################################################################
+#                                  The reader                                   #
+#################################################################################
+
+class SceneObject(NamedTuple):
+    kind: str
+    colour: str
+    size: str
+    centroid: tuple  # (x, y) in pixels
+    box: tuple       # (x0, y0, x1, y1), inclusive
+
+
+FOREGROUND = 80.0   # RGB distance from the background that makes a pixel part of an object (palette: >= 239)
+MIN_IOU = 0.6       # a component is an object when it overlaps a kind's template this much (true renders: 1.0)
+MAX_SPREAD = 60.0   # ... and its pixels nearer its colour than the background are this close to it (median)
+
+
+def _template(kind, h, w):
+    img = Image.new("L", (w, h), 0)
+    draw_shape(ImageDraw.Draw(img), kind, (0, 0, w - 1, h - 1), 1)
+    return np.asarray(img, bool)
+
+
+def _kind(mask):
+    """(best kind, its IoU) against each kind's template drawn in the component's bounding box."""
+    ious = {k: (mask & t).sum() / (mask | t).sum() for k in KINDS for t in [_template(k, *mask.shape)]}
+    best = max(ious, key=ious.get)
+    return best, ious[best]
+
+
+def _palette_colour(fg, bg):
+    """The palette entry whose mix with the background passes nearest fg: min over entries p and a in [0, 1] of
+    |fg - (bg + a (p - bg))|. A blurred sample's small object is blended with the background (the median of a
+    5-px red triangle under a 0.6-px blur is (230, 93, 93), nearer orange than red as a plain colour)."""
+    names, palette = list(COLOURS), np.array(list(COLOURS.values()), float)  # (P, 3)
+    direction = palette - bg  # (P, 3)
+    a = np.clip((direction @ (fg - bg)) / (direction ** 2).sum(1), 0, 1)  # (P,)
+    return names[int(np.argmin(np.linalg.norm(bg + a[:, None] * direction - fg, axis=1)))]
+
+
+def _read_component(patch, region, bg, small, large):
+    """One component (its bounding-box patch (h, w, 3) and mask) -> (kind, colour, size, mask cropped to the
+    object, its (row, col) in the patch) or None. Colour: from the median of its more saturated half (the rim is a
+    blend); shape: the pixels nearer that colour than the background, a blurred outline's half-way contour."""
+    if region.sum() < small ** 2 / 4:
+        return None  # a speck (the common case in noise: checked before any median)
+    pixels = patch[region]
+    far = np.linalg.norm(pixels - bg, axis=1)
+    fg = np.median(pixels[far >= np.median(far)], axis=0)  # (3,)
+    mask = region & (np.linalg.norm(patch - fg, axis=-1) < np.linalg.norm(patch - bg, axis=-1))
+    if not small ** 2 / 4 <= mask.sum() <= 2 * large ** 2:
+        return None  # a speck, or larger than any scene object
+    spread = np.median(np.linalg.norm(patch[mask] - np.median(patch[mask], axis=0), axis=1))
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    mask = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    kind, iou = _kind(mask)
+    if iou < MIN_IOU or spread > MAX_SPREAD:
+        return None  # no kind's outline, or no flat colour: noise
+    size = "large" if max(mask.shape) > (small + large) / 2 else "small"
+    return kind, _palette_colour(fg, bg), size, mask, (rows[0], cols[0])
+
+
+def read_objects(image):
+    """uint8 (H, W, 3) -> [SceneObject], read by construction of the set: background = median of the border;
+    objects = 4-connected components of pixels > FOREGROUND from it, each cut back to the pixels nearer its colour
+    than the background; one smaller than a quarter of the small square (specks) or larger than twice the large
+    square (not a scene object) is passed over, and so is one that fits no kind's template (MIN_IOU) or has no
+    flat colour (MAX_SPREAD): noise. Kind: the best template; colour: _palette_colour; size: the bounding box's
+    side against the two sides."""
+    im = np.asarray(image, dtype=np.float64)
+    check_resolution(min(im.shape[:2]))
+    bg = np.median(np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]]), axis=0)  # (3,)
+    labels, _ = ndimage.label(np.linalg.norm(im - bg, axis=-1) > FOREGROUND)
+    small, large = (side_px(s, min(im.shape[:2])) for s in ("small", "large"))
+    out = []
+    for k, box in enumerate(ndimage.find_objects(labels)):
+        read = _read_component(im[box], labels[box] == k + 1, bg, small, large)
+        if read is None:
+            continue
+        kind, colour, size, mask, (r0, c0) = read
+        y0, x0 = box[0].start + r0, box[1].start + c0
+        ys, xs = np.nonzero(mask)
+        out.append(SceneObject(kind, colour, size, (x0 + xs.mean(), y0 + ys.mean()),
+                               (x0, y0, x0 + mask.shape[1] - 1, y0 + mask.shape[0] - 1)))
+    return out
+
+#################################################################################
+#                                  Scoring                                      #
+#################################################################################
+
+POSITION_THRESHOLD = 0.1  # GenEval's margin: the offset is reduced by 0.1 x the sum of the two boxes' sides
+
+
+def relations(a, b):
+    """GenEval's relative_position (evaluation/evaluate_images.py) of object a to b, on centroids: the offset,
+    reduced by the margin on each axis, names a relation where it is > 0.5 of the offset's length."""
+    offset = np.subtract(a.centroid, b.centroid)
+    dims = [np.subtract(o.box[2:], o.box[:2]) + 1 for o in (a, b)]
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dims[0] + dims[1]), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    return {r for r, hit in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5),
+                             ("below", dy > 0.5)) if hit}
+
+
+def score(spec, objects):
+    """GenEval's rules (evaluation/evaluate_images.py) on read objects. Counting: exactly `count` objects of the
+    kind (others ignored); position: an object matching each named one with the relation between them; every
+    other category: each named object present, with its colour where one is named (so colour attribution fails
+    when the colours swap kinds). GenEval judges colour and position on the detector's most confident object of
+    a class; the reader has no confidences, so any matching object counts."""
+    found = [[o for o in objects if o.kind == w["kind"] and w["colour"] in (None, o.colour)]
+             for w in spec["objects"]]
+    if spec["category"] == "counting":
+        return len(found[0]) == spec["count"]
+    if spec["category"] == "position":
+        return any(spec["relation"] in relations(a, b) for a in found[0] for b in found[1])
+    return all(found)
+
+
+def evaluate_images(images, specs):
+    """uint8 images (N, H, W, 3) and their specs -> accuracy per category (None where no spec has it), overall
+    (GenEval's: the mean over the categories present), n, and n per category."""
+    hits = {c: [] for c in CATEGORIES}
+    for image, spec in zip(images, specs, strict=True):
+        hits[spec["category"]].append(score(spec, read_objects(image)))
+    acc = {c: float(np.mean(h)) if h else None for c, h in hits.items()}
+    present = [a for a in acc.values() if a is not None]
+    return dict(acc, overall=float(np.mean(present)) if present else None, n=len(specs),
+                n_per_category={c: len(h) for c, h in hits.items()})
