@@ -19,7 +19,6 @@ stopped mid-training continues from its checkpoint; nothing is ever deleted, and
 arguments is an error, not a silent mix.
 """
 import argparse
-import dataclasses
 import datetime
 import functools
 import json
@@ -27,9 +26,11 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,10 +45,12 @@ from model import DiT, make_config
 TRAIN, EVALUATE = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "evaluate.py")
 # evaluate.py --probe NAME -> (its section in eval.json, the default --metric). Each section is a list of records,
 # one per CFG scale (and --probe_from start), or one record; a metric is a key of a record, dotted for nested
-# values (per_category.count). A new probe is one line here.
+# values (held_out.counting). A new probe is one line here.
 PROBES = {
-    "shapes": ("probe_shapes", "shape_acc,color_acc"),  # evaluate.run_probe: cfg, t_start, n, *_acc
-    "scenes": ("probe_scenes", "overall"),              # per-category values and "overall" (being added)
+    "shapes": ("probe_shapes", "shape_acc,color_acc"),  # evaluate.run_probe: {cfg, t_start, n, *_acc}
+    # evaluate.run_scenes_probe: {cfg, truth, resolution, in_distribution: {<category>: acc (None where the set
+    # has none), overall, n, ...}, held_out: {...}}: a category is e.g. held_out.counting
+    "scenes": ("probe_scenes", "in_distribution.overall,held_out.overall"),
 }
 ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*$")  # it names a folder
 TOOL_KEYS = ("out_dir", "seed", "resume")  # set per run by this tool
@@ -180,7 +183,9 @@ def vae_geometry(name):
     if cfg is None:
         try:
             from diffusers import AutoencoderKL
-            cfg = AutoencoderKL.load_config(name, local_files_only=True)
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notices, not ours
+                warnings.simplefilter("ignore")
+                cfg = AutoencoderKL.load_config(name, local_files_only=True)
         except Exception:  # not in the Hugging Face cache (offline): the SD VAE family
             return 4, 8
     return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg.get("block_out_channels", [0] * 4)) - 1)
@@ -195,7 +200,8 @@ def flops_per_image(config, name="?"):
     except datalib.DataError:  # data that is not there yet: train.py will say so; the shape comes from the VAE
         manifest = None
     if manifest:
-        (channels, side, _), text_dim, pooled_dim = manifest["latent_shape"], manifest["text_dim"], manifest["pooled_dim"]
+        (channels, side, _), text_dim = manifest["latent_shape"], manifest["text_dim"]
+        pooled_dim = manifest["pooled_dim"]
     else:
         (channels, factor), (text_dim, pooled_dim) = vae_geometry(C.vae), text_dims(C.text_encoder)
         side = C.resolution // factor
@@ -230,7 +236,8 @@ def make_runs(args, plans, seeds):
     runs = []
     for seed in seeds:
         for p in plans:
-            run = dict(row=p["name"], seed=seed, dir=run_dir(args, p["name"], seed))
+            run = dict(row=p["name"], seed=seed, dir=run_dir(args, p["name"], seed), max_steps=p["max_steps"],
+                       max_hours=args.hours)
             run["train_argv"] = p["train_argv"] + ["--seed", str(seed), "--out_dir", run["dir"]]
             run["eval_argv"] = eval_argv(args, run, p["config"]) if args.probe != "none" else None
             runs.append(run)
@@ -255,7 +262,7 @@ def check_resumable(runs):
     for run in runs:
         old = read_status(run)
         for key in ("train_argv", "eval_argv"):
-            if key in old and old[key] != run[key]:
+            if old.get(key) is not None and old[key] != run[key]:  # a train-only run (--probe none) may be probed
                 raise ToolError(f"{run['dir']} was made with other {key.split('_')[0]} arguments:\n  then: "
                                 f"{shlex.join(old[key] or [])}\n  now:  {shlex.join(run[key] or [])}\n"
                                 "use another --out (or another row name)")
@@ -270,7 +277,8 @@ def launch(cmd, log_path):
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             rc = p.wait()
-        except KeyboardInterrupt:  # the child got the SIGINT too: train.py checkpoints and exits; let it
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: train.py checkpoints on SIGINT and exits; wait for that
+            p.send_signal(signal.SIGINT)
             p.wait()
             raise
     return rc, time.time() - t0
@@ -291,14 +299,16 @@ def execute(run, args, i, total):
         return status
     os.makedirs(run["dir"], exist_ok=True)
     status.pop("error", None)
-    if status.get("train", {}).get("rc") != 0 or not os.path.isfile(os.path.join(run["dir"], "ckpt.pt")):
+    if not status.get("train", {}).get("complete") or not os.path.isfile(os.path.join(run["dir"], "ckpt.pt")):
         log = os.path.join(run["dir"], "train.log")
         print(f"{tag}: train.py {shlex.join(run['train_argv'])}\n    log: {log}", flush=True)
         write_status(run, status)  # the arguments first: a crash mid-run still resumes only the same run
         rc, secs = launch([sys.executable, TRAIN, *run["train_argv"]], log)
-        status["train"] = dict(rc=rc, process_s=secs + status.get("train", {}).get("process_s", 0.0))
-        if rc:
-            status["error"] = f"train.py exit {rc}: {last_line(log)} (log: {log})"
+        stopped = None if rc else stopped_early(run)
+        status["train"] = dict(rc=rc, complete=not (rc or stopped),
+                               process_s=secs + status.get("train", {}).get("process_s", 0.0))
+        if rc or stopped:
+            status["error"] = f"{f'train.py exit {rc}: ' + last_line(log) if rc else stopped} (log: {log})"
     if "error" not in status and run["eval_argv"] is not None:
         log = os.path.join(run["dir"], "eval.log")
         print(f"{tag}: evaluate.py {shlex.join(run['eval_argv'])}", flush=True)
@@ -311,9 +321,22 @@ def execute(run, args, i, total):
     return status
 
 
+def stopped_early(run):
+    """train.py stopped by a signal exits 0 with a checkpoint short of its budget -> why, or None when complete."""
+    last, _ = read_train_log(run["dir"])
+    if last is None:
+        return "train.py stopped before its first log step (a signal?): rerun to continue"
+    if run["max_steps"] is not None:
+        done = last["step"] >= run["max_steps"]
+    else:  # --hours: the planned horizon reached (eta 0), or the time spent
+        done = last["eta_h"] == 0 or last["elapsed_h"] >= run["max_hours"] * (1 - 1e-9)
+    return None if done else (f"train.py stopped short of its budget (last logged step {last['step']}; a signal?): "
+                              "rerun to continue")
+
+
 def finished(run, status):
     if run["eval_argv"] is None:
-        return status.get("train", {}).get("rc") == 0
+        return bool(status.get("train", {}).get("complete"))
     return os.path.isfile(os.path.join(run["dir"], "eval.json"))
 
 #################################################################################
@@ -371,8 +394,8 @@ def metric_values(report, columns, probe):
             return out, f"eval.json has no {section!r} (it has: {', '.join(report)})"
         records = report[section] if isinstance(report[section], list) else [report[section]]
         records = [r for r in records if isinstance(r, dict) and r.get("t_start") is None]
-        if col["cfg"] is not None and any("cfg" in r for r in records):
-            records = [r for r in records if "cfg" in r and math.isclose(r["cfg"], col["cfg"])]
+        if any(r.get("cfg") is not None for r in records):
+            records = [r for r in records if r.get("cfg") is not None and math.isclose(r["cfg"], col["cfg"])]
         if len(records) != 1:
             return out, f"{len(records)} records in {section!r} for {col['label']}, expected 1"
         value, error = lookup(records[0], key)
@@ -388,7 +411,8 @@ def collect(run, status, plan, columns, probe):
                train_cmd="python train.py " + shlex.join(run["train_argv"]),
                eval_cmd=None if run["eval_argv"] is None else "python evaluate.py " + shlex.join(run["eval_argv"]),
                train_process_s=status.get("train", {}).get("process_s"),
-               eval_process_s=status.get("eval", {}).get("process_s"), metrics={}, log=os.path.join(run["dir"], "train.log"))
+               eval_process_s=status.get("eval", {}).get("process_s"), metrics={},
+               log=os.path.join(run["dir"], "train.log"))
     last, start = read_train_log(run["dir"])
     if last is not None:
         world = (start or {}).get("world_size", 1)
@@ -399,12 +423,16 @@ def collect(run, status, plan, columns, probe):
     shown = printed_gflops(run["dir"])
     if shown is not None and abs(shown - round(plan["flops_per_image"] / 1e9, 1)) > 0.051:
         rec["note"] = f"train.py printed {shown} GFLOP/img, this tool planned {plan['flops_per_image'] / 1e9:.2f}"
-    if rec["error"] is None and run["eval_argv"] is not None:
-        rec["error"] = read_metrics(run, rec, columns, probe)
-    if rec["error"] is None and last is None:
-        rec["error"] = f"no step record in {os.path.join(run['dir'], 'log.jsonl')}"
-    if rec["error"] is not None or not status:
-        rec["status"] = "failed" if status else "not run"
+    if rec["error"] is not None:
+        rec["status"] = "failed"
+    elif not finished(run, status):  # not reached yet, or stopped (Ctrl-C) before its probe
+        rec["status"] = "not finished" if os.path.isfile(os.path.join(run["dir"], "ckpt.pt")) else "not run"
+    else:
+        if run["eval_argv"] is not None:
+            rec["error"] = read_metrics(run, rec, columns, probe)
+        if rec["error"] is None and last is None:
+            rec["error"] = f"no step record in {os.path.join(run['dir'], 'log.jsonl')}"
+        rec["status"] = "done" if rec["error"] is None else "failed"
     return rec
 
 
@@ -423,8 +451,9 @@ def read_metrics(run, rec, columns, probe):
 #################################################################################
 
 def summarize(values):
-    """mean and standard error of the mean (sample std, n - 1, / sqrt(n); None for one seed)."""
-    v = np.asarray(values, dtype=np.float64)
+    """mean and standard error of the mean (sample std, n - 1, / sqrt(n); None for one seed). None values (a
+    category the probe had no prompt of) are left out."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     if len(v) == 0:
         return dict(mean=None, stderr=None, n=0, values=[])
     stderr = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
@@ -434,6 +463,10 @@ def summarize(values):
 def sci(x):
     mantissa, exp = f"{x:.3e}".split("e")
     return f"{float(mantissa):.3g}e{int(exp)}"
+
+
+def show_args(argv):
+    return f"`{shlex.join(argv)}`" if argv else "(base)"
 
 
 def spread(values, fmt):
@@ -446,18 +479,19 @@ def row_summary(plan, recs, columns):
     ok = [r for r in recs if r["status"] == "done"]
     summary = {c["label"]: summarize([r["metrics"][c["label"]] for r in ok]) for c in columns}
     totals = {k: summarize([r[k] for r in ok]) for k in ("steps", "images", "flops", "wall_min", "images_per_s")}
-    return dict(name=plan["name"], args=plan["args"], flops_per_image=plan["flops_per_image"],
-                images_per_step=plan["images_per_step"], max_steps=plan["max_steps"], seeds_done=len(ok),
-                seeds=len(recs), summary=summary, totals=totals, runs=recs)
+    return dict(name=plan["name"], args=plan["args"], train_argv=plan["train_argv"],
+                flops_per_image=plan["flops_per_image"], images_per_step=plan["images_per_step"],
+                max_steps=plan["max_steps"], seeds_done=len(ok), seeds=len(recs), summary=summary, totals=totals,
+                runs=recs)
 
 
 def table_line(row, columns):
     ok = [r for r in row["runs"] if r["status"] == "done"]
-    cells = [row["name"], f"`{shlex.join(row['args'])}`" if row["args"] else "(base)"]
+    cells = [row["name"], show_args(row["args"])]
     for c in columns:
         s = row["summary"][c["label"]]
-        cells.append("failed" if not s["n"] else f"{s['mean']:.3f}" + (f" ± {s['stderr']:.3f}" if s["stderr"]
-                                                                          is not None else ""))
+        mean = "-" if not s["n"] else f"{s['mean']:.3f}" + (f" ± {s['stderr']:.3f}" if s["n"] > 1 else "")
+        cells.append(mean if ok else "failed" if any(r["status"] == "failed" for r in row["runs"]) else "-")
     cells.append(f"{len(ok)}" if len(ok) == len(row["runs"]) else f"{len(ok)} of {len(row['runs'])}")
     if ok:
         t = row["totals"]
@@ -466,26 +500,38 @@ def table_line(row, columns):
                   f"{t['images_per_s']['mean']:.1f}"]
     else:
         cells += ["-"] * 5
-    notes = [f"seed {r['seed']} {r['status']}" + (f": {r['error']}" if r["error"] else "")
-             for r in row["runs"] if r["status"] != "done"] + [r["note"] for r in row["runs"] if r.get("note")]
-    cells.append("; ".join(notes))
+    cells.append("; ".join(run_notes(row["runs"])))
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
+def run_notes(runs):
+    """'seeds 0, 1 failed: <error> (log: OUT/row-s*/train.log)': seeds that failed alike share a note."""
+    notes = {}
+    for r in runs:
+        if r["status"] != "done":
+            text = r["status"] + (f": {r['error'].replace(r['dir'], r['dir'][:-len(str(r['seed']))] + '*')}"
+                                  if r["error"] else "")
+            notes.setdefault(text, []).append(str(r["seed"]))
+    out = [f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} {text}" for text, seeds in notes.items()]
+    return out + [f"seed {r['seed']}: {r['note']}" for r in runs if r.get("note")]
+
+
 def markdown(report, columns):
-    budget = report["budget"]
+    budget, ev = report["budget"], report["eval"]
     what = {"flops": f"equal training FLOPs, {sci(budget['value'])} per run (max_steps per row)",
             "steps": f"equal optimizer steps, {budget['value']:,}",
             "hours": f"equal wall-clock, {budget['value']:g} h of training (train.py --max_hours)"}[budget["mode"]]
-    probe = ("no probe (--probe none)" if report["eval"] is None else
-             f"`python evaluate.py --probe {report['eval']['probe']} --cfg {report['eval']['cfg']} --probe_n "
-             f"{report['eval']['probe_n']} --steps {report['eval']['steps']}`; each metric: mean ± standard error "
-             "over seeds (sample std / sqrt(n))")
+    probe = ("none (--probe none)" if ev is None else
+             f"`python evaluate.py --probe {ev['probe']} --cfg {ev['cfg']} --probe_n {ev['probe_n']} --steps "
+             f"{ev['steps']}{' ' + ev['extra'] if ev['extra'] else ''}`; each metric: mean ± standard error over "
+             "seeds (sample std / sqrt(n))")
     lines = ["# Ablation", "", "```bash", report["command"], "```", "",
              f"Budget: {what}. Base: `{shlex.join(report['base']) or '(train.py defaults)'}`. "
              f"Seeds: {', '.join(map(str, report['seeds']))}. Date: {report['date']}.", "",
-             f"Probe: {probe}. Images = batch x accum x ranks x steps; FLOPs = model.py's training FLOPs per image x "
-             "images; wall-clock and img/s: the training loop's time in log.jsonl (elapsed_h).", "",
+             f"Probe: {probe}. Each run is `train.py BASE ARGS BUDGET --seed S --out_dir {report['out']}/ROW-sS`, "
+             "then the probe on its ckpt.pt (every command: ablation.json). Images = batch x accum x ranks x steps; "
+             "FLOPs = model.py's training FLOPs per image x images; wall-clock and img/s: the training loop's time "
+             "(log.jsonl elapsed_h).", "",
              "| row | args | " + "".join(c["label"] + " | " for c in columns)
              + "seeds | steps | images | train FLOPs | wall min | img/s | notes |",
              "|" + "---|" * (len(columns) + 9)]
@@ -520,7 +566,8 @@ def build_parser():
     budget.add_argument("--hours", type=float, help="equal wall-clock hours of training per run")
     p.add_argument("--seeds", default="0", help="train.py --seed values, comma separated: 0,1,2")
     p.add_argument("--out", default="out/ablation", help="one folder per run (ROW-sSEED), ablation.md/.json")
-    p.add_argument("--probe", default="shapes", choices=(*PROBES, "none"), help="evaluate.py --probe (none: train only)")
+    p.add_argument("--probe", default="shapes", choices=(*PROBES, "none"),
+                   help="evaluate.py --probe (none: train only)")
     p.add_argument("--metric", default="", help="comma-separated keys of the probe's records in eval.json "
                    f"(dotted for nested; SECTION:key for another section); default: "
                    f"{'; '.join(f'{k}: {v[1]}' for k, v in PROBES.items())}")
@@ -583,7 +630,7 @@ def dry_run(plans, args):
     for p in plans:
         steps = p["max_steps"]
         total = sci(steps * p["images_per_step"] * p["flops_per_image"]) if steps else "(time budget)"
-        print(f"| {p['name']} | `{shlex.join(p['args'])}` | {p['flops_per_image'] / 1e9:.4g} | {p['images_per_step']} "
+        print(f"| {p['name']} | {show_args(p['args'])} | {p['flops_per_image'] / 1e9:.4g} | {p['images_per_step']} "
               f"| {steps if steps else '-'} | {total} |")
 
 
@@ -605,13 +652,23 @@ def main(argv=None):
         print(f"ablate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     mode = next(k for k in ("flops", "steps", "hours") if getattr(args, k) is not None)
-    report = dict(command="python scripts/ablate.py " + shlex.join(argv), argv=argv,
+    report = dict(command="python scripts/ablate.py " + shlex.join(argv), argv=argv, out=args.out,
                   date=datetime.date.today().isoformat(), budget=dict(mode=mode, value=getattr(args, mode)),
                   base=base, seeds=seeds, columns=columns,
                   eval=None if args.probe == "none" else dict(probe=args.probe, cfg=args.cfg, probe_n=args.probe_n,
                                                                steps=args.eval_steps, extra=args.eval_args),
                   rows=[])
+    return run_all(args, report, plans, runs, columns)
+
+
+def run_all(args, report, plans, runs, columns):
+    """Every run in turn, the table rewritten after each. -> exit code: 0, or 1 when a run failed."""
     statuses = {}
+
+    def interrupt(signum, frame):  # SIGTERM (a scheduler's stop) as Ctrl-C: the child checkpoints, the table is kept
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         for i, run in enumerate(runs, 1):
             statuses[run["dir"]] = execute(run, args, i, len(runs))
@@ -620,18 +677,21 @@ def main(argv=None):
         tabulate(report, plans, runs, statuses, columns, args, quiet=False)
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     tabulate(report, plans, runs, statuses, columns, args, quiet=False)
     return 1 if any(r["status"] != "done" for row in report["rows"] for r in row["runs"]) else 0
 
 
 def tabulate(report, plans, runs, statuses, columns, args, quiet=True):
-    """Every run's numbers (runs not reached yet: 'not run') -> report["rows"], ablation.md and ablation.json."""
-    recs = {run["dir"]: collect(run, statuses.get(run["dir"], {}), plan, columns, args.probe)
-            for plan in plans for run in runs if run["row"] == plan["name"]}
-    report["rows"] = [row_summary(p, [recs[r["dir"]] for r in runs if r["row"] == p["name"]], columns)
-                      for p in plans]
-    for row in report["rows"]:
-        row["plan"] = {k: v for k, v in next(p for p in plans if p["name"] == row["name"]).items() if k != "config"}
+    """Every run's numbers -> report["rows"], ablation.md and ablation.json. A run this invocation has not reached
+    shows what an earlier one left (run.json), else 'not run'."""
+    rows = []
+    for plan in plans:
+        mine = [r for r in runs if r["row"] == plan["name"]]
+        recs = [collect(r, statuses.get(r["dir"]) or read_status(r), plan, columns, args.probe) for r in mine]
+        rows.append(row_summary(plan, recs, columns))
+    report["rows"] = rows
     write_outputs(args, report, columns, quiet)
 
 
