@@ -189,8 +189,7 @@ def _tar_items(shards):
 
 # The built-in procedural set "shapes[:N[:SEED]]" (the offline demo's data; evaluate.py's probe uses these constants).
 
-SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
-                "purple": (140, 50, 180), "orange": (245, 130, 20)}
+SHAPE_COLORS = scenes.COLOURS  # the six colours of the scenes set (well apart in RGB, all far from the backgrounds)
 SHAPE_KINDS = ("circle", "square", "triangle")
 SHAPE_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 SHAPES_DEFAULT_COUNT = 20000
@@ -624,8 +623,9 @@ def _write_headers(out, rows, count):
                 f.write(_npy_header(row[0], (count, *row[1])))
                 f.flush(), os.fsync(f.fileno())
 
-# Words a horizontal flip swaps in a caption. Each must be one BPE token (CLIP's "left</w>"): a word inside
-# another ("leftmost", "left-hand") is another token and is left as it is.
+# Words a horizontal flip swaps in a caption, wherever they stand as a whole BPE token (CLIP's "left</w>"): in
+# "left-hand" too, and in non-spatial uses ("all right"), which a mirror makes no falser; "leftmost" is another
+# token and stays. Caches built before this key exist (no `mirror_tokens` in the manifest) are read unswapped.
 MIRROR_WORDS = (("left", "right"),)
 
 def mirror_token_pairs(te):

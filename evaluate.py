@@ -539,7 +539,7 @@ def main(argv=None, extractor=None, clip_scorer=None):
         report = dict(truth=True, date=datetime.date.today().isoformat(),
                       settings=dict(seed=args.seed, probe_n=args.probe_n))
         run_scenes_probe(args, None, cfgs, report)
-        write_report(report, args.out, args.ckpt)
+        write_report(report, args.out or "eval-truth.json", args.ckpt)  # no checkpoint: not beside one
         return
     pipe = open_pipeline(p, args, weights=args.weights)
     check_pipeline_settings(p, args, pipe, t_starts)

@@ -431,12 +431,13 @@ def checkpoint_state(C, model, ema, optimizer, loader, step, elapsed_s, horizon)
             "progress": {"elapsed_s": elapsed_s, "horizon": horizon}}
 
 
-def warn_if_warmup_eats_the_decay(C, print0):
-    # cosine decays over (warmup, max_steps], wsd from its decay start: a warmup past that eats the decay
+def warmup_warning(C):
+    """cosine decays over (warmup, max_steps], wsd from its decay start: a warmup past that eats the decay. -> the
+    warning, or None (also used by scripts/ablate.py, whose equal-FLOPs rows get few steps)."""
     decay_from = C.max_steps - 1 if C.lr_schedule == "cosine" else lr_decay_start(C.max_steps, C)
     if C.max_hours == 0 and C.lr_schedule != "constant" and C.warmup > decay_from:
-        print0(f"warning: warmup {C.warmup} runs past step {decay_from} of {C.max_steps}, where the LR should be "
-               "decaying: the LR will not follow its schedule (lower --warmup)")
+        return (f"warning: warmup {C.warmup} runs past step {decay_from} of {C.max_steps}, where the LR should be "
+                "decaying: the LR will not follow its schedule (lower --warmup)")
 
 
 def environment(C, argv, step):
@@ -585,7 +586,8 @@ def main(argv):
         step, elapsed, horizon.steps = restore(ck, resume_from, C, raw_model, ema_model, optimizer, loader)
         print0(f"resumed from {resume_from} at step {step}")
         del ck
-    warn_if_warmup_eats_the_decay(C, print0)
+    if warmup_warning(C):
+        print0(warmup_warning(C))
     model = torch.compile(raw_model) if C.compile and D.cuda else raw_model
     if D.ddp:
         model = DDP(model, device_ids=[torch.device(C.device).index] if D.cuda else None)
@@ -607,6 +609,7 @@ def main(argv):
         os.makedirs(os.path.join(C.out_dir, "samples"), exist_ok=True)
         log_file = open(os.path.join(C.out_dir, "log.jsonl"), "a")
         log_file.write(json.dumps(environment(C, argv, step)) + "\n")
+        log_file.flush()
         bar = tqdm(total=horizon.steps, initial=step, dynamic_ncols=True, disable=None)
     t_start = t_log = time.time()
     step_log = step
@@ -625,9 +628,9 @@ def main(argv):
 
         time_up = False
         if step % C.log_every == 0 or step >= horizon.steps:
+            loss, gnorm, skipped, loss_by_t, worst = meter.read(D)  # the host sync: the clock after it
             now = elapsed + time.time() - t_start
             time_up = horizon.plan(step, now)
-            loss, gnorm, skipped, loss_by_t, worst = meter.read(D)
             skipped_total += skipped
             dt = time.time() - t_log
             imgs = (step - step_log) * G / dt

@@ -143,6 +143,10 @@ def plan_row(name, row_argv, base, args):
                             f"({fpi * per_step:.3g} FLOPs)")
     elif args.steps is not None:
         max_steps = args.steps
+    if max_steps is not None:
+        warning = train.warmup_warning(SimpleNamespace(**{**config, "max_steps": max_steps, "max_hours": 0}))
+        if warning:  # train.py prints it into the run's log only
+            print(f"row {name}: {warning}", file=sys.stderr)
     return dict(name=name, args=row_argv, train_argv=argv + budget_args(args, max_steps), flops_per_image=fpi,
                 images_per_step=per_step, max_steps=max_steps, config=config)
 

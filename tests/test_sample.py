@@ -158,7 +158,8 @@ def test_bad_settings_exit_2_with_one_line(ckpt, tmp_path, capsys, args, want):
     else:
         args = args + ["--ckpt", str(ckpt)]
     with pytest.raises(SystemExit) as e:
-        sample.main(args + ["--device", "cpu"] * ("--device" not in args) + ["--out", str(tmp_path / "o"), "a red circle"])
+        device = ["--device", "cpu"] * ("--device" not in args)
+        sample.main(args + device + ["--out", str(tmp_path / "o"), "a red circle"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert want in err[-1], err

@@ -98,7 +98,8 @@ def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     (dict(model="DiT-Q/2"), "--model 'DiT-Q/2'"), (dict(device="bogus"), "--device 'bogus'"),
     (dict(ema_decay=1.5), "--ema_decay 1.5: must be in [0, 1]"), (dict(lr="nan"), "--lr nan"),
     (dict(t_logit_std=-1), "--t_logit_std -1.0: must be >= 0"), (dict(adam_beta2=1), "must be in [0, 1)"),
-    (dict(width=64, heads=3), "head size must be a whole multiple of 4"), (dict(sample_every=5, sample_prompts="|"), "no prompt"),
+    (dict(width=64, heads=3), "head size must be a whole multiple of 4"),
+    (dict(sample_every=5, sample_prompts="|"), "no prompt"),
     (dict(batch=64), "lower --batch"), (dict(resolution=18, patch=4), "not divisible by patch 4"),
 ])
 def test_bad_values_exit_2_before_training(cache, tmp_path, capsys, over, needle):
@@ -325,7 +326,8 @@ with open(os.path.join({str(tmp_path)!r}, "final" + os.environ["RANK"]), "w") as
     json.dump([out["step"], out["optimizer"].param_groups[0]["lr"]], f)
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*torchrun, str(wrapper),
                         *args(cache, tmp_path / "o", batch=4, max_steps=100000, max_hours=0.0015, log_every=3,
                               warmup=2)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
