@@ -2,7 +2,7 @@
 # then: python evaluate.py --ckpt out/scenes/ckpt.pt --probe scenes --cfg 3 --probe_n 2 --steps 25
 # 1 to 4 coloured shapes on a 3x3 grid at 32 px, captions in GenEval's six categories (scenes.py); pixel space
 # (vae none), the tiny random CLIP-style text tower. The recipe is the shapes demo's (configs/shapes.py) at 32 px,
-# patch 4 (64 tokens: the shapes demo's cost per image); its numbers and the ablations: docs/log.md.
+# patch 4 (64 tokens: the shapes demo's cost per image); its numbers and the ablations: docs/log.md 2026-11-29.
 data = "scenes:20000"
 out_dir = "out/scenes"
 resolution = 32                      # the smallest at which scenes.py reads generated-looking renders without error
