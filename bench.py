@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data as datalib
 import sample
 import train
-from model import PRESETS, DiT, make_config, peak_flops
+from model import PRESETS, DiT, peak_flops
 
 TEXT_LEN, TEXT_DIM = 77, 768  # CLIP ViT-L/14 token states, the shape the peer's caption_channels expects
 TINY = dict(depth=2, width=64, heads=4, patch=2)  # --tiny: ours and the peer at this shape, 8x8 latents
@@ -163,8 +163,8 @@ class PixArtPeer(torch.nn.Module):
 
 def our_config(preset, shape, grid, C):
     """Our DiT at the bench shape with train.py's model keys (grad_ckpt acts in training only)."""
-    return make_config(preset, **shape, in_channels=4, input_size=grid, text_dim=TEXT_DIM, pooled_dim=TEXT_DIM,
-                       adaln=C.adaln, qk_norm=C.qk_norm, text_len=C.text_len, grad_ckpt=C.grad_ckpt)
+    at = {**dict(depth=0, width=0, heads=0, patch=0), **shape}  # the preset's own values unless --tiny's shape
+    return train.model_config(SimpleNamespace(**{**vars(C), "model": preset, **at}), 4, grid, TEXT_DIM, TEXT_DIM)
 
 
 def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):

@@ -386,13 +386,18 @@ def open_data(C, D):
         fail(e)
 
 
+def model_config(C, channels, side, text_dim, pooled_dim):
+    """The DiTConfig of train.py's model keys on (channels, side, side) latents (bench.py and scripts/ablate.py
+    build theirs here too)."""
+    return make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, in_channels=channels,
+                       input_size=side, text_dim=text_dim, pooled_dim=pooled_dim, text_len=C.text_len,
+                       adaln=C.adaln, qk_norm=C.qk_norm, grad_ckpt=C.grad_ckpt)
+
+
 def build_model(C, latent_shape, text_encoder):
     """-> (model, EMA copy in eval mode, AdamW, Diffusion), seeded by C.seed."""
     torch.manual_seed(C.seed)
-    mcfg = make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch,
-                       in_channels=latent_shape[0], input_size=latent_shape[1], text_dim=text_encoder.dim,
-                       pooled_dim=text_encoder.pooled_dim, text_len=C.text_len, adaln=C.adaln, qk_norm=C.qk_norm,
-                       grad_ckpt=C.grad_ckpt)
+    mcfg = model_config(C, latent_shape[0], latent_shape[1], text_encoder.dim, text_encoder.pooled_dim)
     if latent_shape[1] % mcfg.patch:
         fail(f"{latent_shape[1]} x {latent_shape[2]} latents are not divisible by patch {mcfg.patch}: "
              "change --resolution or --patch")

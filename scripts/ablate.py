@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data as datalib
 import train
-from model import DiT, make_config
+from model import DiT
 
 TRAIN, EVALUATE = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "evaluate.py")
 # evaluate.py --probe NAME -> (its section in eval.json, the default --metric). Each section is a list of records,
@@ -209,9 +209,7 @@ def flops_per_image(config, name="?"):
     else:
         (channels, factor), (text_dim, pooled_dim) = vae_geometry(C.vae), text_dims(C.text_encoder)
         side = C.resolution // factor
-    mcfg = make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, in_channels=channels,
-                       input_size=side, text_dim=text_dim, pooled_dim=pooled_dim, text_len=C.text_len,
-                       adaln=C.adaln, qk_norm=C.qk_norm, grad_ckpt=C.grad_ckpt)
+    mcfg = train.model_config(C, channels, side, text_dim, pooled_dim)
     if side % mcfg.patch:
         raise ToolError(f"row {name}: {side} x {side} latents are not divisible by patch {mcfg.patch}")
     with torch.device("meta"):  # no memory, whatever the size: estimate_flops reads the config only
