@@ -212,15 +212,7 @@ def render_shape(color, kind, background, resolution, rng):
     side = int(rng.uniform(0.35, 0.70) * resolution)
     x0, y0 = rng.randint(0, resolution - 1 - side), rng.randint(0, resolution - 1 - side)
     box = (x0, y0, x0 + side, y0 + side)  # PIL boxes are inclusive
-    fill, draw = SHAPE_COLORS[color], ImageDraw.Draw(img)
-    if kind == "circle":
-        draw.ellipse(box, fill=fill)
-    elif kind == "square":
-        draw.rectangle(box, fill=fill)
-    elif kind == "triangle":
-        draw.polygon([(x0 + side / 2, y0), (x0 + side, y0 + side), (x0, y0 + side)], fill=fill)
-    else:
-        raise ValueError(f"unknown shape kind {kind!r}")
+    scenes.draw_shape(ImageDraw.Draw(img), kind, box, SHAPE_COLORS[color])  # the scenes set draws its kinds so too
     return img
 
 def shape_sample(i, seed, resolution):

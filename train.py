@@ -535,6 +535,20 @@ def sample_grid(pipe, prompts, cfg, path):
     save_png(make_grid(images, cols=math.ceil(math.sqrt(len(prompts)))), path)
 
 
+def preview_grid(pipe, C, ema, diffusion, text_encoder, step, ckpt_path):
+    """out_dir/samples/NNNNNNN.png of the EMA weights. -> the pipeline to reuse next time, or None where it failed
+    (out of memory, a VAE that cannot be loaded offline, ...): no more grids this run, and training goes on."""
+    try:
+        pipe = pipe or Pipeline(ema, diffusion, datalib.load_vae(C.vae, device=C.device), text_encoder, dict(vars(C)),
+                                step, torch.device(C.device), ckpt_path)
+        sample_grid(pipe, sample_prompt_list(C), C.sample_cfg, os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
+        return pipe
+    except Exception as e:
+        print(f"warning: sample grid at step {step} failed ({type(e).__name__}: {str(e)[:200]}); no more sample "
+              "grids this run (training continues; sample.py works on the checkpoint)", file=sys.stderr)
+        return None
+
+
 def describe(C, model, latent_shape, images, G, world):
     c, tokens = model.config, (latent_shape[1] // model.config.patch) ** 2
     params = sum(p.numel() for p in model.parameters())
@@ -665,15 +679,8 @@ def main(argv):
             save_checkpoint(ckpt_path, checkpoint_state(   # never costs training
                 C, raw_model, ema_model, optimizer, loader, step, elapsed + time.time() - t_start, horizon.steps))
         if D.master and sampling and not signalled and (step % C.sample_every == 0 or last):
-            try:
-                preview = preview or Pipeline(ema_model, diffusion, datalib.load_vae(C.vae, device=C.device),
-                                              text_encoder, dict(vars(C)), step, torch.device(C.device), ckpt_path)
-                sample_grid(preview, sample_prompt_list(C), C.sample_cfg,
-                            os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
-            except Exception as e:  # out of memory, a VAE that cannot be loaded offline, ...: training goes on
-                print(f"warning: sample grid at step {step} failed ({type(e).__name__}: {str(e)[:200]}); no more "
-                      "sample grids this run (training continues; sample.py works on the checkpoint)", file=sys.stderr)
-                sampling = False
+            preview = preview_grid(preview, C, ema_model, diffusion, text_encoder, step, ckpt_path)
+            sampling = preview is not None
         if signalled:
             print0(f"signal {stop['signal'] or 'on another rank'}: checkpoint saved at step {step}, exiting")
             break
