@@ -196,7 +196,7 @@ def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
     steps = itertools.count()  # optimizer steps taken: step_noise and lr_at are functions of it, as in train.py
     def work(n):
         for step in itertools.islice(steps, n):
-            rand = train.step_noise(step, C.batch * C.accum, (4, grid, grid), device, C, diffusion.T)
+            rand = train.step_noise(step, C.batch * C.accum, (4, grid, grid), device, C, diffusion)
             lr = train.lr_at(step, C.max_steps, C)
             train.train_step(model, optimizer, diffusion, loader, no_text_encoder, rand, lr, C, ctx)
             train.ema_update(ema_params, params, min(C.ema_decay, (1 + step) / (10 + step)))

@@ -1,11 +1,14 @@
 """
-Diffusion math: beta schedules, noising, targets, min-SNR weights, the training loss, samplers and CFG.
+Diffusion math: beta schedules, noising, targets, min-SNR weights, the training loss, samplers and CFG; and
+rectified flow (prediction "flow") beside eps / v / x0.
 
 Pure math on a fixed schedule; imports nothing from the project. Notation follows DDIM / diffusers:
 a_t = alphas_cumprod[t] (alpha-bar), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, t an integer in [0, T).
+Flow (SD3, arXiv 2403.03206; SiT, arXiv 2401.08740): x_sigma = (1 - sigma) x0 + sigma eps, sigma in (0, 1], the
+model predicts the velocity eps - x0 and is called with the float t = T * sigma, as diffusers does.
 The numbers agree with diffusers' DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler
-(clip_sample=False, set_alpha_to_one=True, steps_offset=0) and diffusers.training_utils.compute_snr;
-tests/test_diffusion.py is the proof. Schedule tensors are float64 on the CPU; every coefficient is cast to
+(clip_sample=False, set_alpha_to_one=True, steps_offset=0), FlowMatchEulerDiscreteScheduler and
+FlowMatchHeunDiscreteScheduler, and diffusers.training_utils.compute_snr; tests/test_diffusion.py is the proof. Schedule tensors are float64 on the CPU; every coefficient is cast to
 the dtype and device of the tensor it multiplies.
 """
 import math
@@ -13,9 +16,11 @@ import math
 import torch
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
-PREDICTIONS = ("eps", "v", "x0")
+PREDICTIONS = ("eps", "v", "x0", "flow")
 SPACINGS = ("leading", "trailing", "linspace")
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+DDPM_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")  # for eps / v / x0
+FLOW_SAMPLERS = ("euler", "heun")            # for flow
+SAMPLERS = DDPM_SAMPLERS + FLOW_SAMPLERS
 
 #################################################################################
 #                        Schedules (float64) and helpers                        #
@@ -51,11 +56,14 @@ def rescale_cfg(out, out_cond, guidance_rescale):
     return guidance_rescale * rescaled + (1 - guidance_rescale) * out
 
 
-def _draw(generator, shape, device, dtype=torch.float32, high=None):
-    """randn(shape) (or randint(0, high, shape)) from None, one torch.Generator, or a list of per-sample generators:
-    with a list, row i comes from generator i alone, so a sample does not depend on its batch-mates."""
+def _draw(generator, shape, device, dtype=torch.float32, high=None, uniform=False):
+    """randn(shape) (or randint(0, high, shape), or rand(shape) on [0, 1)) from None, one torch.Generator, or a list
+    of per-sample generators: with a list, row i comes from generator i alone, so a sample does not depend on its
+    batch-mates."""
     def one(g, shp):
         dev = g.device if g is not None else device  # draw where the generator lives, then move (as randn_tensor)
+        if uniform:
+            return torch.rand(shp, generator=g, device=dev, dtype=dtype)
         if high is None:
             return torch.randn(shp, generator=g, device=dev, dtype=dtype)
         return torch.randint(0, high, shp, generator=g, device=dev)
@@ -80,17 +88,24 @@ def _cat_cond(uncond, cond):
 
 class Diffusion:
     def __init__(self, schedule="scaled_linear", T=1000, beta_start=0.00085, beta_end=0.012, prediction="v",
-                 zero_terminal_snr=False):
+                 zero_terminal_snr=False, flow_shift=1.0):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be a positive int, got {T!r}")
+        if not (math.isfinite(flow_shift) and flow_shift > 0):
+            raise ValueError(f"flow_shift must be a positive number, got {flow_shift!r}")
+        if prediction == "flow" and zero_terminal_snr:
+            # the beta schedule (schedule, beta_start/end) does not enter flow at all
+            raise ValueError("zero_terminal_snr does not apply to flow: its last step (sigma = 1) is pure noise "
+                             "by construction (SNR 0); leave zero_terminal_snr off")
         if zero_terminal_snr and prediction == "eps":
             # at t = T-1 alphas_cumprod is 0 (SNR 0): x_t is pure noise, eps carries nothing about x0, and
             # x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) divides by zero
             raise ValueError("zero_terminal_snr with prediction 'eps' is ill-posed (SNR 0 at t = T-1 leaves x0 "
                              "unrecoverable): use prediction 'v' (as arXiv 2305.08891 does) or 'x0'")
         self.schedule, self.T, self.prediction, self.zero_terminal_snr = schedule, T, prediction, zero_terminal_snr
+        self.flow, self.flow_shift = prediction == "flow", float(flow_shift)
         betas = make_betas(schedule, T, beta_start, beta_end)
         self.betas = rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas  # float64 [T]
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # a_t = prod_{s<=t} (1 - beta_s), float64 [T]
@@ -112,8 +127,36 @@ class Diffusion:
         """table[t] cast to x's dtype and device, shaped (B, 1, ..., 1) to broadcast against x."""
         return self._on(table, x.device, x.dtype)[t.to(x.device).long()].view(-1, *([1] * (x.ndim - 1)))
 
+    def _sigma(self, t, x):
+        """Flow: sigma = t / T as x's dtype and device, shaped (B, 1, ..., 1)."""
+        return (t.to(x.device, torch.float64) / self.T).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+    def shift(self, sigma):
+        """SD3's timestep shift (arXiv 2403.03206 eq. 23) s sigma / (1 + (s - 1) sigma): s > 1 spends more of the
+        steps at high noise (for more pixels); s = 1 leaves sigma. Tensors or floats."""
+        s = self.flow_shift
+        return s * sigma / (1 + (s - 1) * sigma)
+
+    def draw_t(self, n, generator=None, device="cpu", logit_mean=0.0, logit_std=0.0):
+        """n training timesteps from `generator`. eps / v / x0: integers floor(T * sigmoid(N(mean, std))) on 0..T-1
+        (SD3's logit-normal, discretised), or uniform on 0..T-1 when logit_std is 0 (DDPM Algorithm 1). flow:
+        t = T * shift(sigma) (float32) with sigma = sigmoid(N(mean, std)), or uniform on (0, 1] when logit_std is 0."""
+        if self.flow:
+            if logit_std > 0:
+                sigma = torch.sigmoid(torch.randn((n,), generator=generator, device=device) * logit_std + logit_mean)
+            else:
+                sigma = 1 - torch.rand((n,), generator=generator, device=device)  # (0, 1]: sigma = 0 teaches nothing
+            return self.T * self.shift(sigma)
+        if logit_std > 0:
+            z = torch.randn((n,), generator=generator, device=device) * logit_std + logit_mean
+            return (torch.sigmoid(z) * self.T).long().clamp_(0, self.T - 1)
+        return torch.randint(0, self.T, (n,), generator=generator, device=device)
+
     def add_noise(self, x0, noise, t):
-        """q(x_t | x0): sqrt(a_t) x0 + sqrt(1 - a_t) noise (DDPM eq. 4)."""
+        """q(x_t | x0): sqrt(a_t) x0 + sqrt(1 - a_t) noise (DDPM eq. 4); flow: (1 - sigma) x0 + sigma noise."""
+        if self.flow:
+            sigma = self._sigma(t, x0)
+            return (1 - sigma) * x0 + sigma * noise
         return self._gather(self.sqrt_ab, t, x0) * x0 + self._gather(self.sqrt_1m_ab, t, x0) * noise
 
     def velocity(self, x0, noise, t):
@@ -128,6 +171,8 @@ class Diffusion:
         """What a model of this prediction kind is trained to output."""
         if self.prediction == "eps":
             return noise
+        if self.flow:
+            return noise - x0  # d x_sigma / d sigma
         return self.velocity(x0, noise, t) if self.prediction == "v" else x0
 
     @staticmethod
@@ -140,7 +185,14 @@ class Diffusion:
         return out, (x_t - a * out) / s  # x0 prediction: eps from x_t = a x0 + s eps
 
     def convert(self, out, x_t, t, to, kind=None):
-        """Convert a prediction of `kind` (default: self.prediction) at (x_t, t) into 'eps' | 'v' | 'x0'."""
+        """Convert a prediction of `kind` (default: self.prediction) at (x_t, t) into 'eps' | 'v' | 'x0'; a flow
+        model's output (kind 'flow') converts into 'eps' | 'x0' | 'flow'."""
+        if self.flow:
+            if (kind or "flow") != "flow":
+                raise ValueError(f"a flow Diffusion converts flow outputs, not {kind!r}")
+            sigma = self._sigma(t, x_t)
+            x0, eps = x_t - sigma * out, x_t + (1 - sigma) * out  # x = (1 - sigma) x0 + sigma eps, out = eps - x0
+            return {"x0": x0, "eps": eps, "flow": out}[to]
         a, s = self._gather(self.sqrt_ab, t, x_t), self._gather(self.sqrt_1m_ab, t, x_t)
         x0, eps = self._x0_eps(out, x_t, a, s, kind or self.prediction)
         return {"x0": x0, "eps": eps, "v": a * eps - s * x0}[to]  # v = a eps - s x0 (Salimans & Ho 2022 sec. 4)
@@ -150,6 +202,10 @@ class Diffusion:
         eps min(snr, g) / snr, v min(snr, g) / (snr + 1), x0 min(snr, g); all ones when gamma is 0."""
         if min_snr_gamma <= 0:
             return torch.ones(t.shape, device=t.device)
+        if self.flow:
+            raise ValueError("min-SNR weights a DDPM schedule's loss by its SNR; flow puts its weight on the noise "
+                             "levels through the sigma law instead (t_logit_mean / t_logit_std, flow_shift): "
+                             "set min_snr_gamma 0")
         if min_snr_gamma not in self._min_snr:  # one float64 table per gamma, moved to the device once by _on
             snr = self.snr_table
             w = snr.clamp(max=min_snr_gamma)  # min(snr, gamma): the x0-loss weight of the paper
@@ -168,8 +224,11 @@ class Diffusion:
              t=None, noise=None, offset_noise=None, perturb_noise=None, generator=None):
         """One denoising loss. Any of t (B,) / noise (B,C,H,W) / offset_noise (B,C,1,1) / perturb_noise (B,C,H,W)
         that is None is drawn from `generator`, in that order (the last two only when their strength is > 0).
-        Returns (weighted mean loss, per-sample unweighted MSE (B,) float32 detached, t (B,) long)."""
+        Returns (weighted mean loss, per-sample unweighted MSE (B,) float32 detached, t (B,): long, float for flow).
+        Offset noise and input perturbation apply to flow as they do to the others (they change the noise drawn)."""
         B, C = x0.shape[:2]
+        if t is None and self.flow:
+            t = self.T * self.shift(1 - _draw(generator, (B,), x0.device, uniform=True))  # sigma ~ U(0, 1], shifted
         if t is None:
             t = _draw(generator, (B,), x0.device, high=self.T)  # t ~ U{0..T-1} (DDPM Algorithm 1)
         t = t.to(x0.device)
@@ -223,8 +282,37 @@ class Diffusion:
             out = rescale_cfg(out, out_cond, guidance_rescale)
         return out
 
+    @property
+    def default_sampler(self):
+        return "euler" if self.flow else "ddim"
+
+    def check_sampler(self, sampler, eta=0.0):
+        """-> the sampler to use (None: the default of this prediction kind); ValueError for one of the other kind."""
+        sampler = sampler or self.default_sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if self.flow and sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is for eps / v / x0 models; this is a flow model: "
+                             f"{' | '.join(FLOW_SAMPLERS)}")
+        if not self.flow and sampler in FLOW_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is for flow models; this is a {self.prediction} model: "
+                             f"{' | '.join(DDPM_SAMPLERS)}")
+        if eta < 0 or (eta > 0 and self.flow):
+            raise ValueError(f"eta {eta}: must be >= 0 (0: deterministic DDIM); flow's samplers take no eta")
+        return sampler
+
+    def flow_sigmas(self, steps):
+        """The `steps` + 1 sigmas (float64, descending, last 0) of diffusers' FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=T, shift=s).set_timesteps(steps): linspace(1, shift(1 / T), steps), shifted, then 0.
+        Its smallest sigma is shifted twice (shift(shift(1 / T))): kept, so the grid is diffusers' own."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be in [1, {self.T}], got {steps}")
+        sigma_min = self.shift(1 / self.T)  # the smallest training sigma of the scheduler's table
+        grid = torch.linspace(1.0, sigma_min, steps, dtype=torch.float64)
+        return torch.cat([self.shift(grid), torch.zeros(1, dtype=torch.float64)])
+
     @torch.no_grad()
-    def sample(self, model_fn, x_T, cond, uncond=None, cfg=1.0, guidance_rescale=0.0, steps=50, sampler="ddim",
+    def sample(self, model_fn, x_T, cond, uncond=None, cfg=1.0, guidance_rescale=0.0, steps=50, sampler=None,
                eta=0.0, spacing="trailing", generator=None, t_start=None):
         """Denoise x_T (B, C, H, W) over self.timesteps(steps, spacing) and return x0 in x_T's dtype.
         t_start: x_T is x_{t_start}, e.g. add_noise(x0, noise, t_start) of an image (SDEdit, arXiv 2108.01073):
@@ -232,15 +320,15 @@ class Diffusion:
         model_fn(x_t, t (B,) long, cond) -> raw output of self.prediction's kind. uncond=None: no CFG, one call a step.
         Every sampler steps from timesteps[i] to timesteps[i+1] and finally to a = 1 (set_alpha_to_one), so the
         last step returns the model's x0 estimate. (DDIMScheduler steps to t - T//steps instead: the same grid for
-        "leading", and for "trailing" when steps divides T.) ddpm and ddim with eta > 0 draw noise from `generator`."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0 (0: deterministic DDIM), got {eta}")
+        "leading", and for "trailing" when steps divides T.) ddpm and ddim with eta > 0 draw noise from `generator`.
+        sampler None: ddim, or euler for flow. Flow steps over flow_sigmas(steps) (spacing unused), t = T * sigma."""
+        sampler = self.check_sampler(sampler, eta)
+        if t_start is not None and not 0 <= t_start < self.T:
+            raise ValueError(f"t_start must be in [0, {self.T - 1}], got {t_start}")
+        if self.flow:
+            return self._sample_flow(model_fn, x_T, cond, uncond, cfg, guidance_rescale, steps, sampler, t_start)
         ts = self.timesteps(steps, spacing).tolist()
         if t_start is not None:
-            if not 0 <= t_start < self.T:
-                raise ValueError(f"t_start must be in [0, {self.T - 1}], got {t_start}")
             ts = [t_start] + [t for t in ts if t < t_start]
         ab = self.alphas_cumprod.tolist()  # python floats (double); scalar * tensor keeps the tensor's dtype
         if sampler == "dpmpp_2m" and self.zero_terminal_snr:
@@ -275,4 +363,22 @@ class Diffusion:
                 # sigma_s / sigma_t x - alpha_s (e^-h - 1) D
                 x = ((1 - a_s) / (1 - a_t)) ** 0.5 * x - a_s ** 0.5 * math.expm1(-h) * d
                 x0_prev, h_prev = x0, h
+        return x
+
+    def _sample_flow(self, model_fn, x, cond, uncond, cfg, guidance_rescale, steps, sampler, t_start):
+        """Euler (FlowMatchEulerDiscreteScheduler.step: x + (sigma_next - sigma) v) or Heun (its second-order
+        correction, as FlowMatchHeunDiscreteScheduler: the last step, to sigma = 0, is Euler) over flow_sigmas."""
+        sigmas = self.flow_sigmas(steps).tolist()
+        if t_start is not None:  # SDEdit: x is x_sigma at sigma = t_start / T
+            sigmas = [t_start / self.T] + [s for s in sigmas if s < t_start / self.T]
+        B = x.shape[0]
+        def velocity(x, sigma):
+            t = torch.full((B,), self.T * sigma, dtype=torch.float32, device=x.device)
+            return self._guided_output(model_fn, x, t, cond, uncond, cfg, guidance_rescale)
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            v = velocity(x, sigma)
+            x_next = x + (sigma_next - sigma) * v
+            if sampler == "heun" and sigma_next > 0:  # trapezoid: the mean of the slopes at both ends
+                x_next = x + (sigma_next - sigma) * 0.5 * (v + velocity(x_next, sigma_next))
+            x = x_next
         return x

@@ -214,7 +214,7 @@ def read_prompts(path: str) -> list:
     return prompts
 
 
-def evaluate(pipe, prompts, cfgs, extractor, clip_scorer=None, ref=None, n=0, steps=50, sampler="ddim", eta=0.0,
+def evaluate(pipe, prompts, cfgs, extractor, clip_scorer=None, ref=None, n=0, steps=50, sampler=None, eta=0.0,
              guidance_rescale=0.0, seed=0, batch_size=16, save_dir="") -> list:
     """For each CFG scale: n samples (caption k % len(prompts), seed + k; the same pairs for every scale),
     -> [{cfg, n, fid, is_mean, is_std, clip_score}]; fid None without `ref` stats, clip_score None without a scorer."""
@@ -295,7 +295,7 @@ def probe_accuracy(images, colors, kinds) -> dict:
                 both_acc=float((color_ok & kind_ok).mean()))
 
 
-def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim", batch_size=16, progress=False,
+def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, batch_size=16, progress=False,
                  t_start=None) -> dict:
     """Every (colour, kind, background) caption of the shapes set, n_per_prompt seeds each -> probe_accuracy + cfg.
     Chance level: 1/len(SHAPE_COLORS) for colour, 1/len(SHAPE_KINDS) for shape.
@@ -324,7 +324,7 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim"
 SCENE_SETS = {"in_distribution": scenes.in_distribution_prompts, "held_out": scenes.held_out_prompts}
 
 
-def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler="ddim", eta=0.0, guidance_rescale=0.0,
+def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, eta=0.0, guidance_rescale=0.0,
                  batch_size=16, progress=False, resolution=None) -> dict:
     """Both prompt sets, n_per_prompt seeds each (image k: seed + k) -> {cfg, truth, resolution, in_distribution,
     held_out} with scenes.evaluate_images' accuracies. pipe None: true renders at `resolution` (the reader's
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=0, help="samples per CFG scale (default: one per prompt)")
     p.add_argument("--cfg", default="7.5", help="CFG scale(s), comma separated: 1,3,5")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddim, or euler for a flow model")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance_rescale", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)

@@ -113,7 +113,8 @@ def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipelin
     model.to(device).eval().requires_grad_(False)
     try:
         diffusion = Diffusion(schedule=config["schedule"], beta_start=config["beta_start"], beta_end=config["beta_end"],
-                              prediction=config["prediction"], zero_terminal_snr=config["zero_terminal_snr"])
+                              prediction=config["prediction"], zero_terminal_snr=config["zero_terminal_snr"],
+                              flow_shift=config.get("flow_shift", 1.0))  # older checkpoints predate flow
     except ValueError as e:
         raise CheckpointError(f"{ckpt_path}: its diffusion settings are invalid: {e}") from None
     vae = load_vae(config["vae"], device=device)
@@ -133,7 +134,7 @@ def encode_text(pipe: Pipeline, captions: list) -> tuple:
 
 
 @torch.no_grad()
-def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler="ddim", eta=0.0,
+def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler=None, eta=0.0,
                    guidance_rescale=0.0, negative="", init=None, t_start=None) -> torch.Tensor:
     """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise).
     -> (B, C, h, w) fp32. init (B, C, h, w) latents + t_start: start from init noised to t_start (SDEdit)."""
@@ -165,7 +166,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler="ddim", eta=0.0,
+def generate(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler=None, eta=0.0,
              guidance_rescale=0.0, negative="", batch_size=16, progress=False, init=None, t_start=None) -> torch.Tensor:
     """One image per (prompt, seed), sampled batch_size at a time and decoded -> uint8 (N, H, W, 3).
     init: (N, C, h, w) latents to start from, noised to t_start (SDEdit); None: pure noise."""
@@ -250,6 +251,10 @@ def open_pipeline(p: argparse.ArgumentParser, args, weights="ema") -> Pipeline:
         p.exit(2, f"{p.prog}: error: {e}\n")
     if args.steps > pipe.diffusion.T:
         p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")
+    try:  # --sampler left out: the checkpoint's kind picks it (ddim, or euler for flow)
+        args.sampler = pipe.diffusion.check_sampler(args.sampler, args.eta)
+    except ValueError as e:
+        p.error(f"--sampler: {e}")
     return pipe
 
 
@@ -279,7 +284,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddim, or euler for a flow model")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1: conditional only)")
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="CFG rescale phi (arXiv 2305.08891, sec. 3.4)")

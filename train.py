@@ -74,9 +74,10 @@ grad_ckpt = False          # activation checkpointing per block (memory for comp
 schedule = "scaled_linear"  # linear | scaled_linear | cosine
 beta_start = 0.00085       # first beta (linear schedules)
 beta_end = 0.012           # last beta (linear schedules)
-prediction = "v"           # v | eps | x0
+prediction = "v"           # v | eps | x0 | flow (rectified flow, SD3: x = (1 - sigma) x0 + sigma eps, predicts eps - x0)
+flow_shift = 1.0           # flow: sigma -> s sigma / (1 + (s - 1) sigma) in training and sampling (SD3 eq. 23); > 1 noisier
 zero_terminal_snr = False  # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0
-min_snr_gamma = 5.0        # min-SNR-gamma loss weighting (arXiv 2303.09556); 0 = off
+min_snr_gamma = 5.0        # min-SNR-gamma loss weighting (arXiv 2303.09556); 0 = off (flow: must be 0)
 t_logit_mean = 0.0         # timesteps T * sigmoid(N(mean, std)) (SD3, arXiv 2403.03206); > 0: noisier
 t_logit_std = 0.0          # 0 = timesteps uniform on 0..T-1
 noise_offset = 0.0         # offset noise strength (per-channel constant added to the noise)
@@ -197,7 +198,7 @@ def check_config(C):
             raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1)")
     try:  # the model's and the schedule's own checks (DiTConfig, Diffusion), before the cache build
         make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, adaln=C.adaln)
-        make_diffusion(C)
+        make_diffusion(C).loss_weight(torch.zeros(1), C.min_snr_gamma)  # flow refuses min-SNR
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not (math.isfinite(C.lr) and C.lr > 0):
@@ -217,7 +218,7 @@ def check_config(C):
 
 def make_diffusion(C):
     return Diffusion(schedule=C.schedule, beta_start=C.beta_start, beta_end=C.beta_end, prediction=C.prediction,
-                     zero_terminal_snr=C.zero_terminal_snr)
+                     zero_terminal_snr=C.zero_terminal_snr, flow_shift=C.flow_shift)
 
 
 def sample_prompt_list(C):
@@ -264,15 +265,11 @@ def lr_at(step, horizon, C):
     return C.lr * (1 - progress)
 
 
-def step_noise(step, n, shape, device, C, T):
+def step_noise(step, n, shape, device, C, diffusion):
     """All randomness of one optimizer step, a function of (seed, step) alone: the same samples get the same
     t and noise whatever the micro-batch, accumulation or number of ranks (exact resume, accum and DDP)."""
     g = torch.Generator(device=device).manual_seed(C.seed * 1_000_003 + step)
-    if C.t_logit_std > 0:  # floor(T * sigmoid(z)), z ~ N(mean, std): a discretised logit-normal on 0..T-1
-        z = torch.randn((n,), generator=g, device=device) * C.t_logit_std + C.t_logit_mean
-        t = (torch.sigmoid(z) * T).long().clamp_(0, T - 1)
-    else:
-        t = torch.randint(0, T, (n,), generator=g, device=device)
+    t = diffusion.draw_t(n, g, device, C.t_logit_mean, C.t_logit_std)  # the logit-normal, or uniform
     noise = torch.randn((n, *shape), generator=g, device=device)
     offset = torch.randn((n, shape[0], 1, 1), generator=g, device=device) if C.noise_offset > 0 else None
     perturb = torch.randn((n, *shape), generator=g, device=device) if C.input_perturbation > 0 else None
@@ -509,7 +506,7 @@ class Meter:
         self.sums["grad_norm"] += torch.where(ok > 0, grad_norm, 0.0)
         self.bad_streak = (self.bad_streak + 1) * found_inf
         self.bad_worst = torch.maximum(self.bad_worst, self.bad_streak)
-        b = (t * self.bins // self.T).clamp(0, self.bins - 1)  # the loss in bins of timestep
+        b = (t * self.bins // self.T).long().clamp(0, self.bins - 1)  # the loss in bins of timestep (flow: float t)
         self.bin_sum.index_add_(0, b, per_sample)
         self.bin_cnt.index_add_(0, b, ok.expand_as(per_sample))
 
@@ -530,8 +527,8 @@ class Meter:
 
 @torch.no_grad()
 def sample_grid(pipe, prompts, cfg, path):
-    """The train-time preview: image k is sample.py's `--seed k` image of prompt k (sample.generate, 50 DDIM steps)."""
-    images = generate(pipe, prompts, list(range(len(prompts))), cfg=cfg, steps=50, sampler="ddim")
+    """The train-time preview: image k is sample.py's `--seed k` image of prompt k (sample.generate, 50 steps of its default sampler)."""
+    images = generate(pipe, prompts, list(range(len(prompts))), cfg=cfg, steps=50)
     save_png(make_grid(images, cols=math.ceil(math.sqrt(len(prompts)))), path)
 
 
@@ -635,7 +632,7 @@ def main(argv):
 
     # ---- the loop
     while step < horizon.steps:
-        rand = step_noise(step, G, latent_shape, C.device, C, diffusion.T)
+        rand = step_noise(step, G, latent_shape, C.device, C, diffusion)
         lr = lr_at(step, horizon.steps, C)
         per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, text_encoder.encode,
                                                          rand, lr, C, D.ctx, D.rank, D.world)

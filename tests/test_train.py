@@ -410,13 +410,13 @@ def test_timesteps_follow_uniform_or_logit_normal(mean, std):
     """step_noise's t against the exact CDF in float64: uniform on 0..T-1, or floor(T * sigmoid(N(mean, std)))."""
     from scipy.stats import norm
     C = SimpleNamespace(**train.parse_args(["--t_logit_mean", str(mean), "--t_logit_std", str(std), "--device", "cpu"]))
-    T = 1000
-    t = torch.cat([train.step_noise(s, 4096, (1, 1, 1), "cpu", C, T)[0] for s in range(50)]).numpy()
+    T, d = 1000, train.make_diffusion(C)
+    t = torch.cat([train.step_noise(s, 4096, (1, 1, 1), "cpu", C, d)[0] for s in range(50)]).numpy()
     assert t.min() >= 0 and t.max() <= T - 1
     k = np.arange(T - 1, dtype=np.float64)
     edge = (k + 1) / T                                           # P(t <= k) = P(sigmoid(z) < (k + 1) / T)
     cdf = edge if std == 0 else norm.cdf((np.log(edge / (1 - edge)) - mean) / std)
     ecdf = np.searchsorted(np.sort(t), k, side="right") / len(t)
     assert np.abs(ecdf - cdf).max() < 0.01                       # KS distance; ~0.003 expected from 204,800 draws
-    torch.testing.assert_close(train.step_noise(7, 64, (1, 1, 1), "cpu", C, T)[0],
-                               train.step_noise(7, 64, (1, 1, 1), "cpu", C, T)[0], rtol=0, atol=0)
+    torch.testing.assert_close(train.step_noise(7, 64, (1, 1, 1), "cpu", C, d)[0],
+                               train.step_noise(7, 64, (1, 1, 1), "cpu", C, d)[0], rtol=0, atol=0)
