@@ -185,7 +185,8 @@ def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
                 torch.randn(1, TEXT_DIM)).float().pow(2).mean().backward()
     params = list(raw.parameters())
     ema_params = [p.detach().clone() for p in params]  # train.py keeps an EMA copy of every parameter
-    optimizer = train.configure_optimizer(raw, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2))
+    optimizer = train.configure_optimizer(raw, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2), C.optimizer,
+                                          C.muon_lr)
     model = torch.compile(raw) if C.compile and device.type == "cuda" else raw  # train.py's rule
     def no_text_encoder(tokens):
         raise AssertionError("bench batches carry text states: the text encoder must not run in the timed step")

@@ -85,13 +85,15 @@ input_perturbation = 0.0   # input perturbation strength (arXiv 2301.11706)
 # optimisation
 batch = 64                 # micro-batch per GPU
 accum = 1                  # micro-steps per optimizer step (global batch = batch * accum * GPUs)
-lr = 1e-4                  # peak learning rate
+lr = 1e-4                  # peak learning rate (AdamW)
+optimizer = "adamw"        # adamw | muon (torch.optim.Muon on the blocks' weight matrices, AdamW with `lr` on the rest)
+muon_lr = 0.02             # Muon's peak learning rate (its schedule is lr's, scaled by muon_lr / lr)
 lr_schedule = "wsd"        # constant | cosine | wsd (warmup-stable-decay)
 warmup = 1000              # optimizer steps of linear LR warmup
 decay_frac = 0.2           # wsd: share of the run spent decaying the LR linearly to 0
 max_steps = 400_000        # optimizer steps
 max_hours = 0.0            # wall-clock budget; > 0 plans the LR decay to end on time (0 = off)
-weight_decay = 0.0         # AdamW weight decay, on parameters of >= 2 dims (linear and conv weights)
+weight_decay = 0.0         # decoupled weight decay, on parameters of >= 2 dims (linear and conv weights)
 adam_beta1 = 0.9           # AdamW beta1
 adam_beta2 = 0.999         # AdamW beta2
 grad_clip = 1.0            # gradient-norm clipping (0 = off)
@@ -172,7 +174,7 @@ def parse_args(argv):
     return config
 
 
-CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), dtype=("bfloat16", "float32"), prediction=PREDICTIONS,
+CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "muon"), dtype=("bfloat16", "float32"), prediction=PREDICTIONS,
                schedule=SCHEDULES, adaln=("single", "zero"), model=tuple(PRESETS))
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, warmup=0, max_hours=0,
                 depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0, min_snr_gamma=0,
@@ -201,8 +203,11 @@ def check_config(C):
         make_diffusion(C).loss_weight(torch.zeros(1), C.min_snr_gamma)  # flow refuses min-SNR
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not (math.isfinite(C.lr) and C.lr > 0):
-        raise ConfigError(f"--lr {C.lr}: must be a positive number")
+    for key in ("lr", "muon_lr"):
+        if not (math.isfinite(getattr(C, key)) and getattr(C, key) > 0):
+            raise ConfigError(f"--{key} {getattr(C, key)}: must be a positive number")
+    if C.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer muon: this torch ({torch.__version__}) has no torch.optim.Muon (2.9 and later)")
     if not 1 <= C.text_len <= datalib.CONTEXT_LENGTH:
         raise ConfigError(f"--text_len {C.text_len}: must be 1..{datalib.CONTEXT_LENGTH} (the encoder's tokens)")
     if C.sample_every > 0 and not sample_prompt_list(C):
@@ -235,13 +240,66 @@ def usage():
 # -----------------------------------------------------------------------------
 # the pieces of a step (bench.py and the tests call these very functions)
 
-def configure_optimizer(model, lr, weight_decay, betas):
-    """AdamW, decay on parameters of >= 2 dims only; fused (one kernel per step, and it can skip a step on device)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def muon_params(model):
+    """The parameters Muon updates: the 2-D weight matrices of the blocks' attention and MLP linears (Muon is for
+    hidden layers; embedders, the final layer, biases, norms and modulation stay with AdamW)."""
+    return [p for name, p in model.blocks.named_parameters() if p.ndim == 2 and "adaLN" not in name]
+
+
+def configure_optimizer(model, lr, weight_decay, betas, optimizer="adamw", muon_lr=0.02):
+    """AdamW, decay on parameters of >= 2 dims only; fused (one kernel per step, and it can skip a step on device).
+    optimizer "muon": Muon (muon_lr) on muon_params(model), this AdamW (lr) on the rest, as one MuonAdamW."""
+    muon = {id(p) for p in muon_params(model)} if optimizer == "muon" else set()
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in muon]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    if optimizer == "adamw":
+        return adamw
+    # "original" lr adjustment (Keller Jordan's Muon: sqrt(max(1, fan_out / fan_in))); lr_scale: its share of lr
+    muon = torch.optim.Muon(muon_params(model), lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn="original")
+    muon.param_groups[0]["lr_scale"] = muon_lr / lr
+    return MuonAdamW(muon, adamw)
+
+
+class MuonAdamW:
+    """Muon and AdamW as one optimizer to the loop (param_groups, step, zero_grad, state_dict). A non-finite step
+    (found_inf = 1, set by train_step) changes nothing, with no host sync: fused AdamW skips on the device, and
+    Muon's weights and momentum are put back from a copy taken before its step (torch.where on found_inf)."""
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw, self.found_inf, self._saved = muon, adamw, None, None
+        self.param_groups = adamw.param_groups + muon.param_groups
+        self._params = [p for g in muon.param_groups for p in g["params"]]
+        for p in self._params:  # made now (as Muon would at its first step) so that the copy covers them
+            muon.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+    def step(self):
+        self.adamw.found_inf = self.found_inf
+        self.adamw.step()
+        live = self._params + [self.muon.state[p]["momentum_buffer"] for p in self._params]
+        if self.found_inf is not None:
+            if self._saved is None:
+                self._saved = [t.detach().clone() for t in live]
+            else:
+                torch._foreach_copy_(self._saved, live)
+        self.muon.step()
+        if self.found_inf is not None:
+            bad = self.found_inf.bool()
+            with torch.no_grad():
+                for t, saved in zip(live, self._saved):
+                    t.copy_(torch.where(bad, saved, t))
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state):
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
 
 
 def lr_decay_start(horizon, C):
@@ -305,7 +363,7 @@ def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ct
     found_inf = (~torch.isfinite(grad_norm)).float()
     optimizer.found_inf = found_inf  # fused AdamW skips the whole update (and its step count) where this is 1
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return torch.cat(losses), torch.cat(ts), grad_norm, found_inf
@@ -401,7 +459,7 @@ def build_model(C, latent_shape, text_encoder):
     model = DiT(mcfg).to(C.device)
     ema = DiT(mcfg).to(C.device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    optimizer = configure_optimizer(model, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2))
+    optimizer = configure_optimizer(model, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2), C.optimizer, C.muon_lr)
     return model, ema, optimizer, make_diffusion(C)
 
 
@@ -413,10 +471,18 @@ def restore(ck, path, C, model, ema, optimizer, loader):
         fail(f"{path} holds a different model ({ck['model_config']}); use another --out_dir or --resume never")
     model.load_state_dict(ck["model"])
     ema.load_state_dict(ck["ema"])
+    kind = "muon" if "muon" in ck["optimizer"] else "adamw"
+    if kind != C.optimizer:
+        loader.close()
+        fail(f"{path} was trained with --optimizer {kind}, not {C.optimizer}: use another --out_dir")
     optimizer.load_state_dict(ck["optimizer"])
     # the optimizer's state dict brings back its hyperparameters too: this run's settings win
-    for group, wd in zip(optimizer.param_groups, (C.weight_decay, 0.0)):
-        group.update(betas=(C.adam_beta1, C.adam_beta2), weight_decay=wd)
+    for group, wd in zip(optimizer.param_groups, (C.weight_decay, 0.0, C.weight_decay)):  # AdamW's two, Muon's
+        group["weight_decay"] = wd
+        if "betas" in group:
+            group["betas"] = (C.adam_beta1, C.adam_beta2)
+        else:
+            group["lr_scale"] = C.muon_lr / C.lr
     loader.load_state_dict(ck["loader_state"])
     if "rng" in ck:
         torch.set_rng_state(ck["rng"]["cpu"])

@@ -1,5 +1,6 @@
 """train.py: CLI, overfitting, exact resume, exact accumulation, DDP == one process, SIGTERM, NaN skipping.
 Small models on the CPU: pixel space (vae none), the tiny text tower, 16 px shapes."""
+import copy
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import torch
 
 import data as datalib
 import train
+from model import DiT, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +103,10 @@ def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     (dict(width=64, heads=3), "head size must be a whole multiple of 4"),
     (dict(sample_every=5, sample_prompts="|"), "no prompt"),
     (dict(batch=64), "lower --batch"), (dict(resolution=18, patch=4), "not divisible by patch 4"),
+    (dict(optimizer="adam"), "--optimizer 'adam'"), (dict(muon_lr=0), "--muon_lr 0.0: must be a positive number"),
+    (dict(prediction="flow"), "set min_snr_gamma 0"), (dict(prediction="flow", min_snr_gamma=0, zero_terminal_snr=True),
+                                                      "zero_terminal_snr does not apply to flow"),
+    (dict(prediction="flow", min_snr_gamma=0, flow_shift=0), "flow_shift must be a positive number"),
 ])
 def test_bad_values_exit_2_before_training(cache, tmp_path, capsys, over, needle):
     """Every value that would otherwise fail later (after the cache build, after a step) or silently do something
@@ -143,7 +149,8 @@ def test_overfits_four_examples(tmp_path):
 
 # ----------------------------------------------------------------------------- exactness
 
-def test_resume_is_exact(cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("over", [{}, dict(optimizer="muon", prediction="flow", min_snr_gamma=0, t_logit_std=1.0)])
+def test_resume_is_exact(cache, tmp_path, monkeypatch, over):
     """12 steps in one run == 6 steps, a restart from that checkpoint, 6 more (weights, EMA, optimizer, loader)."""
     saved = {}
     real_save = train.save_checkpoint
@@ -152,11 +159,12 @@ def test_resume_is_exact(cache, tmp_path, monkeypatch):
         saved[state["step"]] = path + f".{state['step']}"
         shutil.copy(path, saved[state["step"]])
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
-    train.main(args(cache, tmp_path / "a", max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1))
+    train.main(args(cache, tmp_path / "a", max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1, **over))
     assert sorted(saved) == [6, 12]
     os.makedirs(tmp_path / "b")
     shutil.copy(saved[6], tmp_path / "b" / "ckpt.pt")  # as if the first run had been killed right after step 6
-    out = train.main(args(cache, tmp_path / "b", max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1))
+    out = train.main(args(cache, tmp_path / "b", max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1,
+                          **over))
     assert out["step"] == 12
     a, b = load(saved[12]), load(tmp_path / "b" / "ckpt.pt")
     for key in ("model", "ema", "optimizer", "loader_state", "step"):
@@ -164,26 +172,38 @@ def test_resume_is_exact(cache, tmp_path, monkeypatch):
     assert not tensors_equal(load(saved[6])["model"], a["model"])  # and training did move the weights
 
 
-def test_accumulation_is_exact(cache, tmp_path):
+def muon_tolerances(model):
+    """{parameter name: atol} for comparing two runs of ONE step: 1e-6 (fp32 sums in another order), but Muon's
+    Newton-Schulz runs in bfloat16 (torch.optim.Muon), so gradients equal to fp32 rounding give updates equal to
+    a few bf16 ulps: 4e-4 = 2^-6 of the largest step (muon_lr 0.02 x sqrt(2) for the 2W x W kv, warmup 1/3)."""
+    muon = {id(p) for p in train.muon_params(model)}
+    return {n: 4e-4 if id(p) in muon else 1e-6 for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer,steps", [("adamw", 3), ("muon", 1)])
+def test_accumulation_is_exact(cache, tmp_path, optimizer, steps):
     """micro-batch 8 x accum 1 == micro-batch 4 x accum 2 (fp32)."""
-    one = train.main(args(cache, tmp_path / "a", batch=8, accum=1, max_steps=3, grad_clip=0.5))
-    two = train.main(args(cache, tmp_path / "b", batch=4, accum=2, max_steps=3, grad_clip=0.5))
+    one = train.main(args(cache, tmp_path / "a", batch=8, accum=1, max_steps=steps, grad_clip=0.5, optimizer=optimizer))
+    two = train.main(args(cache, tmp_path / "b", batch=4, accum=2, max_steps=steps, grad_clip=0.5, optimizer=optimizer))
+    atol = muon_tolerances(one["model"]) if optimizer == "muon" else {}
     for (name, p), q in zip(one["model"].named_parameters(), two["model"].parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(p, q, atol=atol.get(name, 1e-6), rtol=0, msg=name)
 
 
-def test_ddp_equals_one_process(cache, tmp_path):
+@pytest.mark.parametrize("optimizer,steps", [("adamw", 3), ("muon", 1)])
+def test_ddp_equals_one_process(cache, tmp_path, optimizer, steps):
     """2 gloo ranks x micro-batch 4 give the weights of 1 process x micro-batch 8."""
-    single = train.main(args(cache, tmp_path / "one", batch=8, max_steps=3))
+    single = train.main(args(cache, tmp_path / "one", batch=8, max_steps=steps, optimizer=optimizer))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                        *args(cache, tmp_path / "two", batch=4, max_steps=3)], cwd=ROOT, env=env,
+                        *args(cache, tmp_path / "two", batch=4, max_steps=steps, optimizer=optimizer)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = load(tmp_path / "two" / "ckpt.pt")
-    assert ddp["step"] == 3
+    assert ddp["step"] == steps
+    atol = muon_tolerances(single["model"]) if optimizer == "muon" else {}
     for name, p in single["model"].state_dict().items():
-        torch.testing.assert_close(ddp["model"][name], p, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(ddp["model"][name], p, atol=max(atol.get(name, 0), 1e-5), rtol=0, msg=name)
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -321,6 +341,7 @@ if os.environ["RANK"] == "1":
     real, t0 = time.time, time.time()
     time.time = lambda: t0 + 1.5 * (real() - t0)
 import train
+from model import DiT, make_config
 out = train.main(sys.argv[1:])
 with open(os.path.join({str(tmp_path)!r}, "final" + os.environ["RANK"]), "w") as f:
     json.dump([out["step"], out["optimizer"].param_groups[0]["lr"]], f)
@@ -420,3 +441,79 @@ def test_timesteps_follow_uniform_or_logit_normal(mean, std):
     assert np.abs(ecdf - cdf).max() < 0.01                       # KS distance; ~0.003 expected from 204,800 draws
     torch.testing.assert_close(train.step_noise(7, 64, (1, 1, 1), "cpu", C, d)[0],
                                train.step_noise(7, 64, (1, 1, 1), "cpu", C, d)[0], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- Muon
+
+def muon_setup(seed=0):
+    torch.manual_seed(seed)
+    model = DiT(make_config("DiT-S/2", depth=2, width=64, heads=4, in_channels=3, input_size=8, text_dim=32,
+                            pooled_dim=32, text_len=4))
+    return model, train.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.999), "muon", 0.02)
+
+
+def set_grads(model, seed, poison=False):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    if poison:
+        train.muon_params(model)[0].grad[0, 0] = float("nan")
+        model.final_layer.linear.bias.grad[0] = float("inf")
+
+
+def test_muon_split_and_one_step_equal_torch_optimizers():
+    """Muon gets exactly the blocks' attention/MLP weight matrices; a step of MuonAdamW (found_inf 0) equals
+    torch.optim.Muon + fused AdamW stepped on their own over the same split."""
+    model, opt = muon_setup()
+    muon_ids = {id(p) for p in train.muon_params(model)}
+    names = [n for n, p in model.named_parameters() if id(p) in muon_ids]
+    assert names and all(n.startswith("blocks.") and n.endswith("weight") and "adaLN" not in n for n in names)
+    assert {n.split(".", 2)[2] for n in names} == {"attn.qkv.weight", "attn.proj.weight", "cross_attn.q.weight",
+                                                   "cross_attn.kv.weight", "cross_attn.proj.weight", "mlp.0.weight",
+                                                   "mlp.2.weight"}
+    ref, _ = muon_setup()
+    rest = [p for p in ref.parameters() if id(p) not in {id(q) for q in train.muon_params(ref)}]
+    ref_muon = torch.optim.Muon(train.muon_params(ref), lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
+    ref_adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3)
+    for step in range(2):
+        set_grads(model, step)
+        set_grads(ref, step)
+        opt.found_inf = torch.zeros(())
+        opt.step()
+        ref_muon.step()
+        ref_adamw.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_muon_non_finite_step_changes_nothing():
+    """found_inf = 1 with a NaN gradient: weights, Muon's momentum and AdamW's state and step count stay bitwise."""
+    model, opt = muon_setup()
+    set_grads(model, 0)
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(opt.state_dict()))
+    set_grads(model, 1, poison=True)
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert tensors_equal(model.state_dict(), before[0])
+    assert tensors_equal(opt.state_dict(), before[1])
+    set_grads(model, 1)  # and the next good step moves them again
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert not tensors_equal(opt.state_dict()["muon"]["state"], before[1]["muon"]["state"])
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(cache, tmp_path, capsys):
+    train.main(args(cache, tmp_path / "o", max_steps=2))
+    with pytest.raises(SystemExit) as e:
+        train.main(args(cache, tmp_path / "o", max_steps=4, optimizer="muon"))
+    assert e.value.code == 2 and "trained with --optimizer adamw" in capsys.readouterr().err
+
+
+def test_muon_needs_a_torch_that_has_it(cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(SystemExit) as e:
+        train.main(args(cache, tmp_path / "o", optimizer="muon"))
+    assert e.value.code == 2 and "has no torch.optim.Muon" in capsys.readouterr().err
