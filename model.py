@@ -29,13 +29,30 @@ class DiTConfig:
     adaln: str = "single"       # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-Zero per block)
     qk_norm: bool = True        # RMSNorm on queries and keys (bf16 stability, arXiv 2302.05442)
     grad_ckpt: bool = False     # activation checkpointing per block (training only)
+    route_frac: float = 0.0     # token routing (TREAD, arXiv 2501.04765), training only: this share of the tokens,
+    route_from: int = 2         # random per sample, skips blocks[route_from:route_to] (a Python slice: a negative
+    route_to: int = -2          # route_to counts from the end) and rejoins unchanged; 0 = off
 
     def __post_init__(self):  # ValueError, not assert: train.py turns it into a one-line error before any work
         if self.adaln not in ("single", "zero"):
             raise ValueError(f"adaln must be 'single' or 'zero', got {self.adaln!r}")
+        if not 0 <= self.route_frac < 1:
+            raise ValueError(f"route_frac must be in [0, 1), got {self.route_frac}")
+        if self.route_frac > 0 and not 0 <= self.route_from < self.routed_blocks[1] <= self.depth:
+            raise ValueError(f"route_from {self.route_from}, route_to {self.route_to}: the routed blocks "
+                             f"[route_from, route_to) must be a non-empty range within the depth {self.depth}")
         if self.width % self.heads or (self.width // self.heads) % 4:
             raise ValueError(f"width {self.width} / heads {self.heads}: "
                              "the head size must be a whole multiple of 4 (2-D RoPE)")
+
+    @property
+    def routed_blocks(self):
+        """(first, end) block indices of the routed range; end resolved from a negative route_to."""
+        return self.route_from, self.route_to + self.depth if self.route_to < 0 else self.route_to
+
+    def kept_tokens(self, n):
+        """Of n tokens, how many go through the routed blocks."""
+        return n - int(self.route_frac * n)
 
 # the DiT paper's sizes (Table 1); the /N suffix is the patch size
 _SIZES = {"S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
@@ -43,11 +60,12 @@ _SIZES = {"S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768
 PRESETS = {f"DiT-{s}/{p}": dict(**d, patch=p) for s, d in _SIZES.items() for p in (2, 4, 8)}
 
 def make_config(name: str, **overrides) -> DiTConfig:
-    """Preset `name` with overrides applied; an override of 0 or None means "take the preset's value"."""
+    """Preset `name` with overrides applied; None, or 0 for a preset key (depth, width, heads, patch), means "take
+    the preset's value"."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
     kw = dict(PRESETS[name])
-    kw.update({k: v for k, v in overrides.items() if v is not None and not (type(v) is int and v == 0)})
+    kw.update({k: v for k, v in overrides.items() if v is not None and not (k in kw and v == 0)})
     return DiTConfig(**kw)
 
 #################################################################################
@@ -86,7 +104,10 @@ def sincos_2d(h, w, dim, base, device):
     return torch.cat([ey, ex], dim=-1).reshape(h * w, 4 * n)                   # (h*w, dim)
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, H, N, D) by the angles in cos/sin (N, D/2)."""
+    """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, H, N, D) by the angles in cos/sin (N, D/2), or per sample
+    (B, N, D/2) where routing kept different tokens in each sample."""
+    if cos.ndim == 3:
+        cos, sin = cos[:, None], sin[:, None]                                  # (B, 1, N, D/2)
     x1, x2 = x.chunk(2, dim=-1)                                                # (B, H, N, D/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)      # (B, H, N, D)
 
@@ -218,10 +239,11 @@ class DiT(nn.Module):
         x = x.view(x.shape[0], h, w, p, p, C)                                  # (B, h, w, p, p, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, h * p, w * p)  # (B, C, H, W)
 
-    def forward(self, x, t, text, pooled):
+    def forward(self, x, t, text, pooled, route_scores=None):
         """x (B,C,H,W); t (B,) int or float timesteps in [0, 1000); text (B,77,text_dim), of which the first
         config.text_len tokens are used (a causal CLIP tower's states after a short caption's EOT are padding);
-        pooled (B,pooled_dim)."""
+        pooled (B,pooled_dim). route_scores (B, N) (training with route_frac > 0 only; train.py draws them from the
+        step's seed): in each sample the kept_tokens(N) lowest-scored tokens go through the routed blocks."""
         p = self.config.patch
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W), N = h*w
@@ -230,11 +252,22 @@ class DiT(nn.Module):
         c = self.t_embedder(timestep_embedding(t).to(x.dtype)) + self.pooled_embedder(pooled.to(x.dtype))  # (B, W)
         text = self.text_embedder(text[:, :self.config.text_len].to(x.dtype))  # (B, L, W), L <= text_len
         cb = self.t_block(c) if self.config.adaln == "single" else c           # (B, 6W) | (B, W)
-        for block in self.blocks:
+        route = self.training and self.config.route_frac > 0 and route_scores is not None
+        first, end = self.config.routed_blocks
+        block_rope, rejoin = rope, lambda x_all, x: x_all.scatter(1, keep[..., None].expand_as(x), x)
+        for i, block in enumerate(self.blocks):
+            if route and i == first:  # the kept tokens (with their RoPE angles) go on; the others wait in x_all
+                keep = route_scores.argsort(dim=1)[:, :self.config.kept_tokens(h * w)]  # (B, K)
+                x_all, x = x, x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, W)
+                block_rope = (rope[0][keep], rope[1][keep])                    # cos, sin (B, K, D/2)
+            if route and i == end:  # the routed tokens rejoin unchanged
+                x, block_rope = rejoin(x_all, x), rope                        # (B, N, W)
             if self.config.grad_ckpt and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cb, text, rope, use_reentrant=False)  # (B, N, W)
+                x = checkpoint(block, x, cb, text, block_rope, use_reentrant=False)  # (B, N|K, W)
             else:
-                x = block(x, cb, text, rope)                                   # (B, N, W)
+                x = block(x, cb, text, block_rope)                             # (B, N|K, W)
+        if route and end == len(self.blocks):
+            x = rejoin(x_all, x)                                               # (B, N, W)
         x = self.final_layer(x, c)                                             # (B, N, p*p*C)
         return self.unpatchify(x, h, w)                                        # (B, C, H, W)
 
@@ -244,17 +277,20 @@ class DiT(nn.Module):
 
     def estimate_flops(self, grid: int | None = None) -> float:
         """Training FLOPs per image (forward + backward = 3x forward; backward does two matmuls per forward one,
-        PaLM arXiv 2204.02311 App. B), counting every matmul as 2*MACs including attention scores and values."""
+        PaLM arXiv 2204.02311 App. B), counting every matmul as 2*MACs including attention scores and values; the
+        routed blocks at their kept tokens (with route_frac > 0: a training step's cost, not a sampling step's)."""
         cfg = self.config
         W, D, L, C, p = cfg.width, cfg.depth, cfg.text_len, cfg.in_channels, cfg.patch
         N = ((grid or cfg.input_size) // p) ** 2
         hidden = int(W * cfg.mlp_ratio)
-        self_attn = N * W * 3 * W + 2 * N * N * W + N * W * W                  # qkv, QK^T and AV, out proj
-        cross_attn = N * W * W + L * W * 2 * W + 2 * N * L * W + N * W * W     # q, kv, QK^T and AV, out proj
-        block = self_attn + cross_attn + 2 * N * W * hidden + (W * 6 * W if cfg.adaln == "zero" else 0)
+        def block(N):
+            self_attn = N * W * 3 * W + 2 * N * N * W + N * W * W              # qkv, QK^T and AV, out proj
+            cross_attn = N * W * W + L * W * 2 * W + 2 * N * L * W + N * W * W  # q, kv, QK^T and AV, out proj
+            return self_attn + cross_attn + 2 * N * W * hidden + (W * 6 * W if cfg.adaln == "zero" else 0)
+        routed = cfg.routed_blocks[1] - cfg.routed_blocks[0] if cfg.route_frac > 0 else 0  # at kept_tokens(N)
         embed = (N * C * p * p * W + 256 * W + W * W + cfg.pooled_dim * W + W * W  # patch, t MLP, pooled MLP
                  + L * (cfg.text_dim * W + W * W) + (W * 6 * W if cfg.adaln == "single" else 0))  # text, t_block
-        macs = D * block + embed + N * W * p * p * C                           # + final linear
+        macs = (D - routed) * block(N) + routed * block(cfg.kept_tokens(N)) + embed + N * W * p * p * C  # + final
         return 3 * 2 * macs
 
     def mfu(self, images_per_s: float, device) -> float:

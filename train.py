@@ -70,6 +70,9 @@ adaln = "single"           # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-
 qk_norm = True             # RMSNorm on queries and keys (bf16 stability; cost: docs/log.md 2026-11-26 11:19)
 text_len = 77              # text tokens the DiT cross-attends to: the first N of the encoder's 77
 grad_ckpt = False          # activation checkpointing per block (memory for compute)
+route_frac = 0.0           # token routing in training (TREAD, arXiv 2501.04765): this share of tokens skips blocks
+route_from = 2             # blocks[route_from:route_to] (a negative route_to counts from the end; 0 = off); sampling
+route_to = -2              # never routes, and a run may resume with other route_* (e.g. an unrouted finish)
 # diffusion
 schedule = "scaled_linear"  # linear | scaled_linear | cosine
 beta_start = 0.00085       # first beta (linear schedules)
@@ -199,7 +202,8 @@ def check_config(C):
         if not 0 <= getattr(C, key) < 1:
             raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1)")
     try:  # the model's and the schedule's own checks (DiTConfig, Diffusion), before the cache build
-        make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, adaln=C.adaln)
+        make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, adaln=C.adaln,
+                    route_frac=C.route_frac, route_from=C.route_from, route_to=C.route_to)
         make_diffusion(C).loss_weight(torch.zeros(1), C.min_snr_gamma)  # flow refuses min-SNR
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -323,21 +327,23 @@ def lr_at(step, horizon, C):
     return C.lr * (1 - progress)
 
 
-def step_noise(step, n, shape, device, C, diffusion):
+def step_noise(step, n, shape, device, C, diffusion, tokens=0):
     """All randomness of one optimizer step, a function of (seed, step) alone: the same samples get the same
-    t and noise whatever the micro-batch, accumulation or number of ranks (exact resume, accum and DDP)."""
+    t and noise whatever the micro-batch, accumulation or number of ranks (exact resume, accum and DDP).
+    -> (t, noise, offset noise, input perturbation, token routing scores (n, tokens)); None where unused."""
     g = torch.Generator(device=device).manual_seed(C.seed * 1_000_003 + step)
     t = diffusion.draw_t(n, g, device, C.t_logit_mean, C.t_logit_std)  # the logit-normal, or uniform
     noise = torch.randn((n, *shape), generator=g, device=device)
     offset = torch.randn((n, shape[0], 1, 1), generator=g, device=device) if C.noise_offset > 0 else None
     perturb = torch.randn((n, *shape), generator=g, device=device) if C.input_perturbation > 0 else None
-    return t, noise, offset, perturb
+    route = torch.rand((n, tokens), generator=g, device=device) if C.route_frac > 0 else None
+    return t, noise, offset, perturb, route
 
 
 def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank=0, world=1):
     """One optimizer step: C.accum micro-steps of forward + backward, then clip and AdamW. No host sync:
     a non-finite gradient makes fused AdamW skip the update on the device (the found_inf hook GradScaler uses)."""
-    t_all, noise_all, offset_all, perturb_all = rand
+    t_all, noise_all, offset_all, perturb_all, route_all = rand
     ddp = isinstance(model, DDP)
     losses, ts = [], []
     for micro in range(C.accum):
@@ -351,7 +357,7 @@ def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ct
             with ctx:
                 cond = (batch["states"], batch["pooled"]) if "states" in batch else encode_text(batch["tokens"])
                 loss, per_sample, t = diffusion.loss(
-                    lambda x, tt, c: model(x, tt, *c), batch["latents"], cond,
+                    lambda x, tt, c: model(x, tt, *c, route_scores=pick(route_all)), batch["latents"], cond,
                     min_snr_gamma=C.min_snr_gamma, noise_offset=C.noise_offset, input_perturbation=C.input_perturbation,
                     t=pick(t_all), noise=pick(noise_all), offset_noise=pick(offset_all),
                     perturb_noise=pick(perturb_all))
@@ -446,7 +452,8 @@ def model_config(C, channels, side, text_dim, pooled_dim):
     build theirs here too)."""
     return make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, in_channels=channels,
                        input_size=side, text_dim=text_dim, pooled_dim=pooled_dim, text_len=C.text_len,
-                       adaln=C.adaln, qk_norm=C.qk_norm, grad_ckpt=C.grad_ckpt)
+                       adaln=C.adaln, qk_norm=C.qk_norm, grad_ckpt=C.grad_ckpt, route_frac=C.route_frac,
+                       route_from=C.route_from, route_to=C.route_to)
 
 
 def build_model(C, latent_shape, text_encoder):
@@ -465,7 +472,8 @@ def build_model(C, latent_shape, text_encoder):
 
 def restore(ck, path, C, model, ema, optimizer, loader):
     """Continue from a checkpoint: weights, EMA, optimizer state, loader position, RNG. -> (step, elapsed s, horizon)"""
-    same = lambda a: {k: v for k, v in a.items() if k != "grad_ckpt"}  # checkpointing changes no weight
+    # neither activation checkpointing nor token routing changes a weight
+    same = lambda a: {k: v for k, v in a.items() if k not in ("grad_ckpt", "route_frac", "route_from", "route_to")}
     if same(ck["model_config"]) != same(dataclasses.asdict(model.config)):
         loader.close()
         fail(f"{path} holds a different model ({ck['model_config']}); use another --out_dir or --resume never")
@@ -616,8 +624,10 @@ def describe(C, model, latent_shape, images, G, world):
     c, tokens = model.config, (latent_shape[1] // model.config.patch) ** 2
     params = sum(p.numel() for p in model.parameters())
     budget = f", {C.max_hours} h budget" if C.max_hours > 0 else ""
+    first, end = c.routed_blocks
+    routing = f" ({c.kept_tokens(tokens)} in blocks {first}..{end - 1}: routing)" if c.route_frac > 0 else ""
     return (f"model {C.model}: {params / 1e6:.1f}M params, depth {c.depth} width {c.width} heads {c.heads} patch "
-            f"{c.patch}, {latent_shape} latents -> {tokens} tokens, {model.estimate_flops() / 1e9:.1f} GFLOP/img "
+            f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}, {model.estimate_flops() / 1e9:.1f} GFLOP/img "
             f"(train)\n{images} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
             f"{C.max_steps} steps max{budget} | device {C.device}")
 
@@ -677,6 +687,7 @@ def main(argv):
     assert all(p.requires_grad for p in params) and sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
 
     G = C.batch * C.accum * D.world  # images per optimizer step
+    tokens = (latent_shape[1] // raw_model.config.patch) * (latent_shape[2] // raw_model.config.patch)
     print0(describe(C, raw_model, latent_shape, len(cache), G, D.world))
 
     # stop on SIGTERM/SIGINT after the current step, with a checkpoint
@@ -698,7 +709,7 @@ def main(argv):
 
     # ---- the loop
     while step < horizon.steps:
-        rand = step_noise(step, G, latent_shape, C.device, C, diffusion)
+        rand = step_noise(step, G, latent_shape, C.device, C, diffusion, tokens)
         lr = lr_at(step, horizon.steps, C)
         per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, text_encoder.encode,
                                                          rand, lr, C, D.ctx, D.rank, D.world)

@@ -1,5 +1,6 @@
 """model.py: presets, shapes, zero init, live conditioning paths, batch independence, FLOPs, compile, grad ckpt."""
 import dataclasses
+import re
 import time
 
 import pytest
@@ -269,3 +270,63 @@ def test_grad_ckpt_gives_same_gradients(adaln):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+#################################################################################
+#                              Token routing                                    #
+#################################################################################
+
+ROUTED = dict(TINY, depth=4, route_frac=0.5, route_from=1, route_to=-1)  # blocks 1 and 2 routed
+
+
+def test_routing_off_is_the_unrouted_model_bitwise():
+    """Sampling never routes (eval mode), nor does a forward without scores, nor route_frac 0 with scores."""
+    routed, plain = randomized(DiTConfig(**ROUTED)), DiT(DiTConfig(**dict(ROUTED, route_frac=0.0)))
+    plain.load_state_dict(routed.state_dict())
+    args = inputs(routed.config)
+    scores = torch.rand(2, 64)
+    with torch.no_grad():
+        ref = plain.eval()(*args)
+        assert torch.equal(routed.eval()(*args, route_scores=scores), ref)
+        assert torch.equal(routed.train()(*args), ref)
+        assert torch.equal(plain.train()(*args, route_scores=scores), ref)
+        assert not torch.equal(routed.train()(*args, route_scores=scores), ref)  # and routing does change it
+
+
+def test_routed_tokens_skip_the_routed_blocks_unchanged():
+    model = randomized(DiTConfig(**ROUTED)).train()
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda m, a, out: seen.__setitem__("before", out))
+    model.blocks[3].register_forward_pre_hook(lambda m, a: seen.__setitem__("after", a[0]))
+    scores = torch.rand(2, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(*inputs(model.config), route_scores=scores)
+    kept = torch.zeros(2, 64, dtype=torch.bool)
+    kept.scatter_(1, scores.argsort(dim=1)[:, :32], True)  # kept_tokens(64) = 32, the lowest scores
+    assert seen["after"].shape == seen["before"].shape == (2, 64, 64)
+    assert torch.equal(seen["after"][~kept], seen["before"][~kept])             # routed: bitwise unchanged
+    assert (seen["after"][kept] - seen["before"][kept]).abs().amax(-1).min() > 0  # kept: every one went through
+    assert not torch.equal(kept[0], kept[1])                                    # random per sample
+
+
+@pytest.mark.parametrize("frac,first,to", [(0.5, 2, -2), (0.75, 0, 12), (0.25, 4, 8)])
+def test_routed_flop_estimate_matches_flop_counter(frac, first, to):
+    cfg = make_config("DiT-B/2", route_frac=frac, route_from=first, route_to=to)
+    B = 2
+    with torch.device("meta"):
+        model = DiT(cfg).train()
+        args = inputs(cfg, B=B, grid=32, device="meta")
+        scores = torch.rand(B, 256)
+    with FlopCounterMode(display=False) as fwd:
+        model(*args, route_scores=scores)
+    assert abs(model.estimate_flops() / 3 / (fwd.get_total_flops() / B) - 1) < 1e-9
+
+
+@pytest.mark.parametrize("over,needle", [(dict(route_frac=1.0), "route_frac must be in [0, 1)"),
+                                         (dict(route_frac=-0.1), "route_frac"),
+                                         (dict(route_frac=0.5, route_from=3, route_to=3), "non-empty range"),
+                                         (dict(route_frac=0.5, route_from=3, route_to=-2), "non-empty range"),
+                                         (dict(route_frac=0.5, route_from=1, route_to=5), "within the depth 4")])
+def test_bad_routes_are_value_errors(over, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        DiTConfig(**dict(TINY, depth=4, **over))

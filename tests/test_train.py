@@ -107,6 +107,7 @@ def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     (dict(prediction="flow"), "set min_snr_gamma 0"), (dict(prediction="flow", min_snr_gamma=0, zero_terminal_snr=True),
                                                       "zero_terminal_snr does not apply to flow"),
     (dict(prediction="flow", min_snr_gamma=0, flow_shift=0), "flow_shift must be a positive number"),
+    (dict(route_frac=0.5), "route_from 2, route_to -2: the routed blocks"), (dict(route_frac=1), "route_frac"),
 ])
 def test_bad_values_exit_2_before_training(cache, tmp_path, capsys, over, needle):
     """Every value that would otherwise fail later (after the cache build, after a step) or silently do something
@@ -149,7 +150,8 @@ def test_overfits_four_examples(tmp_path):
 
 # ----------------------------------------------------------------------------- exactness
 
-@pytest.mark.parametrize("over", [{}, dict(optimizer="muon", prediction="flow", min_snr_gamma=0, t_logit_std=1.0)])
+@pytest.mark.parametrize("over", [{}, dict(optimizer="muon", prediction="flow", min_snr_gamma=0, t_logit_std=1.0),
+                                  dict(route_frac=0.5, route_from=0, route_to=1)])
 def test_resume_is_exact(cache, tmp_path, monkeypatch, over):
     """12 steps in one run == 6 steps, a restart from that checkpoint, 6 more (weights, EMA, optimizer, loader)."""
     saved = {}
@@ -517,3 +519,10 @@ def test_muon_needs_a_torch_that_has_it(cache, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(args(cache, tmp_path / "o", optimizer="muon"))
     assert e.value.code == 2 and "has no torch.optim.Muon" in capsys.readouterr().err
+
+
+def test_a_routed_run_resumes_unrouted(cache, tmp_path, capsys):
+    """TREAD's unrouted finish: the same weights, resumed with route_frac 0 (routing is no part of the model)."""
+    train.main(args(cache, tmp_path / "o", max_steps=3, route_frac=0.5, route_from=0, route_to=1))
+    assert "8 in blocks 0..0: routing" in capsys.readouterr().out  # 16 tokens, 8 kept
+    assert train.main(args(cache, tmp_path / "o", max_steps=5))["step"] == 5
