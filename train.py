@@ -351,13 +351,14 @@ def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ct
         first = (micro * world + rank) * C.batch  # this micro-batch's share of the step's noise
         rows = slice(first, first + C.batch)
         pick = lambda a: None if a is None else a[rows]
+        route = {} if route_all is None else {"route_scores": route_all[rows]}  # (bench's peer model has no routing)
         # DDP all-reduces the gradients on the last micro-step only
         sync = contextlib.nullcontext() if (not ddp or micro == C.accum - 1) else model.no_sync()
         with sync:
             with ctx:
                 cond = (batch["states"], batch["pooled"]) if "states" in batch else encode_text(batch["tokens"])
                 loss, per_sample, t = diffusion.loss(
-                    lambda x, tt, c: model(x, tt, *c, route_scores=pick(route_all)), batch["latents"], cond,
+                    lambda x, tt, c: model(x, tt, *c, **route), batch["latents"], cond,
                     min_snr_gamma=C.min_snr_gamma, noise_offset=C.noise_offset, input_perturbation=C.input_perturbation,
                     t=pick(t_all), noise=pick(noise_all), offset_noise=pick(offset_all),
                     perturb_noise=pick(perturb_all))
