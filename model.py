@@ -28,6 +28,8 @@ class DiTConfig:
     mlp_ratio: float = 4.0      # MLP hidden = mlp_ratio * width
     adaln: str = "single"       # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-Zero per block)
     qk_norm: bool = True        # RMSNorm on queries and keys (bf16 stability, arXiv 2302.05442)
+    rope: bool = True           # 2-D RoPE in self-attention, on top of the fixed sin-cos position embedding
+    cross_norm: bool = True     # affine LayerNorm before the cross-attention (PixArt has none: False computes its block)
     grad_ckpt: bool = False     # activation checkpointing per block (training only)
     route_frac: float = 0.0     # token routing (TREAD, arXiv 2501.04765), training only: this share of the tokens,
     route_from: int = 2         # random per sample, skips blocks[route_from:route_to] (a Python slice: a negative
@@ -157,7 +159,7 @@ class DiTBlock(nn.Module):
         W, self.adaln = config.width, config.adaln
         self.norm1 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(config, cross=False)
-        self.norm2 = nn.LayerNorm(W, eps=1e-6)
+        self.norm2 = nn.LayerNorm(W, eps=1e-6) if config.cross_norm else nn.Identity()
         self.cross_attn = Attention(config, cross=True)
         self.norm3 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
         hidden = int(W * config.mlp_ratio)
@@ -248,7 +250,7 @@ class DiT(nn.Module):
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W), N = h*w
         x = x + sincos_2d(h, w, self.config.width, self.config.input_size // p, x.device).to(x.dtype)  # (B, N, W)
-        rope = rope_2d(h, w, self.config.width // self.config.heads, x.device)  # cos, sin (N, D/2)
+        rope = rope_2d(h, w, self.config.width // self.config.heads, x.device) if self.config.rope else None  # (N, D/2)
         c = self.t_embedder(timestep_embedding(t).to(x.dtype)) + self.pooled_embedder(pooled.to(x.dtype))  # (B, W)
         text = self.text_embedder(text[:, :self.config.text_len].to(x.dtype))  # (B, L, W), L <= text_len
         cb = self.t_block(c) if self.config.adaln == "single" else c           # (B, 6W) | (B, W)
@@ -259,7 +261,7 @@ class DiT(nn.Module):
             if route and i == first:  # the kept tokens (with their RoPE angles) go on; the others wait in x_all
                 keep = route_scores.argsort(dim=1)[:, :self.config.kept_tokens(h * w)]  # (B, K)
                 x_all, x = x, x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, W)
-                block_rope = (rope[0][keep], rope[1][keep])                    # cos, sin (B, K, D/2)
+                block_rope = rope and (rope[0][keep], rope[1][keep])          # cos, sin (B, K, D/2)
             if route and i == end:  # the routed tokens rejoin unchanged
                 x, block_rope = rejoin(x_all, x), rope                        # (B, N, W)
             if self.config.grad_ckpt and self.training and torch.is_grad_enabled():

@@ -68,6 +68,8 @@ heads = 0                  # 0 = the preset's value
 patch = 0                  # 0 = the preset's value
 adaln = "single"           # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-Zero per block)
 qk_norm = True             # RMSNorm on queries and keys (bf16 stability; cost: docs/log.md 2026-11-26 11:19)
+rope = True                # 2-D RoPE in self-attention, on top of the fixed sin-cos position embedding
+cross_norm = True          # affine LayerNorm before the cross-attention (PixArt-alpha has none)
 text_len = 77              # text tokens the DiT cross-attends to: the first N of the encoder's 77
 grad_ckpt = False          # activation checkpointing per block (memory for compute)
 route_frac = 0.0           # token routing in training (TREAD, arXiv 2501.04765): this share of tokens skips blocks
@@ -453,7 +455,8 @@ def model_config(C, channels, side, text_dim, pooled_dim):
     build theirs here too)."""
     return make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, in_channels=channels,
                        input_size=side, text_dim=text_dim, pooled_dim=pooled_dim, text_len=C.text_len,
-                       adaln=C.adaln, qk_norm=C.qk_norm, grad_ckpt=C.grad_ckpt, route_frac=C.route_frac,
+                       adaln=C.adaln, qk_norm=C.qk_norm, rope=C.rope, cross_norm=C.cross_norm, grad_ckpt=C.grad_ckpt,
+                       route_frac=C.route_frac,
                        route_from=C.route_from, route_to=C.route_to)
 
 

@@ -330,3 +330,27 @@ def test_routed_flop_estimate_matches_flop_counter(frac, first, to):
 def test_bad_routes_are_value_errors(over, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         DiTConfig(**dict(TINY, depth=4, **over))
+
+
+def test_rope_off_is_the_model_with_zero_rotation(monkeypatch):
+    """rope=False removes exactly the rotation: it equals rope=True with every angle 0 (cos 1, sin 0)."""
+    off = randomized(DiTConfig(**dict(TINY, rope=False)))
+    on = DiT(DiTConfig(**TINY))
+    on.load_state_dict(off.state_dict())
+    args = inputs(off.config)
+    with torch.no_grad():
+        rotated = on(*args)
+        monkeypatch.setattr(M, "rope_2d", lambda h, w, d, device: (torch.ones(h * w, d // 2), torch.zeros(h * w, d // 2)))
+        torch.testing.assert_close(off(*args), on(*args), rtol=0, atol=0)
+    assert not torch.equal(off(*args), rotated)
+
+
+def test_cross_norm_off_drops_only_the_cross_attention_layernorm():
+    off, on = randomized(DiTConfig(**dict(TINY, cross_norm=False))), randomized(DiTConfig(**TINY))
+    extra = set(on.state_dict()) - set(off.state_dict())
+    assert extra == {f"blocks.{i}.norm2.{p}" for i in range(TINY["depth"]) for p in ("weight", "bias")}
+    on.load_state_dict(off.state_dict(), strict=False)
+    for block in on.blocks:
+        block.norm2 = torch.nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(off(*inputs(off.config)), on(*inputs(on.config)), rtol=0, atol=0)
