@@ -295,10 +295,10 @@ class DiT(nn.Module):
         macs = (D - routed) * block(N) + routed * block(cfg.kept_tokens(N)) + embed + N * W * p * p * C  # + final
         return 3 * 2 * macs
 
-    def mfu(self, images_per_s: float, device) -> float:
+    def mfu(self, images_per_s: float, device, grid: int | None = None) -> float:
         """Model FLOPs utilisation (PaLM App. B) against PEAK_FLOPS; nan where the peak is unknown (CPU)."""
         peak = peak_flops(device)
-        return images_per_s * self.estimate_flops() / peak if peak else float("nan")
+        return images_per_s * self.estimate_flops(grid) / peak if peak else float("nan")
 
 # dense bf16 tensor-core FLOP/s with fp32 accumulate (no sparsity), matched by substring of the device name;
 # more specific names first

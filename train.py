@@ -34,9 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datalib
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion
-from model import PRESETS, DiT, make_config
-from sample import (FOR_RESUMING, CheckpointError, Pipeline, generate, load_checkpoint, make_grid, save_checkpoint,
-                    save_png)
+from model import PRESETS, DiT, DiTConfig, make_config
+from sample import (FOR_RESUMING, FOR_SAMPLING, CheckpointError, Pipeline, generate, load_checkpoint, make_grid,
+                    save_checkpoint, save_png)
 
 _SAMPLE_PROMPTS = ("a red fox in the snow|an astronaut riding a horse|a bowl of fruit on a wooden table|"
                    "a lighthouse at sunset")
@@ -48,6 +48,7 @@ data = "shapes"            # metadata.jsonl imagefolder, images + .txt, webdatas
 cache_dir = ""             # where the latent cache is built ("" = cache/<name from data + encoders>)
 out_dir = "out"            # ckpt.pt, log.jsonl and samples/ go here
 resume = "auto"            # auto (continue from out_dir/ckpt.pt if it exists) | never | a checkpoint path
+init_from = ""             # a checkpoint whose weights start this run (fresh optimizer, step 0; architecture from it)
 log_every = 50             # optimizer steps between log lines (the only host syncs of the loop)
 ckpt_every = 1000          # optimizer steps between checkpoints (also at the end and on SIGTERM/SIGINT)
 sample_every = 5000        # optimizer steps between sample grids with the EMA weights (0 = never)
@@ -460,16 +461,47 @@ def model_config(C, channels, side, text_dim, pooled_dim):
                        route_from=C.route_from, route_to=C.route_to)
 
 
-def build_model(C, latent_shape, text_encoder):
-    """-> (model, EMA copy in eval mode, AdamW, Diffusion), seeded by C.seed."""
+def inherit_architecture(C, init, path):
+    """init_from: the model keys left at their defaults take the checkpoint's values; one set otherwise must agree.
+    The encoders must be the checkpoint's (the weights were trained on their latents and states). ConfigError."""
+    saved, mc = init["config"], init["model_config"]
+    for key in ("vae", "text_encoder"):
+        if getattr(C, key) != saved[key]:
+            raise ConfigError(f"{path} was trained with --{key} {saved[key]}, this run has {getattr(C, key)}")
+    C.model = saved.get("model", C.model) if C.model == DEFAULTS["model"] else C.model
+    for key in ("depth", "width", "heads", "patch", "adaln", "qk_norm", "rope", "cross_norm"):
+        have = mc.get(key, getattr(DiTConfig, key))  # checkpoints older than rope / cross_norm have them on
+        if getattr(C, key) == DEFAULTS[key]:
+            setattr(C, key, have)
+        elif getattr(C, key) != have:
+            raise ConfigError(f"--{key} {getattr(C, key)}: the weights of {path} have {key} {have}")
+    if C.text_len == DEFAULTS["text_len"]:
+        C.text_len = mc["text_len"]
+    if C.text_len > mc["text_len"]:
+        raise ConfigError(f"--text_len {C.text_len}: {path} was trained on {mc['text_len']} text tokens")
+
+
+def build_model(C, latent_shape, text_encoder, init=None):
+    """-> (model, EMA copy in eval mode, AdamW, Diffusion), seeded by C.seed. init (init_from's checkpoint): its
+    weights, and its training grid as the model's position grid (a new resolution interpolates the positions the
+    weights learnt, as sampling at another resolution does)."""
     torch.manual_seed(C.seed)
     mcfg = model_config(C, latent_shape[0], latent_shape[1], text_encoder.dim, text_encoder.pooled_dim)
+    if init is not None:
+        mcfg = dataclasses.replace(mcfg, input_size=init["model_config"]["input_size"])
     if latent_shape[1] % mcfg.patch:
         fail(f"{latent_shape[1]} x {latent_shape[2]} latents are not divisible by patch {mcfg.patch}: "
              "change --resolution or --patch")
     model = DiT(mcfg).to(C.device)
     ema = DiT(mcfg).to(C.device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
+    if init is not None:
+        try:
+            model.load_state_dict(init.get("model", init["ema"]))
+            ema.load_state_dict(init["ema"])
+        except RuntimeError as e:  # e.g. another latent channel count or text width
+            fail(f"--init_from {C.init_from}: its weights do not fit this model: {str(e).splitlines()[0]}")
+    else:
+        ema.load_state_dict(model.state_dict())
     optimizer = configure_optimizer(model, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2), C.optimizer, C.muon_lr)
     return model, ema, optimizer, make_diffusion(C)
 
@@ -631,7 +663,7 @@ def describe(C, model, latent_shape, images, G, world):
     first, end = c.routed_blocks
     routing = f" ({c.kept_tokens(tokens)} in blocks {first}..{end - 1}: routing)" if c.route_frac > 0 else ""
     return (f"model {C.model}: {params / 1e6:.1f}M params, depth {c.depth} width {c.width} heads {c.heads} patch "
-            f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}, {model.estimate_flops() / 1e9:.1f} GFLOP/img "
+            f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}, {model.estimate_flops(latent_shape[1]) / 1e9:.1f} GFLOP/img "
             f"(train)\n{images} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
             f"{C.max_steps} steps max{budget} | device {C.device}")
 
@@ -666,12 +698,18 @@ def main(argv):
         fail(e)
     except CheckpointError as e:
         fail(f"{e}: move it away, use another --out_dir, or --resume never")
+    try:  # init_from's checkpoint: its architecture and grid, even when resuming (a stage is one model)
+        init = load_checkpoint(C.init_from, need=FOR_SAMPLING) if C.init_from else None
+        if init is not None:
+            inherit_architecture(C, init, C.init_from)
+    except (CheckpointError, ConfigError) as e:
+        fail(f"--init_from: {e}")
     D = setup_distributed(C)
     print0 = print if D.master else (lambda *a, **k: None)
 
     cache, text_encoder = open_data(C, D)
     latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
-    raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder)
+    raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder, init)
     try:
         loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=D.rank, world_size=D.world, cond_drop=C.cond_drop,
                                 flip=C.flip, device=C.device)
@@ -680,8 +718,11 @@ def main(argv):
     step, elapsed, horizon = 0, 0.0, Horizon(C, C.max_steps)
     if ck is not None:
         step, elapsed, horizon.steps = restore(ck, resume_from, C, raw_model, ema_model, optimizer, loader)
-        print0(f"resumed from {resume_from} at step {step}")
+        print0(f"resumed from {resume_from} at step {step}")  # resume wins over init_from: a stage continues
         del ck
+    elif init is not None:
+        print0(f"weights from {C.init_from} (its step {init.get('step', '?')}); a new run: step 0, fresh optimizer")
+    del init
     if warmup_warning(C):
         print0(warmup_warning(C))
     model = torch.compile(raw_model) if C.compile and D.cuda else raw_model
@@ -731,7 +772,7 @@ def main(argv):
             skipped_total += skipped
             dt = time.time() - t_log
             imgs = (step - step_log) * G / dt
-            mfu = raw_model.mfu(imgs / D.world, C.device)  # nan where the peak is unknown (CPU)
+            mfu = raw_model.mfu(imgs / D.world, C.device, latent_shape[1])  # nan where the peak is unknown (CPU)
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "images_per_s": imgs,
                    "mfu": mfu if math.isfinite(mfu) else None, "skipped": skipped_total,
                    "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if D.cuda else 0.0,

@@ -526,3 +526,62 @@ def test_a_routed_run_resumes_unrouted(cache, tmp_path, capsys):
     train.main(args(cache, tmp_path / "o", max_steps=3, route_frac=0.5, route_from=0, route_to=1))
     assert "8 in blocks 0..0: routing" in capsys.readouterr().out  # 16 tokens, 8 kept
     assert train.main(args(cache, tmp_path / "o", max_steps=5))["step"] == 5
+
+
+# ----------------------------------------------------------------------------- init_from (stages)
+
+@pytest.fixture(scope="module")
+def cache32(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache") / "shapes32")
+    return datalib.ensure_cache("shapes:32", 32, "none", "tiny", cache_dir=out, device="cpu")
+
+
+def test_init_from_starts_a_new_run_from_another_resolutions_weights(cache, cache32, tmp_path):
+    """A 16 px run, then a 32 px run --init_from it (architecture keys left at their defaults: taken from the
+    checkpoint): its first loss is clearly below a from-scratch 32 px run's, it starts at step 0 with a fresh
+    optimizer, its positions stay on the 16 px grid, and its checkpoint samples at 32 px."""
+    stage1 = dict(max_steps=40, log_every=40, lr=2e-3, warmup=5)
+    train.main(args(cache, tmp_path / "s1", **stage1))
+    over = dict(resolution=32, max_steps=2, log_every=1, warmup=1000)  # a tiny LR: the first loss is the weights'
+    scratch = train.main(args(cache32, tmp_path / "scratch", **over))
+    init = train.main(args(cache32, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", **over))
+    first = lambda d: log_records(tmp_path / d)[0]["loss"]
+    assert first("s2") < 0.75 * first("scratch"), (first("s2"), first("scratch"))  # ~0.59 vs ~0.95
+    assert init["step"] == 2 and scratch["step"] == 2
+    ck = load(tmp_path / "s2" / "ckpt.pt")
+    assert ck["config"]["resolution"] == 32 and ck["model_config"]["input_size"] == 16
+    assert len(ck["optimizer"]["state"]) > 0 and all(s["step"] == 2 for s in ck["optimizer"]["state"].values())
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "s2" / "ckpt.pt"), "--n", "1",
+                        "--steps", "2", "--out", str(tmp_path / "png"), "a red circle"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+    assert Image.open(tmp_path / "png" / "0000.png").size == (32, 32)
+
+
+def test_init_from_takes_the_architecture_and_refuses_another(cache, tmp_path, capsys):
+    train.main(args(cache, tmp_path / "s1", max_steps=1, depth=3, qk_norm=False, text_len=8))
+    ckpt = str(tmp_path / "s1" / "ckpt.pt")
+    base = [a for a in args(cache, tmp_path / "s2", max_steps=1) if not a.startswith("--depth")]
+    out = train.main(base + [f"--init_from={ckpt}"])  # depth and qk_norm left at their defaults: the checkpoint's
+    assert out["model"].config.depth == 3 and out["model"].config.qk_norm is False and out["model"].config.text_len == 8
+    for bad, needle in [(["--depth=2"], "--depth 2: the weights of"), (["--text_encoder=none"], "--text_encoder"),
+                        (["--text_len=16"], "trained on 8 text tokens"), (["--width=32", "--heads=2"], "--width 32")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(base + [f"--init_from={ckpt}", f"--out_dir={tmp_path / 'bad'}"] + bad)
+        assert e.value.code == 2 and needle in capsys.readouterr().err, bad
+    for path in (tmp_path / "missing.pt", tmp_path / "s1" / "log.jsonl"):
+        with pytest.raises(SystemExit) as e:
+            train.main(base + [f"--init_from={path}", f"--out_dir={tmp_path / 'bad'}"])
+        assert e.value.code == 2 and "--init_from" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_resume_wins_over_init_from(cache, tmp_path, capsys):
+    """A crashed stage 2 resumes stage 2; it does not restart from stage 1."""
+    train.main(args(cache, tmp_path / "s1", max_steps=2))
+    stage2 = args(cache, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", max_steps=3)
+    train.main(stage2)
+    capsys.readouterr()
+    assert train.main(args(cache, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", max_steps=5))["step"] == 5
+    assert "resumed from" in capsys.readouterr().out
