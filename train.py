@@ -50,6 +50,8 @@ out_dir = "out"            # ckpt.pt, log.jsonl and samples/ go here
 resume = "auto"            # auto (continue from out_dir/ckpt.pt if it exists) | never | a checkpoint path
 init_from = ""             # a checkpoint whose weights start this run (fresh optimizer, step 0; architecture from it)
 log_every = 50             # optimizer steps between log lines (the only host syncs of the loop)
+tensorboard = False        # also log to TensorBoard (out_dir/tb; needs the tensorboard package)
+wandb_project = ""         # also log to this Weights & Biases project ("" = off; needs the wandb package)
 ckpt_every = 1000          # optimizer steps between checkpoints (also at the end and on SIGTERM/SIGINT)
 sample_every = 5000        # optimizer steps between sample grids with the EMA weights (0 = never)
 sample_prompts = _SAMPLE_PROMPTS  # '|'-separated prompts of the sample grids
@@ -656,6 +658,64 @@ def preview_grid(pipe, C, ema, diffusion, text_encoder, step, ckpt_path):
         return None
 
 
+def check_trackers(C):
+    """The optional loggers' packages, imported now (a missing one: ConfigError before any work)."""
+    try:
+        if C.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
+        if C.wandb_project:
+            import wandb  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--{'tensorboard' if C.tensorboard else 'wandb_project'}: {e} "
+                          f"(pip install {'tensorboard' if C.tensorboard else 'wandb'})") from None
+
+
+class RunLog:
+    """out_dir/log.jsonl (the environment record, then one record per log step), its mirrors in TensorBoard and
+    W&B when asked for, and out_dir/curves.png (curves.py) redrawn at every checkpoint."""
+    def __init__(self, C, env):
+        self.dir, self.draw = C.out_dir, True
+        self.file = open(os.path.join(C.out_dir, "log.jsonl"), "a")
+        self.file.write(json.dumps(env) + "\n")
+        self.file.flush()
+        self.tb = self.wandb = None
+        if C.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=os.path.join(C.out_dir, "tb"))
+        if C.wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=C.wandb_project, name=os.path.basename(os.path.abspath(C.out_dir)),
+                                    config=env["config"], dir=C.out_dir)
+
+    def write(self, rec):
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        scalars = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+        scalars.update({f"loss_by_t/{i}": v for i, v in enumerate(rec.get("loss_by_t") or [])})
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, rec["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=rec["step"])
+
+    def curves(self):
+        """Redraw curves.png; a failure (no matplotlib, a full disk) is one warning, and training goes on."""
+        if self.draw:
+            try:
+                import curves
+                curves.plot_curves({"run": self.file.name}, os.path.join(self.dir, "curves.png"))
+            except Exception as e:
+                print(f"warning: curves.png not drawn ({type(e).__name__}: {e}); no more tries this run")
+                self.draw = False
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 def describe(C, model, latent_shape, images, G, world):
     c, tokens = model.config, (latent_shape[1] // model.config.patch) ** 2
     params = sum(p.numel() for p in model.parameters())
@@ -692,6 +752,7 @@ def main(argv):
     try:
         C = SimpleNamespace(**parse_args(argv))
         check_config(C)
+        check_trackers(C)
         ckpt_path, resume_from = find_resume(C)
         ck = load_checkpoint(resume_from, need=FOR_RESUMING) if resume_from else None  # a bad file fails fast
     except ConfigError as e:
@@ -741,13 +802,11 @@ def main(argv):
                          for s in (signal.SIGTERM, signal.SIGINT)}
     meter, skipped_total, preview = Meter(C.device, diffusion.T), 0, None
     sampling = C.sample_every > 0
-    log_file, bar = None, None
+    run_log, bar = None, None
     if D.master:
         from tqdm import tqdm
         os.makedirs(os.path.join(C.out_dir, "samples"), exist_ok=True)
-        log_file = open(os.path.join(C.out_dir, "log.jsonl"), "a")
-        log_file.write(json.dumps(environment(C, argv, step)) + "\n")
-        log_file.flush()
+        run_log = RunLog(C, environment(C, argv, step))
         bar = tqdm(total=horizon.steps, initial=step, dynamic_ncols=True, disable=None)
     t_start = t_log = time.time()
     step_log = step
@@ -779,8 +838,7 @@ def main(argv):
                    "eta_h": (horizon.steps - step) * dt / max(step - step_log, 1) / 3600, "elapsed_h": now / 3600,
                    "loss_by_t": loss_by_t}
             if D.master:
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
+                run_log.write(rec)
                 bar.total = horizon.steps
                 bar.write(console_line(rec))
             if worst >= C.max_bad_steps:
@@ -797,6 +855,7 @@ def main(argv):
         if D.master and (step % C.ckpt_every == 0 or last or signalled):  # before sampling: a failed preview
             save_checkpoint(ckpt_path, checkpoint_state(   # never costs training
                 C, raw_model, ema_model, optimizer, loader, step, elapsed + time.time() - t_start, horizon.steps))
+            run_log.curves()
         if D.master and sampling and not signalled and (step % C.sample_every == 0 or last):
             preview = preview_grid(preview, C, ema_model, diffusion, text_encoder, step, ckpt_path)
             sampling = preview is not None
@@ -809,7 +868,7 @@ def main(argv):
     loader.close()
     if bar is not None:
         bar.close()
-        log_file.close()
+        run_log.close()
     if D.ddp:
         dist.barrier()
         dist.destroy_process_group()

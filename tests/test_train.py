@@ -585,3 +585,45 @@ def test_resume_wins_over_init_from(cache, tmp_path, capsys):
     capsys.readouterr()
     assert train.main(args(cache, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", max_steps=5))["step"] == 5
     assert "resumed from" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- watching a run
+
+def test_curves_read_the_log_as_the_weights_went(tmp_path):
+    """A restart from an earlier checkpoint logs steps again: the later records win; a cut-off line is skipped."""
+    import curves
+    recs = [{"event": "start", "step": 0}, {"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.9},
+            {"step": 30, "loss": 0.8}, {"event": "start", "step": 20}, {"step": 30, "loss": 0.7},
+            {"step": 40, "loss": 0.6}, {"event": "eval", "step": 40, "shape_acc": 0.5}]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 50, "lo')
+    steps, evals = curves.read_log(str(log))
+    assert [(r["step"], r["loss"]) for r in steps] == [(10, 1.0), (20, 0.9), (30, 0.7), (40, 0.6)]
+    assert evals == [{"event": "eval", "step": 40, "shape_acc": 0.5}]
+    curves.plot_curves({"run": str(log)}, str(tmp_path / "c.png"))
+    from PIL import Image
+    assert Image.open(tmp_path / "c.png").size[0] > 500
+
+
+def test_checkpoints_redraw_curves_and_loggers_mirror_the_log(cache, tmp_path, monkeypatch):
+    """curves.png at every checkpoint; a W&B run (a stand-in module) gets log.jsonl's step records."""
+    logged = []
+    fake = SimpleNamespace(init=lambda **kw: SimpleNamespace(log=lambda d, step: logged.append((step, d)),
+                                                             finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train.main(args(cache, tmp_path / "o", max_steps=4, ckpt_every=2, log_every=2, wandb_project="p"))
+    assert os.path.getsize(tmp_path / "o" / "curves.png") > 0
+    recs = log_records(tmp_path / "o")
+    assert [s for s, _ in logged] == [r["step"] for r in recs] == [2, 4]
+    for (_, d), r in zip(logged, recs):
+        assert d["loss"] == r["loss"] and d["lr"] == r["lr"] and d["loss_by_t/0"] == r["loss_by_t"][0]
+
+
+def test_a_missing_logger_package_is_a_clear_error_before_work(cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    for over, needle in [(dict(tensorboard=True), "pip install tensorboard"), (dict(wandb_project="p"), "pip install wandb")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(args(cache, tmp_path / "o", **over))
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
