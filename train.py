@@ -56,6 +56,8 @@ ckpt_every = 1000          # optimizer steps between checkpoints (also at the en
 sample_every = 5000        # optimizer steps between sample grids with the EMA weights (0 = never)
 sample_prompts = _SAMPLE_PROMPTS  # '|'-separated prompts of the sample grids
 sample_cfg = 5.0           # classifier-free guidance scale of the sample grids
+eval_every = 0             # optimizer steps between evals of the EMA weights (0 = never): the shapes / scenes probe
+                           # on built-in data, else CLIP score (the text encoder's own CLIP) of sample_prompts
 # data and the frozen encoders
 resolution = 256           # image side in pixels (latent side = resolution / 8 with the SD VAE)
 vae = "stabilityai/sd-vae-ft-mse"  # diffusers AutoencoderKL name or folder, or "none" (pixel space)
@@ -184,7 +186,7 @@ def parse_args(argv):
 
 CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "muon"), dtype=("bfloat16", "float32"), prediction=PREDICTIONS,
                schedule=SCHEDULES, adaln=("single", "zero"), model=tuple(PRESETS))
-AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, warmup=0, max_hours=0,
+AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, eval_every=0, warmup=0, max_hours=0,
                 depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0, min_snr_gamma=0,
                 t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)
 UNIT = ("cond_drop", "decay_frac", "ema_decay")  # in [0, 1]
@@ -644,18 +646,65 @@ def sample_grid(pipe, prompts, cfg, path):
     save_png(make_grid(images, cols=math.ceil(math.sqrt(len(prompts)))), path)
 
 
+def ema_pipeline(pipe, C, ema, diffusion, text_encoder, step, ckpt_path):
+    """sample.py's Pipeline around the live EMA weights (made once; the VAE loaded once)."""
+    pipe = pipe or Pipeline(ema, diffusion, datalib.load_vae(C.vae, device=C.device), text_encoder, dict(vars(C)),
+                            step, torch.device(C.device), ckpt_path)
+    pipe.step = step
+    return pipe
+
+
 def preview_grid(pipe, C, ema, diffusion, text_encoder, step, ckpt_path):
     """out_dir/samples/NNNNNNN.png of the EMA weights. -> the pipeline to reuse next time, or None where it failed
     (out of memory, a VAE that cannot be loaded offline, ...): no more grids this run, and training goes on."""
     try:
-        pipe = pipe or Pipeline(ema, diffusion, datalib.load_vae(C.vae, device=C.device), text_encoder, dict(vars(C)),
-                                step, torch.device(C.device), ckpt_path)
+        pipe = ema_pipeline(pipe, C, ema, diffusion, text_encoder, step, ckpt_path)
         sample_grid(pipe, sample_prompt_list(C), C.sample_cfg, os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
         return pipe
     except Exception as e:
         print(f"warning: sample grid at step {step} failed ({type(e).__name__}: {str(e)[:200]}); no more sample "
               "grids this run (training continues; sample.py works on the checkpoint)", file=sys.stderr)
         return None
+
+
+class Evaluator:
+    """eval_every: a small fixed eval of the EMA weights (25 sampler steps at sample_cfg), as a record for log.jsonl:
+    the built-in probe for shapes / scenes data (one image per probe prompt), CLIP score of sample_prompts (4 seeds
+    each) otherwise, with the open_clip model the text encoder comes from (its image tower, loaded once here). A
+    failure is one warning, and no more evals this run."""
+    def __init__(self, C, cache):
+        self.C, self.on, self.clip = C, C.eval_every > 0, None
+        kind = cache.manifest.get("source_kind")  # what the cache was built from
+        self.kind = kind if kind in ("shapes", "scenes") else "clip"
+
+    def __call__(self, make_pipe, step):
+        """make_pipe() -> the EMA pipeline; -> the eval record, or None."""
+        if not self.on:
+            return None
+        import evaluate  # only here: evaluate.py is a consumer of train.py's checkpoints, not a part of the loop
+        t0, C = time.time(), self.C
+        try:
+            pipe = make_pipe()
+            if self.kind == "shapes":
+                r = evaluate.probe_shapes(pipe, cfg=C.sample_cfg, n_per_prompt=1, steps=25)
+                metrics = {"shape_acc": r["shape_acc"], "color_acc": r["color_acc"]}
+            elif self.kind == "scenes":
+                r = evaluate.probe_scenes(pipe, cfg=C.sample_cfg, n_per_prompt=1, steps=25)
+                metrics = {"scenes_in": r["in_distribution"]["overall"], "scenes_held_out": r["held_out"]["overall"]}
+            else:
+                if self.clip is None:
+                    if C.text_encoder == "tiny":
+                        raise ValueError("the tiny text tower has no image tower to score with")
+                    self.clip = evaluate.ClipScorer.load(C.text_encoder, device=C.device)
+                prompts = sample_prompt_list(C) * 4
+                images = generate(pipe, prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=25)
+                metrics = {"clip_score": float(self.clip(images, prompts).mean())}
+        except Exception as e:
+            print(f"warning: eval at step {step} failed ({type(e).__name__}: {str(e)[:200]}); no more evals this "
+                  "run (training continues; evaluate.py works on the checkpoint)", file=sys.stderr)
+            self.on = False
+            return None
+        return {"event": "eval", "step": step, **metrics, "eval_s": time.time() - t0}
 
 
 def check_trackers(C):
@@ -800,7 +849,7 @@ def main(argv):
     stop = {"signal": None}
     previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
                          for s in (signal.SIGTERM, signal.SIGINT)}
-    meter, skipped_total, preview = Meter(C.device, diffusion.T), 0, None
+    meter, skipped_total, preview, evaluator = Meter(C.device, diffusion.T), 0, None, Evaluator(C, cache)
     sampling = C.sample_every > 0
     run_log, bar = None, None
     if D.master:
@@ -859,6 +908,12 @@ def main(argv):
         if D.master and sampling and not signalled and (step % C.sample_every == 0 or last):
             preview = preview_grid(preview, C, ema_model, diffusion, text_encoder, step, ckpt_path)
             sampling = preview is not None
+        if D.master and evaluator.on and not signalled and (step % C.eval_every == 0 or last):
+            rec = evaluator(lambda: ema_pipeline(preview, C, ema_model, diffusion, text_encoder, step, ckpt_path), step)
+            if rec is not None:
+                run_log.write(rec)
+                bar.write(f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in rec.items()
+                                                               if k not in ("event", "step")))
         if signalled:
             print0(f"signal {stop['signal'] or 'on another rank'}: checkpoint saved at step {step}, exiting")
             break

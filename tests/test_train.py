@@ -627,3 +627,22 @@ def test_a_missing_logger_package_is_a_clear_error_before_work(cache, tmp_path, 
             train.main(args(cache, tmp_path / "o", **over))
         assert e.value.code == 2 and needle in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_eval_every_logs_probe_records_and_a_failing_eval_only_warns(cache, tmp_path, capsys):
+    """Built-in data: the shapes probe on the EMA weights every eval_every steps (and at the end), into log.jsonl
+    and curves.png; the record equals evaluate.py's probe on the checkpoint of that step."""
+    train.main(args(cache, tmp_path / "o", max_steps=4, ckpt_every=2, eval_every=2, sample_cfg=3.0))
+    recs = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
+    evals = [r for r in recs if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["shape_acc"] <= 1 for r in evals)
+    r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "o" / "ckpt.pt"), "--probe", "shapes",
+                        "--probe_n", "1", "--cfg", "3", "--steps", "25", "--out", str(tmp_path / "e.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    probe = json.load(open(tmp_path / "e.json"))["probe_shapes"][0]
+    assert (probe["shape_acc"], probe["color_acc"]) == (evals[-1]["shape_acc"], evals[-1]["color_acc"])
+    # another data kind with the tiny text tower has no CLIP image tower: one warning, training goes on
+    ev = train.Evaluator(SimpleNamespace(eval_every=2, text_encoder="tiny", sample_prompts="a", sample_cfg=3.0,
+                                         device="cpu"), SimpleNamespace(manifest={"source_kind": "folder"}))
+    assert ev(lambda: None, 2) is None and not ev.on and "no image tower" in capsys.readouterr().err
