@@ -35,7 +35,7 @@ def read_log(path):
 
 
 def _numeric(records, key):
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and r[key] is not None]
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [p for p in pts if math.isfinite(p[1])]
 
 
@@ -50,8 +50,8 @@ def plot_curves(runs, path):
                         if k not in ("step", "event") and isinstance(v, (int, float))})
     panels = ["loss", "loss_by_t", "lr", "grad_norm", "images_per_s"] + eval_keys
     cols = 3
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5 * cols, 3.4 * math.ceil(len(panels) / cols)),
-                             squeeze=False)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, key in zip(axes.flat, panels):
         for label, (steps, evals) in logs.items():
             if key == "loss_by_t":  # the latest record's loss per timestep bin (noisier to the right)

@@ -29,7 +29,7 @@ class DiTConfig:
     adaln: str = "single"       # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-Zero per block)
     qk_norm: bool = True        # RMSNorm on queries and keys (bf16 stability, arXiv 2302.05442)
     rope: bool = True           # 2-D RoPE in self-attention, on top of the fixed sin-cos position embedding
-    cross_norm: bool = True     # affine LayerNorm before the cross-attention (PixArt has none: False computes its block)
+    cross_norm: bool = True     # affine LayerNorm before the cross-attention (PixArt has none)
     grad_ckpt: bool = False     # activation checkpointing per block (training only)
     route_frac: float = 0.0     # token routing (TREAD, arXiv 2501.04765), training only: this share of the tokens,
     route_from: int = 2         # random per sample, skips blocks[route_from:route_to] (a Python slice: a negative

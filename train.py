@@ -84,8 +84,8 @@ route_to = -2              # never routes, and a run may resume with other route
 schedule = "scaled_linear"  # linear | scaled_linear | cosine
 beta_start = 0.00085       # first beta (linear schedules)
 beta_end = 0.012           # last beta (linear schedules)
-prediction = "v"           # v | eps | x0 | flow (rectified flow, SD3: x = (1 - sigma) x0 + sigma eps, predicts eps - x0)
-flow_shift = 1.0           # flow: sigma -> s sigma / (1 + (s - 1) sigma) in training and sampling (SD3 eq. 23); > 1 noisier
+prediction = "v"           # v | eps | x0 | flow (rectified flow, SD3: (1 - sigma) x0 + sigma eps -> eps - x0)
+flow_shift = 1.0           # flow: sigma -> s sigma / (1 + (s - 1) sigma), training and sampling (SD3); > 1: noisier
 zero_terminal_snr = False  # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0
 min_snr_gamma = 5.0        # min-SNR-gamma loss weighting (arXiv 2303.09556); 0 = off (flow: must be 0)
 t_logit_mean = 0.0         # timesteps T * sigmoid(N(mean, std)) (SD3, arXiv 2403.03206); > 0: noisier
@@ -184,11 +184,12 @@ def parse_args(argv):
     return config
 
 
-CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "muon"), dtype=("bfloat16", "float32"), prediction=PREDICTIONS,
+CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "muon"), dtype=("bfloat16", "float32"),
+               prediction=PREDICTIONS,
                schedule=SCHEDULES, adaln=("single", "zero"), model=tuple(PRESETS))
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, eval_every=0, warmup=0,
-                max_hours=0, depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0, min_snr_gamma=0,
-                t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)
+                max_hours=0, depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0,
+                min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)
 UNIT = ("cond_drop", "decay_frac", "ema_decay")  # in [0, 1]
 
 
@@ -641,7 +642,8 @@ class Meter:
 
 @torch.no_grad()
 def sample_grid(pipe, prompts, cfg, path):
-    """The train-time preview: image k is sample.py's `--seed k` image of prompt k (sample.generate, 50 steps of its default sampler)."""
+    """The train-time preview: image k is sample.py's `--seed k` image of prompt k (sample.generate, 50 steps of
+    the checkpoint's default sampler)."""
     images = generate(pipe, prompts, list(range(len(prompts))), cfg=cfg, steps=50)
     save_png(make_grid(images, cols=math.ceil(math.sqrt(len(prompts)))), path)
 
@@ -772,7 +774,8 @@ def describe(C, model, latent_shape, images, G, world):
     first, end = c.routed_blocks
     routing = f" ({c.kept_tokens(tokens)} in blocks {first}..{end - 1}: routing)" if c.route_frac > 0 else ""
     return (f"model {C.model}: {params / 1e6:.1f}M params, depth {c.depth} width {c.width} heads {c.heads} patch "
-            f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}, {model.estimate_flops(latent_shape[1]) / 1e9:.1f} GFLOP/img "
+            f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}, "
+            f"{model.estimate_flops(latent_shape[1]) / 1e9:.1f} GFLOP/img "
             f"(train)\n{images} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
             f"{C.max_steps} steps max{budget} | device {C.device}")
 

@@ -340,7 +340,8 @@ def test_rope_off_is_the_model_with_zero_rotation(monkeypatch):
     args = inputs(off.config)
     with torch.no_grad():
         rotated = on(*args)
-        monkeypatch.setattr(M, "rope_2d", lambda h, w, d, device: (torch.ones(h * w, d // 2), torch.zeros(h * w, d // 2)))
+        no_angle = lambda h, w, d, device: (torch.ones(h * w, d // 2), torch.zeros(h * w, d // 2))
+        monkeypatch.setattr(M, "rope_2d", no_angle)
         torch.testing.assert_close(off(*args), on(*args), rtol=0, atol=0)
     assert not torch.equal(off(*args), rotated)
 
