@@ -185,8 +185,7 @@ def parse_args(argv):
 
 
 CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "muon"), dtype=("bfloat16", "float32"),
-               prediction=PREDICTIONS,
-               schedule=SCHEDULES, adaln=("single", "zero"), model=tuple(PRESETS))
+               prediction=PREDICTIONS, schedule=SCHEDULES, adaln=("single", "zero"), model=tuple(PRESETS))
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, eval_every=0, warmup=0,
                 max_hours=0, depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0,
                 min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)

@@ -161,12 +161,12 @@ def test_resume_is_exact(cache, tmp_path, monkeypatch, over):
         saved[state["step"]] = path + f".{state['step']}"
         shutil.copy(path, saved[state["step"]])
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
-    train.main(args(cache, tmp_path / "a", max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1, **over))
+    run = dict(max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1, **over)
+    train.main(args(cache, tmp_path / "a", **run))
     assert sorted(saved) == [6, 12]
     os.makedirs(tmp_path / "b")
     shutil.copy(saved[6], tmp_path / "b" / "ckpt.pt")  # as if the first run had been killed right after step 6
-    out = train.main(args(cache, tmp_path / "b", max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1,
-                          **over))
+    out = train.main(args(cache, tmp_path / "b", **run))
     assert out["step"] == 12
     a, b = load(saved[12]), load(tmp_path / "b" / "ckpt.pt")
     for key in ("model", "ema", "optimizer", "loader_state", "step"):
@@ -198,7 +198,8 @@ def test_ddp_equals_one_process(cache, tmp_path, optimizer, steps):
     single = train.main(args(cache, tmp_path / "one", batch=8, max_steps=steps, optimizer=optimizer))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                        *args(cache, tmp_path / "two", batch=4, max_steps=steps, optimizer=optimizer)], cwd=ROOT, env=env,
+                        *args(cache, tmp_path / "two", batch=4, max_steps=steps, optimizer=optimizer)],
+                       cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = load(tmp_path / "two" / "ckpt.pt")
@@ -622,7 +623,8 @@ def test_checkpoints_redraw_curves_and_loggers_mirror_the_log(cache, tmp_path, m
 def test_a_missing_logger_package_is_a_clear_error_before_work(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
     monkeypatch.setitem(sys.modules, "wandb", None)
-    for over, needle in [(dict(tensorboard=True), "pip install tensorboard"), (dict(wandb_project="p"), "pip install wandb")]:
+    for over, needle in [(dict(tensorboard=True), "pip install tensorboard"),
+                         (dict(wandb_project="p"), "pip install wandb")]:
         with pytest.raises(SystemExit) as e:
             train.main(args(cache, tmp_path / "o", **over))
         assert e.value.code == 2 and needle in capsys.readouterr().err
