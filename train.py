@@ -159,7 +159,7 @@ def parse_args(argv):
         path = args.pop(0)
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
-        scope = {}
+        scope = {"__file__": os.path.abspath(path)}  # a config may read another beside it (configs/rtx5090_week_512.py)
         try:
             exec(builtins.compile(open(path).read(), path, "exec"), scope)  # `compile` is a key here
         except Exception as e:  # a syntax error, a NameError: one line, not a traceback

@@ -30,7 +30,8 @@ lr_schedule = "wsd"                  # constant LR, then linear decay over the l
 warmup = 2000
 decay_frac = 0.2
 max_steps = 10_000_000               # effectively unbounded: max_hours decides the horizon
-max_hours = 168.0                    # one week; the LR decay is planned from the measured step time
+max_hours = 132.0                    # stage 1 of the week (stage 2: configs/rtx5090_week_512.py, 36 h); the LR
+                                     # decay is planned from the measured step time
 ema_decay = 0.9999
 prediction = "v"
 min_snr_gamma = 5.0

@@ -648,3 +648,14 @@ def test_eval_every_logs_probe_records_and_a_failing_eval_only_warns(cache, tmp_
     ev = train.Evaluator(SimpleNamespace(eval_every=2, text_encoder="tiny", sample_prompts="a", sample_cfg=3.0,
                                          device="cpu"), SimpleNamespace(manifest={"source_kind": "folder"}))
     assert ev(lambda: None, 2) is None and not ev.on and "no image tower" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(os.listdir(os.path.join(ROOT, "configs"))))
+def test_every_config_file_parses_and_checks(path):
+    """configs/*.py (the week's second stage reads the first: `__file__` is set for config files)."""
+    C = SimpleNamespace(**train.parse_args([os.path.join(ROOT, "configs", path)]))
+    train.check_config(C)
+    if path == "rtx5090_week_512.py":
+        first = train.parse_args([os.path.join(ROOT, "configs", "rtx5090_week.py")])
+        assert C.init_from == os.path.join(first["out_dir"], "ckpt.pt") and C.resolution == 2 * first["resolution"]
+        assert C.batch * C.accum == first["batch"] * first["accum"] and C.max_hours + first["max_hours"] == 168
