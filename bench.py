@@ -371,12 +371,14 @@ def print_header(argv, C, args, device):
     card = torch.cuda.get_device_name(device) if cuda else f"CPU {cpu} ({torch.get_num_threads()} threads)"
     meta = {"cmd": " ".join(["python bench.py", *argv]), "card": card, "date": date, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "device": str(device), "dtype": C.dtype if cuda else "float32",
-            "compile": bool(C.compile and cuda), "qk_norm": C.qk_norm, "text_len": C.text_len}
+            "compile": bool(C.compile and cuda), "qk_norm": C.qk_norm, "rope": C.rope, "cross_norm": C.cross_norm,
+            "text_len": C.text_len}
     peak = peak_flops(device)
     print(f"# bench.py | {meta['card']} | {date} | torch {torch.__version__} | diffusers {diffusers.__version__}")
     print(f"# {args.grid * 8} px -> latents 4x{args.grid}x{args.grid}, text {TEXT_LEN}x{TEXT_DIM} | micro-batch "
           f"{C.batch} x accum {C.accum} | autocast {meta['dtype']} | compile {meta['compile']} | "
-          f"grad_ckpt {C.grad_ckpt} | adaln {C.adaln} | qk_norm {C.qk_norm} | text_len {C.text_len} | "
+          f"grad_ckpt {C.grad_ckpt} | adaln {C.adaln} | qk_norm {C.qk_norm} | rope {C.rope} | cross_norm "
+          f"{C.cross_norm} | text_len {C.text_len} | "
           f"{args.warmup} warm-up + {args.rounds} rounds x {args.steps} timed steps per case")
     print(f"# peak FLOP/s for MFU: {fmt(peak and peak / 1e12, '.1f', 'unknown')} TFLOP/s (model.PEAK_FLOPS)",
           flush=True)
