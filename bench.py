@@ -172,6 +172,8 @@ def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
     the body of train.py's loop minus its logging accumulators."""
     torch.manual_seed(C.seed)
     mcfg = our_config(preset, shape, grid, C)
+    if impl != "ours":  # the peer has no token routing, and Muon's split is written for our blocks: AdamW for it
+        C = SimpleNamespace(**{**vars(C), "route_frac": 0.0, "optimizer": "adamw"})
     build = (lambda: DiT(mcfg)) if impl == "ours" else (lambda: PixArtPeer(**shape, grid=grid))
     raw = build().to(device)
     if impl == "pixart" and C.grad_ckpt:
@@ -197,7 +199,8 @@ def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
     steps = itertools.count()  # optimizer steps taken: step_noise and lr_at are functions of it, as in train.py
     def work(n):
         for step in itertools.islice(steps, n):
-            rand = train.step_noise(step, C.batch * C.accum, (4, grid, grid), device, C, diffusion)
+            rand = train.step_noise(step, C.batch * C.accum, (4, grid, grid), device, C, diffusion,
+                                    tokens=(grid // mcfg.patch) ** 2)
             lr = train.lr_at(step, C.max_steps, C)
             train.train_step(model, optimizer, diffusion, loader, no_text_encoder, rand, lr, C, ctx)
             train.ema_update(ema_params, params, min(C.ema_decay, (1 + step) / (10 + step)))

@@ -255,6 +255,8 @@ class DiT(nn.Module):
         text = self.text_embedder(text[:, :self.config.text_len].to(x.dtype))  # (B, L, W), L <= text_len
         cb = self.t_block(c) if self.config.adaln == "single" else c           # (B, 6W) | (B, W)
         route = self.training and self.config.route_frac > 0 and route_scores is not None
+        if route and route_scores.shape != (x.shape[0], h * w):
+            raise ValueError(f"route_scores {tuple(route_scores.shape)}: one per token, ({x.shape[0]}, {h * w})")
         first, end = self.config.routed_blocks
         block_rope, rejoin = rope, lambda x_all, x: x_all.scatter(1, keep[..., None].expand_as(x), x)
         for i, block in enumerate(self.blocks):

@@ -15,6 +15,7 @@ import builtins
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -280,10 +281,13 @@ class MuonAdamW:
     Muon's weights and momentum are put back from a copy taken before its step (torch.where on found_inf)."""
     def __init__(self, muon, adamw):
         self.muon, self.adamw, self.found_inf, self._saved = muon, adamw, None, None
-        self.param_groups = adamw.param_groups + muon.param_groups
         self._params = [p for g in muon.param_groups for p in g["params"]]
         for p in self._params:  # made now (as Muon would at its first step) so that the copy covers them
             muon.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+    @property
+    def param_groups(self):  # live: load_state_dict replaces the group dicts
+        return self.adamw.param_groups + self.muon.param_groups
 
     def step(self):
         self.adamw.found_inf = self.found_inf
@@ -468,9 +472,9 @@ def model_config(C, channels, side, text_dim, pooled_dim):
 def inherit_architecture(C, init, path):
     """init_from: the model keys left at their defaults take the checkpoint's values; one set otherwise must agree.
     The encoders must be the checkpoint's (the weights were trained on their latents and states). ConfigError."""
-    saved, mc = init["config"], init["model_config"]
+    saved, mc = init.get("config", {}), init["model_config"]
     for key in ("vae", "text_encoder"):
-        if getattr(C, key) != saved[key]:
+        if key in saved and getattr(C, key) != saved[key]:
             raise ConfigError(f"{path} was trained with --{key} {saved[key]}, this run has {getattr(C, key)}")
     C.model = saved.get("model", C.model) if C.model == DEFAULTS["model"] else C.model
     for key in ("depth", "width", "heads", "patch", "adaln", "qk_norm", "rope", "cross_norm"):
@@ -485,14 +489,14 @@ def inherit_architecture(C, init, path):
         raise ConfigError(f"--text_len {C.text_len}: {path} was trained on {mc['text_len']} text tokens")
 
 
-def build_model(C, latent_shape, text_encoder, init=None):
-    """-> (model, EMA copy in eval mode, AdamW, Diffusion), seeded by C.seed. init (init_from's checkpoint): its
-    weights, and its training grid as the model's position grid (a new resolution interpolates the positions the
-    weights learnt, as sampling at another resolution does)."""
+def build_model(C, latent_shape, text_encoder, init=None, base_grid=None):
+    """-> (model, EMA copy in eval mode, AdamW, Diffusion), seeded by C.seed. init (init_from's checkpoint): its EMA
+    weights start both. base_grid (init_from's training grid): the model's position grid, so that a new resolution
+    interpolates the positions the weights learnt, as sampling at another resolution does."""
     torch.manual_seed(C.seed)
     mcfg = model_config(C, latent_shape[0], latent_shape[1], text_encoder.dim, text_encoder.pooled_dim)
-    if init is not None:
-        mcfg = dataclasses.replace(mcfg, input_size=init["model_config"]["input_size"])
+    if base_grid is not None:
+        mcfg = dataclasses.replace(mcfg, input_size=base_grid)
     if latent_shape[1] % mcfg.patch:
         fail(f"{latent_shape[1]} x {latent_shape[2]} latents are not divisible by patch {mcfg.patch}: "
              "change --resolution or --patch")
@@ -500,7 +504,7 @@ def build_model(C, latent_shape, text_encoder, init=None):
     ema = DiT(mcfg).to(C.device).eval().requires_grad_(False)
     if init is not None:
         try:
-            model.load_state_dict(init.get("model", init["ema"]))
+            model.load_state_dict(init["ema"])
             ema.load_state_dict(init["ema"])
         except RuntimeError as e:  # e.g. another latent channel count or text width
             fail(f"--init_from {C.init_from}: its weights do not fit this model: {str(e).splitlines()[0]}")
@@ -514,7 +518,11 @@ def restore(ck, path, C, model, ema, optimizer, loader):
     """Continue from a checkpoint: weights, EMA, optimizer state, loader position, RNG. -> (step, elapsed s, horizon)"""
     # neither activation checkpointing nor token routing changes a weight
     same = lambda a: {k: v for k, v in a.items() if k not in ("grad_ckpt", "route_frac", "route_from", "route_to")}
-    if same(ck["model_config"]) != same(dataclasses.asdict(model.config)):
+    try:  # keys a checkpoint predates (rope, cross_norm, route_*) take DiTConfig's defaults: what it was trained with
+        saved = dataclasses.asdict(DiTConfig(**ck["model_config"]))
+    except (TypeError, ValueError):
+        saved = ck["model_config"]
+    if same(saved) != same(dataclasses.asdict(model.config)):
         loader.close()
         fail(f"{path} holds a different model ({ck['model_config']}); use another --out_dir or --resume never")
     model.load_state_dict(ck["model"])
@@ -674,18 +682,18 @@ class Evaluator:
     each) otherwise, with the open_clip model the text encoder comes from (its image tower, loaded once here). A
     failure is one warning, and no more evals this run."""
     def __init__(self, C, cache):
-        self.C, self.on, self.clip = C, C.eval_every > 0, None
+        self.C, self.on, self.clip, self.pipe = C, C.eval_every > 0, None, None
         kind = cache.manifest.get("source_kind")  # what the cache was built from
         self.kind = kind if kind in ("shapes", "scenes") else "clip"
 
     def __call__(self, make_pipe, step):
-        """make_pipe() -> the EMA pipeline; -> the eval record, or None."""
+        """make_pipe(the pipeline this made last time) -> the EMA pipeline; -> the eval record, or None."""
         if not self.on:
             return None
         import evaluate  # only here: evaluate.py is a consumer of train.py's checkpoints, not a part of the loop
         t0, C = time.time(), self.C
         try:
-            pipe = make_pipe()
+            pipe = self.pipe = make_pipe(self.pipe)
             if self.kind == "shapes":
                 r = evaluate.probe_shapes(pipe, cfg=C.sample_cfg, n_per_prompt=1, steps=25)
                 metrics = {"shape_acc": r["shape_acc"], "color_acc": r["color_acc"]}
@@ -734,19 +742,25 @@ class RunLog:
             self.tb = SummaryWriter(log_dir=os.path.join(C.out_dir, "tb"))
         if C.wandb_project:
             import wandb
+            run_id = hashlib.sha1(os.path.abspath(C.out_dir).encode()).hexdigest()[:16]  # a resumed run continues
             self.wandb = wandb.init(project=C.wandb_project, name=os.path.basename(os.path.abspath(C.out_dir)),
-                                    config=env["config"], dir=C.out_dir)
+                                    config=env["config"], dir=C.out_dir, id=run_id, resume="allow")
 
     def write(self, rec):
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         scalars = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
         scalars.update({f"loss_by_t/{i}": v for i, v in enumerate(rec.get("loss_by_t") or [])})
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, rec["step"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=rec["step"])
+        try:  # a mirror that fails (a full disk, the network) is one warning; log.jsonl goes on
+            if self.tb is not None:
+                for k, v in scalars.items():
+                    self.tb.add_scalar(k, v, rec["step"])
+            if self.wandb is not None:
+                self.wandb.log(scalars, step=rec["step"])
+        except Exception as e:
+            print(f"warning: TensorBoard / W&B logging failed ({type(e).__name__}: {e}); log.jsonl only from now on",
+                  file=sys.stderr)
+            self.tb = self.wandb = None
 
     def curves(self):
         """Redraw curves.png; a failure (no matplotlib, a full disk) is one warning, and training goes on."""
@@ -810,10 +824,14 @@ def main(argv):
         fail(e)
     except CheckpointError as e:
         fail(f"{e}: move it away, use another --out_dir, or --resume never")
-    try:  # init_from's checkpoint: its architecture and grid, even when resuming (a stage is one model)
-        init = load_checkpoint(C.init_from, need=FOR_SAMPLING) if C.init_from else None
-        if init is not None:
-            inherit_architecture(C, init, C.init_from)
+    init = base_grid = None
+    try:  # init_from: the architecture and position grid of the stage (from its own checkpoint when it resumes)
+        if C.init_from:
+            source = ck if ck is not None else load_checkpoint(C.init_from, need=FOR_SAMPLING)
+            inherit_architecture(C, source, C.init_from if ck is None else resume_from)
+            check_config(C)  # the inherited depth against route_from / route_to
+            base_grid = source["model_config"]["input_size"]
+            init = source if ck is None else None  # its weights start a new stage; a resumed one has its own
     except (CheckpointError, ConfigError) as e:
         fail(f"--init_from: {e}")
     D = setup_distributed(C)
@@ -821,7 +839,8 @@ def main(argv):
 
     cache, text_encoder = open_data(C, D)
     latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
-    raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder, init)
+    raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder, init, base_grid)
+    del init
     try:
         loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=D.rank, world_size=D.world, cond_drop=C.cond_drop,
                                 flip=C.flip, device=C.device)
@@ -832,9 +851,8 @@ def main(argv):
         step, elapsed, horizon.steps = restore(ck, resume_from, C, raw_model, ema_model, optimizer, loader)
         print0(f"resumed from {resume_from} at step {step}")  # resume wins over init_from: a stage continues
         del ck
-    elif init is not None:
-        print0(f"weights from {C.init_from} (its step {init.get('step', '?')}); a new run: step 0, fresh optimizer")
-    del init
+    elif C.init_from:
+        print0(f"EMA weights of {C.init_from} start a new run: step 0, fresh optimizer")
     if warmup_warning(C):
         print0(warmup_warning(C))
     model = torch.compile(raw_model) if C.compile and D.cuda else raw_model
@@ -911,7 +929,8 @@ def main(argv):
             preview = preview_grid(preview, C, ema_model, diffusion, text_encoder, step, ckpt_path)
             sampling = preview is not None
         if D.master and evaluator.on and not signalled and (step % C.eval_every == 0 or last):
-            rec = evaluator(lambda: ema_pipeline(preview, C, ema_model, diffusion, text_encoder, step, ckpt_path), step)
+            rec = evaluator(lambda own: ema_pipeline(preview or own, C, ema_model, diffusion, text_encoder, step,
+                                                     ckpt_path), step)
             if rec is not None:
                 run_log.write(rec)
                 bar.write(f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in rec.items()

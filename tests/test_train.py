@@ -156,22 +156,22 @@ def test_resume_is_exact(cache, tmp_path, monkeypatch, over):
     """12 steps in one run == 6 steps, a restart from that checkpoint, 6 more (weights, EMA, optimizer, loader)."""
     saved = {}
     real_save = train.save_checkpoint
-    def save_and_keep(path, state):
+    def save_and_keep(path, state):  # keyed by run and step: run b must be compared with run a, not itself
         real_save(path, state)
-        saved[state["step"]] = path + f".{state['step']}"
-        shutil.copy(path, saved[state["step"]])
+        saved[os.path.basename(os.path.dirname(path)), state["step"]] = path + f".{state['step']}"
+        shutil.copy(path, path + f".{state['step']}")
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
     run = dict(max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1, **over)
     train.main(args(cache, tmp_path / "a", **run))
-    assert sorted(saved) == [6, 12]
+    assert sorted(saved) == [("a", 6), ("a", 12)]
     os.makedirs(tmp_path / "b")
-    shutil.copy(saved[6], tmp_path / "b" / "ckpt.pt")  # as if the first run had been killed right after step 6
+    shutil.copy(saved["a", 6], tmp_path / "b" / "ckpt.pt")  # as if the first run had been killed right after step 6
     out = train.main(args(cache, tmp_path / "b", **run))
-    assert out["step"] == 12
-    a, b = load(saved[12]), load(tmp_path / "b" / "ckpt.pt")
+    assert out["step"] == 12 and sorted(saved) == [("a", 6), ("a", 12), ("b", 12)]
+    a, b = load(saved["a", 12]), load(saved["b", 12])
     for key in ("model", "ema", "optimizer", "loader_state", "step"):
         assert tensors_equal(a[key], b[key]), key
-    assert not tensors_equal(load(saved[6])["model"], a["model"])  # and training did move the weights
+    assert not tensors_equal(load(saved["a", 6])["model"], a["model"])  # and training did move the weights
 
 
 def muon_tolerances(model):
@@ -584,6 +584,7 @@ def test_resume_wins_over_init_from(cache, tmp_path, capsys):
     stage2 = args(cache, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", max_steps=3)
     train.main(stage2)
     capsys.readouterr()
+    os.remove(tmp_path / "s1" / "ckpt.pt")  # stage 1's file is not needed to resume stage 2
     assert train.main(args(cache, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", max_steps=5))["step"] == 5
     assert "resumed from" in capsys.readouterr().out
 
@@ -647,7 +648,7 @@ def test_eval_every_logs_probe_records_and_a_failing_eval_only_warns(cache, tmp_
     # another data kind with the tiny text tower has no CLIP image tower: one warning, training goes on
     ev = train.Evaluator(SimpleNamespace(eval_every=2, text_encoder="tiny", sample_prompts="a", sample_cfg=3.0,
                                          device="cpu"), SimpleNamespace(manifest={"source_kind": "folder"}))
-    assert ev(lambda: None, 2) is None and not ev.on and "no image tower" in capsys.readouterr().err
+    assert ev(lambda own: None, 2) is None and not ev.on and "no image tower" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted(os.listdir(os.path.join(ROOT, "configs"))))
