@@ -65,7 +65,8 @@ vae = "stabilityai/sd-vae-ft-mse"  # diffusers AutoencoderKL name or folder, or 
 text_encoder = "ViT-L-14/laion2b_s32b_b82k"  # open_clip "arch/pretrained", an open_clip checkpoint, or "tiny"
 text_states = False        # cache the encoder's token states (118 KB/caption at CLIP-L), not token ids
 cond_drop = 0.1            # caption dropout probability, for classifier-free guidance
-flip = True                # random horizontal flips (both flips are in the cache)
+flip = False               # random horizontal flips, "left" <-> "right" swapped in the caption (both are cached); off:
+                           # mirrored text and asymmetric things no longer match their captions (docs/log.md 2026-11-29)
 # model
 model = "DiT-B/2"          # preset name from model.PRESETS
 depth = 0                  # 0 = the preset's value
@@ -88,7 +89,8 @@ beta_end = 0.012           # last beta (linear schedules)
 prediction = "v"           # v | eps | x0 | flow (rectified flow, SD3: (1 - sigma) x0 + sigma eps -> eps - x0)
 flow_shift = 1.0           # flow: sigma -> s sigma / (1 + (s - 1) sigma), training and sampling (SD3); > 1: noisier
 zero_terminal_snr = False  # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0
-min_snr_gamma = 5.0        # min-SNR-gamma loss weighting (arXiv 2303.09556); 0 = off (flow: must be 0)
+min_snr_gamma = 0.0        # min-SNR-gamma loss weighting (arXiv 2303.09556); 0 = off (flow: must be 0); off by
+                           # measurement: it bought nothing on shapes and slowed prompt learning (docs/log.md 2026-11-29)
 t_logit_mean = 0.0         # timesteps T * sigmoid(N(mean, std)) (SD3, arXiv 2403.03206); > 0: noisier
 t_logit_std = 0.0          # 0 = timesteps uniform on 0..T-1
 noise_offset = 0.0         # offset noise strength (per-channel constant added to the noise)
