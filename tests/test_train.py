@@ -104,7 +104,7 @@ def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     (dict(sample_every=5, sample_prompts="|"), "no prompt"),
     (dict(batch=64), "lower --batch"), (dict(resolution=18, patch=4), "not divisible by patch 4"),
     (dict(optimizer="adam"), "--optimizer 'adam'"), (dict(muon_lr=0), "--muon_lr 0.0: must be a positive number"),
-    (dict(prediction="flow"), "set min_snr_gamma 0"), (dict(prediction="flow", min_snr_gamma=0, zero_terminal_snr=True),
+    (dict(prediction="flow", min_snr_gamma=5), "set min_snr_gamma 0"), (dict(prediction="flow", min_snr_gamma=0, zero_terminal_snr=True),
                                                       "zero_terminal_snr does not apply to flow"),
     (dict(prediction="flow", min_snr_gamma=0, flow_shift=0), "flow_shift must be a positive number"),
     (dict(route_frac=0.5), "route_from 2, route_to -2: the routed blocks"), (dict(route_frac=1), "route_frac"),
