@@ -18,3 +18,4 @@ accum = 32                           # global batch 256, as in stage 1
 grad_ckpt = True                     # attention's activations grow with the square of the tokens: memory first
 warmup = 500                         # a fresh optimizer: a short warmup to the stage's LR
 ckpt_every = 500
+flow_shift = 2.0                     # 4x the pixels of stage 1: SD3's resolution shift sqrt(4) (argued, not measured)
