@@ -198,15 +198,19 @@ class Diffusion:
         x0, eps = self._x0_eps(out, x_t, a, s, kind or self.prediction)
         return {"x0": x0, "eps": eps, "v": a * eps - s * x0}[to]  # v = a eps - s x0 (Salimans & Ho 2022 sec. 4)
 
+    def check_min_snr(self, min_snr_gamma):
+        """ValueError where min-SNR does not apply (flow); train.py calls it before any work."""
+        if self.flow and min_snr_gamma > 0:
+            raise ValueError("min-SNR weights a DDPM schedule's loss by its SNR; flow puts its weight on the noise "
+                             "levels through the sigma law instead (t_logit_mean / t_logit_std, flow_shift): "
+                             "set min_snr_gamma 0")
+
     def loss_weight(self, t, min_snr_gamma=0.0):
         """Min-SNR-gamma weights (Hang et al. 2023, arXiv 2303.09556; diffusers train_text_to_image.py) as float32 (B,):
         eps min(snr, g) / snr, v min(snr, g) / (snr + 1), x0 min(snr, g); all ones when gamma is 0."""
         if min_snr_gamma <= 0:
             return torch.ones(t.shape, device=t.device)
-        if self.flow:
-            raise ValueError("min-SNR weights a DDPM schedule's loss by its SNR; flow puts its weight on the noise "
-                             "levels through the sigma law instead (t_logit_mean / t_logit_std, flow_shift): "
-                             "set min_snr_gamma 0")
+        self.check_min_snr(min_snr_gamma)
         if min_snr_gamma not in self._min_snr:  # one float64 table per gamma, moved to the device once by _on
             snr = self.snr_table
             w = snr.clamp(max=min_snr_gamma)  # min(snr, gamma): the x0-loss weight of the paper

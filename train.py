@@ -214,7 +214,7 @@ def check_config(C):
     try:  # the model's and the schedule's own checks (DiTConfig, Diffusion), before the cache build
         make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, adaln=C.adaln,
                     route_frac=C.route_frac, route_from=C.route_from, route_to=C.route_to)
-        make_diffusion(C).loss_weight(torch.zeros(1), C.min_snr_gamma)  # flow refuses min-SNR
+        make_diffusion(C).check_min_snr(C.min_snr_gamma)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for key in ("lr", "muon_lr"):
@@ -467,8 +467,7 @@ def model_config(C, channels, side, text_dim, pooled_dim):
     return make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, in_channels=channels,
                        input_size=side, text_dim=text_dim, pooled_dim=pooled_dim, text_len=C.text_len,
                        adaln=C.adaln, qk_norm=C.qk_norm, rope=C.rope, cross_norm=C.cross_norm, grad_ckpt=C.grad_ckpt,
-                       route_frac=C.route_frac,
-                       route_from=C.route_from, route_to=C.route_to)
+                       route_frac=C.route_frac, route_from=C.route_from, route_to=C.route_to)
 
 
 def inherit_architecture(C, init, path):
@@ -489,6 +488,20 @@ def inherit_architecture(C, init, path):
         C.text_len = mc["text_len"]
     if C.text_len > mc["text_len"]:
         raise ConfigError(f"--text_len {C.text_len}: {path} was trained on {mc['text_len']} text tokens")
+
+
+def stage_start(C, ck, resume_from):
+    """init_from: the stage's architecture (into C) and position grid, from its own checkpoint ck when it resumes.
+    -> (the checkpoint whose EMA weights start a new stage, or None; its grid, or None). Errors exit 2."""
+    if not C.init_from:
+        return None, None
+    try:
+        source = ck if ck is not None else load_checkpoint(C.init_from, need=FOR_SAMPLING)
+        inherit_architecture(C, source, C.init_from if ck is None else resume_from)
+        check_config(C)  # the inherited depth against route_from / route_to
+    except (CheckpointError, ConfigError) as e:
+        fail(f"--init_from: {e}")
+    return (source if ck is None else None), source["model_config"]["input_size"]
 
 
 def build_model(C, latent_shape, text_encoder, init=None, base_grid=None):
@@ -826,16 +839,7 @@ def main(argv):
         fail(e)
     except CheckpointError as e:
         fail(f"{e}: move it away, use another --out_dir, or --resume never")
-    init = base_grid = None
-    try:  # init_from: the architecture and position grid of the stage (from its own checkpoint when it resumes)
-        if C.init_from:
-            source = ck if ck is not None else load_checkpoint(C.init_from, need=FOR_SAMPLING)
-            inherit_architecture(C, source, C.init_from if ck is None else resume_from)
-            check_config(C)  # the inherited depth against route_from / route_to
-            base_grid = source["model_config"]["input_size"]
-            init = source if ck is None else None  # its weights start a new stage; a resumed one has its own
-    except (CheckpointError, ConfigError) as e:
-        fail(f"--init_from: {e}")
+    init, base_grid = stage_start(C, ck, resume_from)
     D = setup_distributed(C)
     print0 = print if D.master else (lambda *a, **k: None)
 
@@ -855,8 +859,9 @@ def main(argv):
         del ck
     elif C.init_from:
         print0(f"EMA weights of {C.init_from} start a new run: step 0, fresh optimizer")
-    if warmup_warning(C):
-        print0(warmup_warning(C))
+    warning = warmup_warning(C)
+    if warning:
+        print0(warning)
     model = torch.compile(raw_model) if C.compile and D.cuda else raw_model
     if D.ddp:
         model = DDP(model, device_ids=[torch.device(C.device).index] if D.cuda else None)
