@@ -30,11 +30,16 @@ Choices:
 - ensure_cache() puts a cache in cache/<source>-<res>px-<vae>-<text encoder>[-states]-<hash of all
   settings> unless told where, reuses it while the manifest matches (settings + source fingerprint).
 """
-import argparse, collections, functools, glob, hashlib, io, json, os, queue, random, re, struct, sys, tarfile, threading
+import argparse, collections, contextlib, functools, glob, hashlib, io, json, os, queue, random, re, struct, sys, tarfile, threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import NamedTuple
+
+try:
+    import fcntl  # POSIX: the cache build lock (elsewhere builds are not guarded against each other)
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -660,9 +665,38 @@ def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_sta
     if kind == "cache":
         raise DataError(f"{data} is already a cache: pass it to LatentCache / Loader directly")
     settings = _cache_settings(data, resolution, vae, text_encoder, text_states)
-    done, prog = _check_out_folder(out, settings)
+    done, _ = _check_out_folder(out, settings)
     if done:
         return out
+    with _build_lock(out):  # two runs asking for one cache at once: the second waits, then finds it finished
+        done, prog = _check_out_folder(out, settings)
+        if not done:
+            _build_locked(data, out, resolution, vae, text_encoder, device, text_states, batch_size, chunk_size,
+                          workers, settings, prog)
+    return out
+
+@contextlib.contextmanager
+def _build_lock(out):
+    """An exclusive lock on out/.lock for one build: processes that write the same files at once interleave their
+    chunks and truncations into a cache that is wrong without an error (seen with two ablation runs started
+    together). flock is released by the OS when its holder dies, so a killed build never leaves a stale lock."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{out}: another process is building this cache; waiting for it", flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+def _build_locked(data, out, resolution, vae, text_encoder, device, text_states, batch_size, chunk_size, workers,
+                  settings, prog):
+    kind = source_kind(data)
     items, total = source_items(data, resolution)
     vae, te = _open_encoders(vae, text_encoder, device)
     rows = _cache_files(resolution, vae, te, text_states)
@@ -677,7 +711,6 @@ def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_sta
         raise DataError(f"no usable images in {data!r} ({prog['items']} items; skipped: {prog['skipped'] or 'none'})")
     _write_headers(out, rows, prog["count"])
     _write_manifest(data, kind, out, settings, prog, rows, vae, te)
-    return out
 
 def cache_slug(data, resolution, vae, text_encoder, text_states=False):
     """A readable folder name for a source + settings, with a hash of the full settings."""

@@ -272,6 +272,33 @@ def test_kill_and_resume_gives_the_identical_cache(tmp_path, monkeypatch):
     assert len(c) == 40 and _keys(out) == [f"shape{i}" for i in range(40)] and c.states.shape == (40, 77, 64)
 
 
+
+@pytest.mark.skipif(data.fcntl is None, reason="the build lock is POSIX flock")
+def test_a_second_build_of_one_cache_waits_for_the_first(tmp_path):
+    """Two runs started together once interleaved their appends into a wrong cache without an error: while one
+    process holds the build lock, another builder of the same folder writes nothing; once it is released, the
+    waiting builder finishes a cache byte-for-byte equal to a lone build."""
+    import fcntl
+    once = data.build_cache("shapes:24", str(tmp_path / "once"), 16, "none", "tiny")
+    out = tmp_path / "shared"
+    out.mkdir()
+    holder = open(out / ".lock", "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # this test is "the first build", still running
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "--data", "shapes:24", "--out", str(out),
+                          "--resolution", "16", "--vae", "none", "--text_encoder", "tiny"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(timeout=15)  # it imports torch, checks the folder, then blocks on the lock
+        assert sorted(os.listdir(out)) == [".lock"]  # nothing written while the lock is held
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+    log, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, log
+    assert "another process is building this cache" in log
+    assert _file_bytes(str(out)) == _file_bytes(once)
+
 ##### the frozen encoders
 
 def test_tokenize_is_77_ids_for_empty_short_and_long_captions():
