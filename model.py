@@ -30,7 +30,12 @@ class DiTConfig:
     qk_norm: bool = True        # RMSNorm on queries and keys (bf16 stability, arXiv 2302.05442)
     rope: bool = True           # 2-D RoPE in self-attention, on top of the fixed sin-cos position embedding
     cross_norm: bool = True     # affine LayerNorm before the cross-attention (PixArt has none)
+    cross_gate: bool = False    # an adaLN gate (zero at init) on the cross-attention branch too, as on the other two
+    text_proj: str = "mlp"      # text states -> width: "mlp" (PixArt's caption projection) | "linear" (one Linear)
+    weight_init: str = "dit"    # "dit" (xavier-uniform linears, normal(0.02) embedders) | "torch" (nn.Linear's own);
+                                # the zero-initialised modulation and final layer are zero in both
     grad_ckpt: bool = False     # activation checkpointing per block (training only)
+    ckpt_blocks: int = 0        # with grad_ckpt: only blocks[:ckpt_blocks] are checkpointed (0 = every block)
     route_frac: float = 0.0     # token routing (TREAD, arXiv 2501.04765), training only: this share of the tokens,
     route_from: int = 2         # random per sample, skips blocks[route_from:route_to] (a Python slice: a negative
     route_to: int = -2          # route_to counts from the end) and rejoins unchanged; 0 = off
@@ -38,6 +43,12 @@ class DiTConfig:
     def __post_init__(self):  # ValueError, not assert: train.py turns it into a one-line error before any work
         if self.adaln not in ("single", "zero"):
             raise ValueError(f"adaln must be 'single' or 'zero', got {self.adaln!r}")
+        if self.text_proj not in ("mlp", "linear"):
+            raise ValueError(f"text_proj must be 'mlp' or 'linear', got {self.text_proj!r}")
+        if self.weight_init not in ("dit", "torch"):
+            raise ValueError(f"weight_init must be 'dit' or 'torch', got {self.weight_init!r}")
+        if not 0 <= self.ckpt_blocks <= self.depth:
+            raise ValueError(f"ckpt_blocks {self.ckpt_blocks}: must be in 0..depth {self.depth} (0 = every block)")
         if not 0 <= self.route_frac < 1:
             raise ValueError(f"route_frac must be in [0, 1), got {self.route_frac}")
         if self.route_frac > 0 and not 0 <= self.route_from < self.routed_blocks[1] <= self.depth:
@@ -55,6 +66,11 @@ class DiTConfig:
     def kept_tokens(self, n):
         """Of n tokens, how many go through the routed blocks."""
         return n - int(self.route_frac * n)
+
+    @property
+    def n_mod(self):
+        """Modulation vectors per block: shift, scale, gate of attention and MLP (+ the cross-attention's gate)."""
+        return 7 if self.cross_gate else 6
 
 # the DiT paper's sizes (Table 1); the /N suffix is the patch size
 _SIZES = {"S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
@@ -153,10 +169,12 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, W))                   # (B, N, W)
 
 class DiTBlock(nn.Module):
-    """adaLN-modulated self-attention, ungated cross-attention to the text (PixArt-alpha Fig. 3), gated MLP."""
+    """adaLN-modulated self-attention, cross-attention to the text (ungated as in PixArt-alpha Fig. 3, or gated with
+    cross_gate), gated MLP."""
     def __init__(self, config):
         super().__init__()
-        W, self.adaln = config.width, config.adaln
+        W, self.adaln, self.n_mod = config.width, config.adaln, config.n_mod
+        M = self.n_mod
         self.norm1 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(config, cross=False)
         self.norm2 = nn.LayerNorm(W, eps=1e-6) if config.cross_norm else nn.Identity()
@@ -165,16 +183,18 @@ class DiTBlock(nn.Module):
         hidden = int(W * config.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(W, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, W))
         if config.adaln == "zero":   # DiT: a per-block MLP regresses shift/scale/gate from the conditioning
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(W, 6 * W))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(W, M * W))
         else:                        # PixArt adaLN-single: a learned per-block offset to the shared modulation
-            self.scale_shift_table = nn.Parameter(torch.zeros(6 * W))
+            self.scale_shift_table = nn.Parameter(torch.zeros(M * W))
 
     def forward(self, x, c, text, rope):
-        # x (B, N, W); c (B, W) for "zero", (B, 6W) shared modulation for "single"; text (B, L, W)
-        m = self.adaLN_modulation(c) if self.adaln == "zero" else c + self.scale_shift_table  # (B, 6W)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = m.chunk(6, dim=1)  # (B, W) each
+        # x (B, N, W); c (B, W) for "zero", (B, MW) shared modulation for "single" (M = 6, 7 with cross_gate);
+        # text (B, L, W)
+        m = self.adaLN_modulation(c) if self.adaln == "zero" else c + self.scale_shift_table  # (B, MW)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *gate_ca = m.chunk(self.n_mod, dim=1)  # (B, W)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)  # (B, N, W)
-        x = x + self.cross_attn(self.norm2(x), ctx=text)                       # (B, N, W)
+        ca = self.cross_attn(self.norm2(x), ctx=text)                          # (B, N, W)
+        x = x + (gate_ca[0][:, None] * ca if gate_ca else ca)                  # (B, N, W)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))  # (B, N, W)
         return x
 
@@ -200,9 +220,10 @@ class DiT(nn.Module):
         self.t_embedder = nn.Sequential(nn.Linear(256, W), nn.SiLU(), nn.Linear(W, W))
         self.pooled_embedder = nn.Sequential(nn.Linear(config.pooled_dim, W), nn.SiLU(), nn.Linear(W, W))
         # text states -> width once, shared by every block's K/V projection (PixArt's caption projection)
-        self.text_embedder = nn.Sequential(nn.Linear(config.text_dim, W), nn.GELU(approximate="tanh"), nn.Linear(W, W))
+        self.text_embedder = (nn.Sequential(nn.Linear(config.text_dim, W), nn.GELU(approximate="tanh"), nn.Linear(W, W))
+                              if config.text_proj == "mlp" else nn.Linear(config.text_dim, W))
         if config.adaln == "single":   # PixArt-alpha Sec. 2.3: one MLP for all blocks
-            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(W, 6 * W))
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(W, config.n_mod * W))
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
         self.final_layer = FinalLayer(config)
         self.initialize_weights()
@@ -213,13 +234,14 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.apply(_basic_init)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        for mlp in (self.t_embedder, self.pooled_embedder):
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
+        if self.config.weight_init == "dit":
+            self.apply(_basic_init)
+            w = self.x_embedder.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.x_embedder.bias)
+            for mlp in (self.t_embedder, self.pooled_embedder):
+                nn.init.normal_(mlp[0].weight, std=0.02)
+                nn.init.normal_(mlp[2].weight, std=0.02)
         # adaLN-Zero (DiT Sec. 3.2): every modulation output starts at zero, so self-attention and MLP branches
         # start gated off (at init "single" and "zero" compute the same function). The cross-attention output is
         # NOT zeroed (PixArt zeroes it): with a zero final layer its gradient is zero on the first step, so the
@@ -290,10 +312,11 @@ class DiT(nn.Module):
         def block(N):
             self_attn = N * W * 3 * W + 2 * N * N * W + N * W * W              # qkv, QK^T and AV, out proj
             cross_attn = N * W * W + L * W * 2 * W + 2 * N * L * W + N * W * W  # q, kv, QK^T and AV, out proj
-            return self_attn + cross_attn + 2 * N * W * hidden + (W * 6 * W if cfg.adaln == "zero" else 0)
+            return self_attn + cross_attn + 2 * N * W * hidden + (W * cfg.n_mod * W if cfg.adaln == "zero" else 0)
         routed = cfg.routed_blocks[1] - cfg.routed_blocks[0] if cfg.route_frac > 0 else 0  # at kept_tokens(N)
         embed = (N * C * p * p * W + 256 * W + W * W + cfg.pooled_dim * W + W * W  # patch, t MLP, pooled MLP
-                 + L * (cfg.text_dim * W + W * W) + (W * 6 * W if cfg.adaln == "single" else 0))  # text, t_block
+                 + L * (cfg.text_dim * W + (W * W if cfg.text_proj == "mlp" else 0))  # text projection
+                 + (W * cfg.n_mod * W if cfg.adaln == "single" else 0))  # t_block
         macs = (D - routed) * block(N) + routed * block(cfg.kept_tokens(N)) + embed + N * W * p * p * C  # + final
         return 3 * 2 * macs
 

@@ -77,6 +77,9 @@ adaln = "single"           # "single" (PixArt adaLN-single) | "zero" (DiT adaLN-
 qk_norm = True             # RMSNorm on queries and keys (bf16 stability; cost: docs/log.md 2026-11-26 11:19)
 rope = True                # 2-D RoPE in self-attention, on top of the fixed sin-cos position embedding
 cross_norm = True          # affine LayerNorm before the cross-attention (PixArt-alpha has none)
+cross_gate = False         # an adaLN gate on the cross-attention branch too (DiT-style gates on all three branches)
+text_proj = "mlp"          # text states -> width: mlp (PixArt's caption projection) | linear (one Linear)
+weight_init = "dit"        # dit (xavier-uniform linears, normal(0.02) embedders) | torch (nn.Linear's default init)
 text_len = 77              # text tokens the DiT cross-attends to: the first N of the encoder's 77
 grad_ckpt = False          # activation checkpointing per block (memory for compute)
 route_frac = 0.0           # token routing in training (TREAD, arXiv 2501.04765): this share of tokens skips blocks
@@ -188,7 +191,8 @@ def parse_args(argv):
 
 
 CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "muon"), dtype=("bfloat16", "float32"),
-               prediction=PREDICTIONS, schedule=SCHEDULES, adaln=("single", "zero"), model=tuple(PRESETS))
+               prediction=PREDICTIONS, schedule=SCHEDULES, adaln=("single", "zero"), model=tuple(PRESETS),
+               text_proj=("mlp", "linear"), weight_init=("dit", "torch"))
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, eval_every=0, warmup=0,
                 max_hours=0, depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0,
                 min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)
@@ -466,7 +470,8 @@ def model_config(C, channels, side, text_dim, pooled_dim):
     build theirs here too)."""
     return make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, in_channels=channels,
                        input_size=side, text_dim=text_dim, pooled_dim=pooled_dim, text_len=C.text_len,
-                       adaln=C.adaln, qk_norm=C.qk_norm, rope=C.rope, cross_norm=C.cross_norm, grad_ckpt=C.grad_ckpt,
+                       adaln=C.adaln, qk_norm=C.qk_norm, rope=C.rope, cross_norm=C.cross_norm, cross_gate=C.cross_gate,
+                       text_proj=C.text_proj, weight_init=C.weight_init, grad_ckpt=C.grad_ckpt,
                        route_frac=C.route_frac, route_from=C.route_from, route_to=C.route_to)
 
 
@@ -478,7 +483,7 @@ def inherit_architecture(C, init, path):
         if key in saved and getattr(C, key) != saved[key]:
             raise ConfigError(f"{path} was trained with --{key} {saved[key]}, this run has {getattr(C, key)}")
     C.model = saved.get("model", C.model) if C.model == DEFAULTS["model"] else C.model
-    for key in ("depth", "width", "heads", "patch", "adaln", "qk_norm", "rope", "cross_norm"):
+    for key in ("depth", "width", "heads", "patch", "adaln", "qk_norm", "rope", "cross_norm", "cross_gate", "text_proj"):
         have = mc.get(key, getattr(DiTConfig, key))  # checkpoints older than rope / cross_norm have them on
         if getattr(C, key) == DEFAULTS[key]:
             setattr(C, key, have)
@@ -531,8 +536,9 @@ def build_model(C, latent_shape, text_encoder, init=None, base_grid=None):
 
 def restore(ck, path, C, model, ema, optimizer, loader):
     """Continue from a checkpoint: weights, EMA, optimizer state, loader position, RNG. -> (step, elapsed s, horizon)"""
-    # neither activation checkpointing nor token routing changes a weight
-    same = lambda a: {k: v for k, v in a.items() if k not in ("grad_ckpt", "route_frac", "route_from", "route_to")}
+    # neither activation checkpointing, token routing nor the init of weights that come from the checkpoint matters
+    same = lambda a: {k: v for k, v in a.items()
+                      if k not in ("grad_ckpt", "route_frac", "route_from", "route_to", "weight_init")}
     try:  # keys a checkpoint predates (rope, cross_norm, route_*) take DiTConfig's defaults: what it was trained with
         saved = dataclasses.asdict(DiTConfig(**ck["model_config"]))
     except (TypeError, ValueError):

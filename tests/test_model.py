@@ -355,3 +355,79 @@ def test_cross_norm_off_drops_only_the_cross_attention_layernorm():
         block.norm2 = torch.nn.Identity()
     with torch.no_grad():
         torch.testing.assert_close(off(*inputs(off.config)), on(*inputs(on.config)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("adaln", ["single", "zero"])
+def test_cross_gate_at_one_is_the_ungated_model(adaln):
+    """cross_gate adds a seventh modulation vector, the cross-attention's gate; with that gate held at 1 the
+    block computes the ungated block, weight for weight. At init the gate is 0 (adaLN-Zero: the branch starts off)."""
+    cfg = dict(TINY, adaln=adaln)
+    off = randomized(DiTConfig(**cfg))
+    gated = DiT(DiTConfig(**dict(cfg, cross_gate=True)))
+    W = TINY["width"]
+    sd = off.state_dict()
+    with torch.no_grad():
+        for name, p in gated.state_dict().items():
+            if p.shape == sd[name].shape:
+                p.copy_(sd[name])
+            else:  # the modulation's output grows from 6W to 7W: rows 6W.. are the new gate
+                assert p.shape[0] == 7 * W and sd[name].shape[0] == 6 * W, name
+                p.zero_()
+                p[:6 * W] = sd[name]
+                if name.endswith("scale_shift_table") or name.endswith("adaLN_modulation.1.bias"):
+                    p[6 * W:] = 1.0  # gate = 0 (the t_block / modulation rows) + 1 (the offset) = 1
+        args = inputs(off.config)
+        torch.testing.assert_close(gated(*args), off(*args), rtol=1e-6, atol=1e-6)
+    fresh = DiT(DiTConfig(**dict(cfg, cross_gate=True)))
+    mod = fresh.t_block[1] if adaln == "single" else fresh.blocks[0].adaLN_modulation[1]
+    assert mod.weight.shape == (7 * W, W) and not mod.weight.any() and not mod.bias.any()
+
+
+def test_linear_text_projection_is_one_linear():
+    lin = randomized(DiTConfig(**dict(TINY, text_proj="linear")))
+    assert isinstance(lin.text_embedder, torch.nn.Linear)
+    assert lin.text_embedder.weight.shape == (TINY["width"], TINY["text_dim"])
+    mlp = DiT(DiTConfig(**TINY))
+    assert set(mlp.state_dict()) - set(lin.state_dict()) == {"text_embedder.0.weight", "text_embedder.0.bias",
+                                                            "text_embedder.2.weight", "text_embedder.2.bias"}
+    with pytest.raises(ValueError, match="text_proj"):
+        DiTConfig(**dict(TINY, text_proj="conv"))
+
+
+def test_torch_weight_init_keeps_the_default_init_and_the_zeros():
+    """weight_init "torch": every weight is what nn.Linear / nn.Conv2d drew at construction (same seed, same
+    draws), except the zero-initialised modulation and final layer, zero in both inits."""
+    cfg = DiTConfig(**dict(TINY, weight_init="torch"))
+    torch.manual_seed(3)
+    model = DiT(cfg)
+    # the reference: the same modules built with initialize_weights skipped
+    orig = DiT.initialize_weights
+    try:
+        DiT.initialize_weights = lambda self: None
+        torch.manual_seed(3)
+        ref = DiT(cfg)
+    finally:
+        DiT.initialize_weights = orig
+    zeroed = {"t_block.1.weight", "t_block.1.bias", "final_layer.linear.weight", "final_layer.linear.bias"}
+    for name, p in model.state_dict().items():
+        if name in zeroed:
+            assert not p.any(), name
+        else:
+            assert torch.equal(p, ref.state_dict()[name]), name
+    dit = DiT(DiTConfig(**TINY))
+    bound = 1 / TINY["width"] ** 0.5  # nn.Linear's kaiming-uniform(a=sqrt(5)) bound for fan_in W
+    assert model.blocks[0].attn.proj.weight.abs().max() <= bound
+    assert dit.blocks[0].attn.proj.weight.abs().max() > bound  # xavier-uniform: sqrt(6 / (2W)) is wider
+
+
+@pytest.mark.parametrize("over", [dict(cross_gate=True), dict(text_proj="linear"),
+                                  dict(cross_gate=True, text_proj="linear", adaln="zero")])
+def test_switch_flop_estimates_match_flop_counter(over):
+    cfg = make_config("DiT-S/2", **over)
+    B = 2
+    with torch.device("meta"):
+        model = DiT(cfg)
+        args = inputs(cfg, B=B, grid=16, device="meta")
+    with FlopCounterMode(display=False) as fwd:
+        model(*args)
+    assert abs(model.estimate_flops(16) / 3 / (fwd.get_total_flops() / B) - 1) < 1e-9
