@@ -6,6 +6,9 @@ depth/width/heads, run side by side in one process; plus the loader, the text en
     python bench.py --models B/2,XL/2 --batch 64 --out bench.jsonl
     python bench.py --res 512 --models B/2 --batch 16
     python bench.py --models XL/2 --grad_ckpt true     # any other --key value is a train.py key (train.parse_args)
+    python bench.py --models XL/2 --fp8 true --no_peer  # ours alone, the blocks' linears in float8 (torchao)
+    python bench.py --models B/2 --parts sampling      # only the sampling rows (ours and the peer)
+    python bench.py --report out/gpu/bench.jsonl --out out/gpu/gpu_check.json   # every row of a file, one table
     python bench.py configs/NAME.py --models B/2       # or a train.py config file
     python bench.py --tiny                             # CPU smoke run (< 1 min): tiny shapes, the very same code paths
     python bench.py --models none --batch 256 --text_encoder tiny   # only the loader and text encoder rows
@@ -13,9 +16,10 @@ depth/width/heads, run side by side in one process; plus the loader, the text en
 A training step is train.py's (step_noise, lr_at, train_step with diffusion.loss, clip and fused AdamW, ema_update)
 under its autocast and torch.compile rule (compiled on CUDA only). The peer goes through the same train_step via a
 thin adapter, so only the network differs. Text states are cached-style device tensors: the loader and the text
-encoder have rows of their own. A sampling row is sample.py's sample_latents around our DiT (the denoising loop; no
-VAE decode). Every row goes through one runner, run_cases: CUDA events around blocks of steps, warm-up (and
-compilation) excluded, cases alternating A B / B A in every round; step ms is the median over rounds.
+encoder have rows of their own. A sampling row is sample.py's sample_latents around our DiT and around the peer
+(the denoising loop, compiled on CUDA as sample.py runs it; no VAE decode). Every row goes through one runner,
+run_cases: CUDA events around blocks of steps, warm-up (and compilation) excluded, cases alternating A B / B A in
+every round; step ms is the median over rounds.
 For a kernel profile, run under `python -m torch.utils.bottleneck` or torch.profiler.
 """
 import argparse
@@ -43,11 +47,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import data as datalib
 import sample
 import train
-from model import PRESETS, DiT, peak_flops
+from model import PRESETS, DiT, convert_to_fp8, fp8_linear_filter, peak_flops
 
 TEXT_LEN, TEXT_DIM = 77, 768  # CLIP ViT-L/14 token states, the shape the peer's caption_channels expects
 TINY = dict(depth=2, width=64, heads=4, patch=2)  # --tiny: ours and the peer at this shape, 8x8 latents
 TINY_GRID, TINY_BATCH = 8, 4
+PARTS = ("train", "loader", "text_encoder", "sampling")  # --parts: the kinds of rows, in the order they run
 SYNC_WARNING = "called a synchronizing CUDA operation"  # c10/cuda/CUDAFunctions.cpp warn_or_error_on_sync
 
 #################################################################################
@@ -161,6 +166,13 @@ class PixArtPeer(torch.nn.Module):
                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
 
 
+def peer_fp8_filter(module, name):
+    """model.fp8_linear_filter's rule for the peer: the linears of its transformer blocks (self- and cross-attention,
+    feed-forward) whose sides are multiples of 16; not its embedders, adaLN-single or output projection."""
+    return (isinstance(module, torch.nn.Linear) and name.startswith("net.transformer_blocks.")
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
 def our_config(preset, shape, grid, C):
     """Our DiT at the bench shape with train.py's model keys (grad_ckpt acts in training only)."""
     at = {**dict(depth=0, width=0, heads=0, patch=0), **shape}  # the preset's own values unless --tiny's shape
@@ -177,7 +189,9 @@ def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
     build = (lambda: DiT(mcfg)) if impl == "ours" else (lambda: PixArtPeer(**shape, grid=grid))
     raw = build().to(device)
     if impl == "pixart" and C.grad_ckpt:
-        raw.net.enable_gradient_checkpointing()  # the same memory-for-compute trade as ours
+        raw.net.enable_gradient_checkpointing()  # the same memory-for-compute trade as ours (every block)
+    if C.fp8:  # train.py's conversion (before the optimizer and the compile), by the same rule for the peer
+        convert_to_fp8(raw, fp8_linear_filter if impl == "ours" else peer_fp8_filter)
     # training FLOPs per image (forward + backward of a batch of 1) by torch.utils.flop_counter, for ours and the
     # peer alike, on the meta device: shapes only, no memory, no compute
     with torch.device("meta"):
@@ -209,11 +223,12 @@ def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
                 flops=raw.estimate_flops() if impl == "ours" else counted, flops_counted=counted)
 
 
-def bench_training(label, preset, shape, grid, C, device, ctx, diffusion, steps, rounds, warmup, log, sequential=False):
+def bench_training(label, preset, shape, grid, C, device, ctx, diffusion, steps, rounds, warmup, log, sequential=False,
+                   impls=("ours", "pixart")):
     """Ours and the peer at one shape: both resident and alternating; where both do not fit (OOM), or with
     sequential=True, one at a time in the same process, where an OOM alone becomes that case's error row."""
     builders = {impl: lambda impl=impl: build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx)
-                for impl in ("ours", "pixart")}
+                for impl in impls}
     def oom_line(e):  # the first line of an out-of-memory error; anything else is raised again
         if "out of memory" not in str(e):
             raise e
@@ -240,7 +255,8 @@ def train_record(case, peer, label, grid, C, device, mode):
     arXiv 2204.02311 App. B), from the case's training FLOPs per image."""
     rec = {"kind": "train", "model": f"{case.impl} {label}", "impl": case.impl, "preset": label, "batch": C.batch,
            "accum": C.accum, "latent": [4, grid, grid], "compile": bool(C.compile and device.type == "cuda"),
-           "grad_ckpt": C.grad_ckpt, "mode": mode}
+           "grad_ckpt": C.grad_ckpt, "ckpt_blocks": C.ckpt_blocks if case.impl == "ours" else 0,  # the peer: all
+           "fp8": C.fp8, "mode": mode}
     if case.error or not case.times:
         return {**rec, "error": case.error or "not timed"}
     cuda, peak = device.type == "cuda", peak_flops(device)
@@ -310,25 +326,39 @@ def stand_in_text_encoder(device):
     return lambda captions: tuple(torch.stack(x) for x in zip(*map(one, captions)))
 
 
-def bench_sampling(label, preset, shape, grid, C, device, diffusion, batch=16, steps=50, cfg=7.5):
+def bench_sampling(label, preset, shape, grid, C, device, diffusion, batch=16, steps=50, cfg=7.5,
+                   impls=("ours", "pixart")):
     """sample.sample_latents at batch 16: 50-step DDIM with CFG (one batched forward of [uncond; cond] per step) over
-    our DiT, eager and eval as sample.py runs it, image i from seed C.seed + i. The Pipeline's VAE is only the factor
-    and channels that Pipeline.latent_shape reads: the row stops before the decode. -> (the Case, its JSON row)"""
+    our DiT and over the peer at the same shape, alternating, in eval mode as sample.py runs it (compiled on CUDA
+    unless --compile false, sample.py's default), image i from seed C.seed + i. The Pipeline's VAE is only the
+    factor and channels that Pipeline.latent_shape reads: the rows stop before the decode. -> (the Cases, their JSON
+    rows; ours with its ratio to the peer)"""
     prompts, seeds = captions(batch), [C.seed + i for i in range(batch)]
-    def build():
-        torch.manual_seed(C.seed)
-        model = DiT(our_config(preset, shape, grid, C)).to(device).eval().requires_grad_(False)
-        pipe = sample.Pipeline(model, diffusion, SimpleNamespace(name="none (no decode)", factor=8, channels=4),
-                               stand_in_text_encoder(device), {"resolution": grid * 8}, 0, device, "")
-        def work(n):  # n denoising steps: one sample_latents call
-            case.out = sample.sample_latents(pipe, prompts, seeds, cfg=cfg, steps=n, sampler="ddim")
-        case = Case(f"ours {label}", "ours", work, images=batch / steps)
-        return case
-    [case] = run_cases([build], steps, rounds=1, warmup=2, device=device, syncs=False)
-    dt = statistics.median(case.times) * steps
-    return case, {"kind": "sampling", "model": case.name, "batch": batch, "steps": steps, "cfg": cfg, "sampler": "ddim",
-                  "latent": [4, grid, grid], "s_per_batch": dt, "img_s": case.img_s, "ms_per_step": dt / steps * 1e3,
-                  "peak_gb": case.peak / 2**30 if device.type == "cuda" else None}
+    compiled = bool(C.compile and device.type == "cuda")
+    def builder(impl):
+        def build():
+            torch.manual_seed(C.seed)
+            net = DiT(our_config(preset, shape, grid, C)) if impl == "ours" else PixArtPeer(**shape, grid=grid)
+            net = net.to(device).eval().requires_grad_(False)
+            pipe = sample.Pipeline(torch.compile(net) if compiled else net, diffusion,
+                                   SimpleNamespace(name="none (no decode)", factor=8, channels=4),
+                                   stand_in_text_encoder(device), {"resolution": grid * 8}, 0, device, "")
+            def work(n):  # n denoising steps: one sample_latents call
+                case.out = sample.sample_latents(pipe, prompts, seeds, cfg=cfg, steps=n, sampler="ddim")
+            case = Case(f"{impl} {label}", impl, work, images=batch / steps)
+            return case
+        return build
+    cases = run_cases([builder(impl) for impl in impls], steps, rounds=1, warmup=2, device=device, syncs=False)
+    recs = []
+    for case in cases:
+        dt = statistics.median(case.times) * steps
+        recs.append({"kind": "sampling", "model": case.name, "impl": case.impl, "preset": label, "batch": batch,
+                     "steps": steps, "cfg": cfg, "sampler": "ddim", "latent": [4, grid, grid], "compile": compiled,
+                     "s_per_batch": dt, "img_s": case.img_s, "ms_per_step": dt / steps * 1e3,
+                     "peak_gb": case.peak / 2**30 if device.type == "cuda" else None})
+    if len(cases) == 2:
+        recs[0]["ratio_vs_peer"] = cases[0].img_s / cases[1].img_s
+    return cases, recs
 
 #################################################################################
 #                               Report and main                                 #
@@ -380,12 +410,62 @@ def print_header(argv, C, args, device):
     print(f"# bench.py | {meta['card']} | {date} | torch {torch.__version__} | diffusers {diffusers.__version__}")
     print(f"# {args.grid * 8} px -> latents 4x{args.grid}x{args.grid}, text {TEXT_LEN}x{TEXT_DIM} | micro-batch "
           f"{C.batch} x accum {C.accum} | autocast {meta['dtype']} | compile {meta['compile']} | "
-          f"grad_ckpt {C.grad_ckpt} | adaln {C.adaln} | qk_norm {C.qk_norm} | rope {C.rope} | cross_norm "
-          f"{C.cross_norm} | text_len {C.text_len} | "
+          f"grad_ckpt {C.grad_ckpt} (ckpt_blocks {C.ckpt_blocks}) | fp8 {C.fp8} | adaln {C.adaln} | qk_norm "
+          f"{C.qk_norm} | rope {C.rope} | cross_norm {C.cross_norm} | text_len {C.text_len} | "
           f"{args.warmup} warm-up + {args.rounds} rounds x {args.steps} timed steps per case")
-    print(f"# peak FLOP/s for MFU: {fmt(peak and peak / 1e12, '.1f', 'unknown')} TFLOP/s (model.PEAK_FLOPS)",
-          flush=True)
+    print(f"# peak FLOP/s for MFU: {fmt(peak and peak / 1e12, '.1f', 'unknown')} TFLOP/s (model.PEAK_FLOPS, bf16"
+          f"{': fp8 rows are held to the bf16 peak too' if C.fp8 else ''})", flush=True)
     return meta
+
+
+def setting(r):
+    """A row's settings in a few words: precision, activation checkpointing, the extras that are off; sampling."""
+    if r["kind"] == "sampling":
+        return f"sample {r['sampler']} {r['steps']} steps cfg {r['cfg']:g}" + (" compiled" if r.get("compile") else "")
+    words = ["fp8" if r.get("fp8") else {"bfloat16": "bf16", "float32": "fp32"}.get(r.get("dtype"), r.get("dtype"))]
+    if r.get("grad_ckpt"):
+        words.append(f"ckpt {r.get('ckpt_blocks') or 'all'}")
+    off = [k for k in ("qk_norm", "rope", "cross_norm") if r.get(k) is False]
+    return " ".join(words + ([f"no {'/'.join(off)}"] if off else []))
+
+
+def report_main(argv):
+    """--report JSONL [--out JSON]: every train and sampling row of a bench.py --out file (runs appended one after
+    another, as scripts/gpu_check.sh writes it) in one table with the settings each ran with; --out writes the
+    rows as one JSON list. -> the rows"""
+    p = argparse.ArgumentParser(prog="bench.py --report", allow_abbrev=False)
+    p.add_argument("--report", required=True, metavar="JSONL")
+    p.add_argument("--out", default="", help="write the rows here as one JSON list")
+    args = p.parse_args(argv)
+    try:
+        with open(args.report) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        p.error(f"--report {args.report}: {e}")
+    rows = [r for r in rows if r.get("kind") in ("train", "sampling")]
+    head = ["model", "batch", "setting", "ms/step", "img/s", "MFU", "peak GB", "ours/peer"]
+    lines = []
+    for r in rows:
+        if r.get("error"):
+            lines.append([r["model"], r.get("batch", ""), setting(r), "", "", "", "", r["error"][:60]])
+            continue
+        ratio = r.get("ratio_vs_peer")
+        ratio = "ref" if r.get("impl") == "pixart" else fmt(ratio, ".2f") + ("x" if ratio else "")
+        mfu = r.get("mfu")
+        lines.append([r["model"], r["batch"], setting(r), f"{r.get('step_ms', r.get('ms_per_step')):.1f}",
+                      f"{r['img_s']:.1f}", fmt(mfu and mfu * 100, ".1f") + ("%" if mfu else ""),
+                      fmt(r.get("peak_gb"), ".2f"), ratio])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = [f"# {args.report}: {len(rows)} rows | " + " | ".join(sorted({f"{r['card']}, torch {r['torch']}"
+                                                                       for r in rows})),
+           "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(l, widths)) + " |" for l in lines]
+    print("\n".join(out))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
 
 
 def parse(argv):
@@ -402,12 +482,22 @@ def parse(argv):
     add("--text_encoder", help="encoder to time (default: train.py's architecture, random weights)")
     add("--sequential", action="store_true", help="one model resident at a time (automatic after an OOM)")
     add("--tiny", action="store_true", help="tiny shapes, few steps: a < 1 min CPU smoke run of every path")
+    add("--no_peer", action="store_true", help="time ours alone (rows that need no ratio: memory, fp8)")
+    add("--parts", default=",".join(PARTS), help=f"comma-separated rows to run, of {','.join(PARTS)}")
+    add("--report", default="", metavar="JSONL", help="only print one table of every row in this bench.py --out file "
+        "(and write them to --out as one JSON list)")
     add("--out", default="", help="append the JSON lines to this file")
     args, rest = p.parse_known_args(argv)
     try:
         C = SimpleNamespace(**train.parse_args(rest))
+        train.check_fp8(C)  # fp8: a card with FP8 and torchao, or one line now
     except train.ConfigError as e:
         p.error(str(e))
+    if C.ckpt_blocks and not C.grad_ckpt:
+        p.error(f"--ckpt_blocks {C.ckpt_blocks}: only with --grad_ckpt true")
+    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if set(args.parts) - set(PARTS) or not args.parts:
+        p.error(f"--parts {','.join(args.parts)}: a comma-separated list of {','.join(PARTS)}")
     tiny = args.tiny
     C.batch = args.batch or (TINY_BATCH if tiny else C.batch)
     C.resolution = args.res or C.resolution
@@ -419,6 +509,11 @@ def parse(argv):
         p.error(f"--res {C.resolution}: must be a multiple of 16 (8x VAE, patch 2)")
     args.grid = TINY_GRID if tiny else C.resolution // 8
     args.presets = [("tiny", "DiT-S/2", TINY)] if tiny else [(m.removeprefix("DiT-"), m, PRESETS[m]) for m in models]
+    for label, preset, shape in args.presets:  # the model's own checks (ckpt_blocks within the depth, ...), now
+        try:
+            our_config(preset, shape, args.grid, C)
+        except ValueError as e:
+            p.error(f"{label}: {e}")
     args.steps, args.rounds = args.steps or (2 if tiny else 10), args.rounds or (2 if tiny else 3)
     args.warmup = args.warmup or (1 if tiny else 3)
     # The encoder's cost does not depend on its weights: by default train.py's architecture with random weights
@@ -430,6 +525,8 @@ def parse(argv):
 
 
 def main(argv):
+    if "--report" in argv or any(a.startswith("--report=") for a in argv):
+        return report_main(argv)
     args, C = parse(argv)
     ctx = train.setup_distributed(C).ctx  # train.py's device ("auto"), TF32 and autocast rules; one process here
     device, diffusion = torch.device(C.device), train.make_diffusion(C)
@@ -445,10 +542,12 @@ def main(argv):
                 f.write(json.dumps({**meta, **rec}) + "\n")
         return rec
 
-    for label, preset, shape in args.presets:
-        (ours, peer), mode = bench_training(label, preset, shape, args.grid, C, device, ctx, diffusion, args.steps,
-                                            args.rounds, args.warmup, log, sequential=args.sequential)
-        for case, ref in ((ours, peer), (peer, None)):
+    impls = ("ours",) if args.no_peer else ("ours", "pixart")
+    for label, preset, shape in args.presets if "train" in args.parts else ():
+        cases, mode = bench_training(label, preset, shape, args.grid, C, device, ctx, diffusion, args.steps,
+                                     args.rounds, args.warmup, log, sequential=args.sequential, impls=impls)
+        peer = cases[1] if len(cases) > 1 else None
+        for case, ref in ((cases[0], peer), (peer, None))[:len(cases)]:
             r = emit(train_record(case, ref, label, args.grid, C, device, mode))
             log(f"  {r['model']}: " + (r["error"] if r.get("error") else f"first step {case.first_s:.1f} s"
                 f"{' (compiles)' if meta['compile'] else ''}, {r['step_ms']:.1f} ms/step, {r['img_s']:.1f} img/s, "
@@ -457,20 +556,26 @@ def main(argv):
     if records:  # the training rows, all the records so far
         print()
         print_table(records)
-    rec = emit(bench_loader(C, args.grid, device, batches=20 if args.tiny else 200))
-    print(f"\nloader: {rec['samples_per_s']:.0f} samples/s ({rec['ms_per_batch']:.2f} ms per batch of {rec['batch']}, "
-          f"latents {'x'.join(map(str, rec['latent']))} fp16 from a memmap cache)", flush=True)
-    rec = bench_text_encoder(args.text_encoder, C, device, ctx, log)
-    rec["share_of_step"] = {r["preset"]: rec["ms_per_step"] / (r["step_ms"] + rec["ms_per_step"])
-                            for r in records if r.get("impl") == "ours" and not r.get("error")}
-    emit(rec)
-    share = ", ".join(f"{v * 100:.1f}% of a {k} step" for k, v in rec["share_of_step"].items())
-    print(f"text encoder {rec['model']} ({rec['params'] / 1e6:.1f}M): {rec['ms_per_step']:.2f} ms per step of "
-          f"{rec['batch']} captions if text states are not cached ({share})", flush=True)
-    for label, preset, shape in args.presets:
-        rec = emit(bench_sampling(label, preset, shape, args.grid, C, device, diffusion)[1])
-        print(f"sampling {rec['model']}: {rec['s_per_batch']:.2f} s per batch of {rec['batch']} ({rec['steps']}-step "
-              f"DDIM, CFG {rec['cfg']}: {rec['ms_per_step']:.1f} ms/step, {rec['img_s']:.2f} img/s)", flush=True)
+    if "loader" in args.parts:
+        rec = emit(bench_loader(C, args.grid, device, batches=20 if args.tiny else 200))
+        print(f"\nloader: {rec['samples_per_s']:.0f} samples/s ({rec['ms_per_batch']:.2f} ms per batch of "
+              f"{rec['batch']}, latents {'x'.join(map(str, rec['latent']))} fp16 from a memmap cache)", flush=True)
+    if "text_encoder" in args.parts:
+        rec = bench_text_encoder(args.text_encoder, C, device, ctx, log)
+        rec["share_of_step"] = {r["preset"]: rec["ms_per_step"] / (r["step_ms"] + rec["ms_per_step"])
+                                for r in records if r.get("impl") == "ours" and not r.get("error")}
+        emit(rec)
+        share = ", ".join(f"{v * 100:.1f}% of a {k} step" for k, v in rec["share_of_step"].items())
+        print(f"text encoder {rec['model']} ({rec['params'] / 1e6:.1f}M): {rec['ms_per_step']:.2f} ms per step of "
+              f"{rec['batch']} captions if text states are not cached ({share})", flush=True)
+    for label, preset, shape in args.presets if "sampling" in args.parts else ():
+        for rec in bench_sampling(label, preset, shape, args.grid, C, device, diffusion, impls=impls)[1]:
+            emit(rec)
+            ratio = f", {rec['ratio_vs_peer']:.2f}x the peer" if "ratio_vs_peer" in rec else ""
+            print(f"sampling {rec['model']}: {rec['s_per_batch']:.2f} s per batch of {rec['batch']} ({rec['steps']}-"
+                  f"step DDIM, CFG {rec['cfg']}, compile {rec['compile']}: {rec['ms_per_step']:.1f} ms/step, "
+                  f"{rec['img_s']:.2f} img/s{ratio})", flush=True)
+        free_memory(device)
     print("\n" + "\n".join(json.dumps({**meta, **r}) for r in records))
     return records
 

@@ -121,13 +121,25 @@ def sincos_2d(h, w, dim, base, device):
     ex = torch.cat([ex.sin(), ex.cos()], dim=1)[None, :].expand(h, w, 2 * n)   # (h, w, dim/2)
     return torch.cat([ey, ex], dim=-1).reshape(h * w, 4 * n)                   # (h*w, dim)
 
+def rope_tables(cos, sin, dtype):
+    """rope_2d's (..., D/2) angles -> the full-width tables apply_rope multiplies by, (..., D) in the compute dtype:
+    [cos, cos] and [-sin, sin]. Made once per forward (not per block), so the rotation is two multiplies and an add."""
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
+
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, H, N, D) by the angles in cos/sin (N, D/2), or per sample
-    (B, N, D/2) where routing kept different tokens in each sample."""
-    if cos.ndim == 3:
-        cos, sin = cos[:, None], sin[:, None]                                  # (B, 1, N, D/2)
-    x1, x2 = x.chunk(2, dim=-1)                                                # (B, H, N, D/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)      # (B, H, N, D)
+    """Rotate the pairs (x[..., i], x[..., i + D/2]) of x (B, N, *, D) by token n's angles: real-valued rotate-half,
+    x * [cos, cos] + [x2, x1] * [-sin, sin] = [x1 cos - x2 sin, x2 cos + x1 sin], with rope_tables' cos, sin (N, D),
+    or per sample (B, N, D) where routing kept different tokens in each sample. Equals the rotation of the complex
+    pairs x1 + i x2 by the angles, in the same rounding steps as computing those two products by hand."""
+    shape = cos.shape[:-1] + (1,) * (x.ndim - 3) + cos.shape[-1:]                # (N | B N, 1.., D)
+    x1, x2 = x.chunk(2, dim=-1)                                                # (B, N, *, D/2) each
+    return x * cos.view(shape) + torch.cat([x2, x1], dim=-1) * sin.view(shape)  # (B, N, *, D)
+
+def qk_rms_norm(x, weight, eps):
+    """RMSNorm over the last dim, reduced in fp32 at least (F.rms_norm), times weight (broadcast: (D,), or (2, 1, D)
+    for q and k stacked), back in x's dtype: nn.RMSNorm's numbers, bitwise in fp32."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))                   # bf16 -> fp32; fp32, fp64 stay
+    return (F.rms_norm(wide, x.shape[-1:], eps=eps) * weight).to(x.dtype)
 
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]                           # (B, N, W)
@@ -151,21 +163,30 @@ class Attention(nn.Module):
         self.proj = nn.Linear(W, W)
 
     def forward(self, x, ctx=None, rope=None):
-        B, N, W = x.shape                                                      # x (B, N, W)
+        B, N, W = x.shape                                                      # x (B, N, W); ctx (B, L, W)
         H, D = self.heads, W // self.heads
+        qk_norm = isinstance(self.q_norm, nn.RMSNorm)
         if self.cross:
-            q = self.q(x).view(B, N, H, D).transpose(1, 2)                     # (B, H, N, D)
-            k, v = self.kv(ctx).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)    # (B, H, L, D) each
+            q = self.q(x).view(B, N, H, D)                                     # (B, N, H, D)
+            k, v = self.kv(ctx).view(B, -1, 2, H, D).unbind(2)                 # (B, L, H, D) each
+            if qk_norm:
+                q = qk_rms_norm(q, self.q_norm.weight, self.q_norm.eps)         # (B, N, H, D)
+                k = qk_rms_norm(k, self.k_norm.weight, self.k_norm.eps)         # (B, L, H, D)
         else:
-            q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)   # (B, H, N, D) each
-        # RMSNorm reduces in fp32 internally; its output and RoPE stay in the compute dtype (cos/sin cast to it, as
-        # Llama's RoPE does): upcasting q, k to fp32 around both costs 4% of a compiled B/2 step on an H100
-        # (docs/log.md 2026-11-26 11:19, attention variants).
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)          # (B, H, N|L, D)
-        if rope is not None:
-            cos, sin = rope[0].to(v.dtype), rope[1].to(v.dtype)                # (N, D/2) each
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # (B, H, N, D)
-        x = F.scaled_dot_product_attention(q, k, v)                            # (B, H, N, D)
+            # q and k stay stacked in the QKV output's own layout, so that RMSNorm and RoPE are one pass over both
+            # (Inductor: one fused reduction + rotate kernel instead of one per tensor; docs/internals.md, the model).
+            # RMSNorm reduces in fp32, RoPE runs in the compute dtype (rope_tables' cos/sin are cast to it, as
+            # Llama's RoPE does): upcasting q, k to fp32 around both costs 4% of a compiled B/2 step on an H100
+            # (docs/log.md 2026-11-26 11:19, attention variants).
+            qkv = self.qkv(x).view(B, N, 3, H, D)                              # (B, N, 3, H, D)
+            qk, v = qkv[:, :, :2], qkv[:, :, 2]                                # (B, N, 2, H, D), (B, N, H, D)
+            if qk_norm:
+                w = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, D)
+                qk = qk_rms_norm(qk, w, self.q_norm.eps)                       # (B, N, 2, H, D)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)                                     # (B, N, 2, H, D)
+            q, k = qk.unbind(2)                                                # (B, N, H, D) each
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, N, D)
         return self.proj(x.transpose(1, 2).reshape(B, N, W))                   # (B, N, W)
 
 class DiTBlock(nn.Module):
@@ -272,7 +293,8 @@ class DiT(nn.Module):
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W), N = h*w
         x = x + sincos_2d(h, w, self.config.width, self.config.input_size // p, x.device).to(x.dtype)  # (B, N, W)
-        rope = rope_2d(h, w, self.config.width // self.config.heads, x.device) if self.config.rope else None  # (N, D/2)
+        head = self.config.width // self.config.heads
+        rope = rope_tables(*rope_2d(h, w, head, x.device), x.dtype) if self.config.rope else None  # cos, sin (N, D)
         c = self.t_embedder(timestep_embedding(t).to(x.dtype)) + self.pooled_embedder(pooled.to(x.dtype))  # (B, W)
         text = self.text_embedder(text[:, :self.config.text_len].to(x.dtype))  # (B, L, W), L <= text_len
         cb = self.t_block(c) if self.config.adaln == "single" else c           # (B, 6W) | (B, W)
@@ -281,14 +303,20 @@ class DiT(nn.Module):
             raise ValueError(f"route_scores {tuple(route_scores.shape)}: one per token, ({x.shape[0]}, {h * w})")
         first, end = self.config.routed_blocks
         block_rope, rejoin = rope, lambda x_all, x: x_all.scatter(1, keep[..., None].expand_as(x), x)
+        # grad_ckpt: activation checkpointing of whole blocks, blocks[:ckpt_blocks] (0 = all). Whole blocks, not a
+        # selective policy that saves the matmul outputs and recomputes the elementwise ops: under torch.compile
+        # the min-cut partitioner already recomputes cheap pointwise ops in the backward instead of saving them,
+        # so what a block keeps is mostly matmul and attention outputs, which that policy would keep too. k of
+        # depth blocks checkpointed free ~k/depth of the activations for ~k/depth of a forward in recompute.
+        ckpt_end = self.config.ckpt_blocks or len(self.blocks)
         for i, block in enumerate(self.blocks):
             if route and i == first:  # the kept tokens (with their RoPE angles) go on; the others wait in x_all
                 keep = route_scores.argsort(dim=1)[:, :self.config.kept_tokens(h * w)]  # (B, K)
                 x_all, x = x, x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, W)
-                block_rope = rope and (rope[0][keep], rope[1][keep])          # cos, sin (B, K, D/2)
+                block_rope = rope and (rope[0][keep], rope[1][keep])          # cos, sin (B, K, D)
             if route and i == end:  # the routed tokens rejoin unchanged
                 x, block_rope = rejoin(x_all, x), rope                        # (B, N, W)
-            if self.config.grad_ckpt and self.training and torch.is_grad_enabled():
+            if self.config.grad_ckpt and self.training and torch.is_grad_enabled() and i < ckpt_end:
                 x = checkpoint(block, x, cb, text, block_rope, use_reentrant=False)  # (B, N|K, W)
             else:
                 x = block(x, cb, text, block_rope)                             # (B, N|K, W)
@@ -343,6 +371,36 @@ def peak_flops(device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+#################################################################################
+#                       FP8 training (optional: torchao)                        #
+#################################################################################
+
+def fp8_linear_filter(module, name):
+    """The linears fp8 training runs in float8: the blocks' self- and cross-attention (qkv, q, kv, proj) and MLP
+    linears, where nearly all FLOPs are, if both sides are multiples of 16 (the alignment torch._scaled_mm needs).
+    Not the embedders, t_block, adaLN-Zero's modulation or the final layer: small GEMMs (once per image, or few
+    rows) whose casts would cost about what they save, and the conditioning's and the output's precision."""
+    return (isinstance(module, nn.Linear) and name.startswith("blocks.") and ".adaLN_modulation." not in name
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+def fp8_split(model):
+    """-> (names of the linears fp8_linear_filter picks, names of the block linears it leaves in the compute dtype
+    because a side is not a multiple of 16)."""
+    block = lambda m, n: isinstance(m, nn.Linear) and n.startswith("blocks.") and ".adaLN_modulation." not in n
+    mods = list(model.named_modules())
+    return ([n for n, m in mods if fp8_linear_filter(m, n)],
+            [n for n, m in mods if block(m, n) and not fp8_linear_filter(m, n)])
+
+def convert_to_fp8(module, keep=fp8_linear_filter):
+    """Swap the linears keep(module, name) picks for torchao's Float8Linear, in place (before torch.compile): dynamic
+    tensorwise scaling, the recipe every FP8 card runs (rowwise scaling is not supported on consumer Blackwell).
+    The parameters stay the same objects and the state dict keeps nn.Linear's keys and plain tensors, so the
+    optimizer, the EMA and checkpoints do not change, and sample.py loads the weights without torchao.
+    -> the module. torchao is imported here only: it is optional (train.py checks it before any work)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    return convert_to_float8_training(module, module_filter_fn=keep,
+                                      config=Float8LinearConfig.from_recipe_name("tensorwise"))
 
 #################################################################################
 #                                  Preset table                                 #

@@ -3,6 +3,7 @@ Prompts in, PNGs out: loads a checkpoint's EMA weights and everything needed to 
 
     python sample.py --cfg 7.5 "a red fox" "a blue car"            # out/samples/0000.png ... + grid.png
     python sample.py --ckpt out/ckpt.pt --n 8 --seed 1 --steps 30 --sampler dpmpp_2m --negative "blurry" "a red fox"
+    python sample.py --compile false "a red fox"                    # eager (the default on the CPU; CUDA compiles)
 
 Image k (prompt k // n) is sampled from its own torch.Generator seeded `seed + k`, so it is the same picture
 whatever --batch is. evaluate.py and the tests use the importable API: load_pipeline(), generate().
@@ -242,6 +243,13 @@ def check_args(p: argparse.ArgumentParser, args):
         p.error(f"--device {args.device}: torch sees no CUDA device here (use --device cpu)")
 
 
+def boolean(text: str) -> bool:
+    """An argparse type: true/false/1/0 in any case, as train.py's booleans."""
+    if text.lower() in ("true", "1", "false", "0"):
+        return text.lower() in ("true", "1")
+    raise argparse.ArgumentTypeError(f"expects true/false/1/0, got {text!r}")
+
+
 def open_pipeline(p: argparse.ArgumentParser, args, weights="ema") -> Pipeline:
     """load_pipeline for a command line (shared with evaluate.py): a bad checkpoint, an encoder that cannot be
     loaded, or --steps beyond the training timesteps exit 2 with one line."""
@@ -293,11 +301,15 @@ def main(argv=None):
     p.add_argument("--out", default="", help="output folder (default: samples/ beside the checkpoint); if it "
                    "holds files already, the next free OUT-2, OUT-3, ... is used: nothing is overwritten")
     p.add_argument("--batch", type=int, default=16, help="images sampled together (CFG doubles the model batch)")
+    p.add_argument("--compile", type=boolean, default=None, metavar="true|false",
+                   help="torch.compile the denoiser (default: true on CUDA, false on the CPU)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")  # exits 2
     check_args(p, args)
     pipe = open_pipeline(p, args, weights=args.weights)
+    if pipe.device.type == "cuda" if args.compile is None else args.compile:  # generate calls pipe.model: the compiled
+        pipe.model = torch.compile(pipe.model)  # module (the first batch, and a smaller last one, compile; then reused)
     out_dir = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples"), folder=True)
     prompts = [prompt for prompt in args.prompts for _ in range(args.n)]
     seeds = [args.seed + k for k in range(len(prompts))]

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datalib
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion
-from model import PRESETS, DiT, DiTConfig, make_config
+from model import PRESETS, DiT, DiTConfig, convert_to_fp8, fp8_split, make_config
 from sample import (FOR_RESUMING, FOR_SAMPLING, CheckpointError, Pipeline, generate, load_checkpoint, make_grid,
                     save_checkpoint, save_png)
 
@@ -82,6 +82,7 @@ text_proj = "mlp"          # text states -> width: mlp (PixArt's caption project
 weight_init = "dit"        # dit (xavier-uniform linears, normal(0.02) embedders) | torch (nn.Linear's default init)
 text_len = 77              # text tokens the DiT cross-attends to: the first N of the encoder's 77
 grad_ckpt = False          # activation checkpointing per block (memory for compute)
+ckpt_blocks = 0            # with grad_ckpt: checkpoint only the first N blocks (0 = all): less recompute, more memory
 route_frac = 0.0           # token routing in training (TREAD, arXiv 2501.04765): this share of tokens skips blocks
 route_from = 2             # blocks[route_from:route_to] (a negative route_to counts from the end; 0 = off); sampling
 route_to = -2              # never routes, and a run may resume with other route_* (e.g. an unrouted finish)
@@ -119,6 +120,7 @@ max_bad_steps = 20         # consecutive non-finite steps that stop the run
 device = "auto"            # auto | cpu | cuda | cuda:N
 dtype = "bfloat16"         # autocast dtype on CUDA: bfloat16 | float32 (the CPU always runs float32)
 compile = True             # torch.compile the model (CUDA only)
+fp8 = False                # the blocks' linears in float8 (torchao, tensorwise; CUDA compute capability 8.9+)
 seed = 0                   # seeds the data order, the noise and the init
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)]
@@ -195,7 +197,7 @@ CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "m
                text_proj=("mlp", "linear"), weight_init=("dit", "torch"))
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, eval_every=0, warmup=0,
                 max_hours=0, depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0,
-                min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8)
+                min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8, ckpt_blocks=0)
 UNIT = ("cond_drop", "decay_frac", "ema_decay")  # in [0, 1]
 
 
@@ -217,7 +219,7 @@ def check_config(C):
             raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1)")
     try:  # the model's and the schedule's own checks (DiTConfig, Diffusion), before the cache build
         make_config(C.model, depth=C.depth, width=C.width, heads=C.heads, patch=C.patch, adaln=C.adaln,
-                    route_frac=C.route_frac, route_from=C.route_from, route_to=C.route_to)
+                    route_frac=C.route_frac, route_from=C.route_from, route_to=C.route_to, ckpt_blocks=C.ckpt_blocks)
         make_diffusion(C).check_min_snr(C.min_snr_gamma)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -237,6 +239,28 @@ def check_config(C):
             raise ConfigError(f"--device {C.device!r}: {e}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {C.device}: torch sees no CUDA device here (use --device cpu)")
+    if C.ckpt_blocks > 0 and not C.grad_ckpt:
+        raise ConfigError(f"--ckpt_blocks {C.ckpt_blocks}: only with --grad_ckpt true")
+    check_fp8(C)
+
+
+def check_fp8(C):
+    """fp8 (torchao's float8 training) needs a CUDA card with FP8 tensor cores, compute capability 8.9+ (Ada,
+    Hopper, Blackwell), and the torchao package: ConfigError otherwise, before any work."""
+    if not C.fp8:
+        return
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if C.device == "auto" else C.device)
+    if device.type != "cuda":
+        raise ConfigError(f"--fp8 true: needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+), "
+                          f"not the {device.type}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ConfigError(f"--fp8 true: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has "
+                          "no FP8 tensor cores (8.9+: Ada, Hopper, Blackwell)")
+    try:
+        import torchao.float8  # noqa: F401  (imported only when asked: an optional package)
+    except ImportError as e:
+        raise ConfigError(f"--fp8 true: {e} (pip install torchao)") from None
 
 
 def make_diffusion(C):
@@ -472,7 +496,8 @@ def model_config(C, channels, side, text_dim, pooled_dim):
                        input_size=side, text_dim=text_dim, pooled_dim=pooled_dim, text_len=C.text_len,
                        adaln=C.adaln, qk_norm=C.qk_norm, rope=C.rope, cross_norm=C.cross_norm, cross_gate=C.cross_gate,
                        text_proj=C.text_proj, weight_init=C.weight_init, grad_ckpt=C.grad_ckpt,
-                       route_frac=C.route_frac, route_from=C.route_from, route_to=C.route_to)
+                       route_frac=C.route_frac, route_from=C.route_from, route_to=C.route_to,
+                       ckpt_blocks=C.ckpt_blocks)
 
 
 def inherit_architecture(C, init, path):
@@ -522,6 +547,8 @@ def build_model(C, latent_shape, text_encoder, init=None, base_grid=None):
              "change --resolution or --patch")
     model = DiT(mcfg).to(C.device)
     ema = DiT(mcfg).to(C.device).eval().requires_grad_(False)
+    if C.fp8:  # before the optimizer and torch.compile; the same parameters and state dict keys, so the EMA stays plain
+        convert_to_fp8(model)
     if init is not None:
         try:
             model.load_state_dict(init["ema"])
@@ -538,7 +565,7 @@ def restore(ck, path, C, model, ema, optimizer, loader):
     """Continue from a checkpoint: weights, EMA, optimizer state, loader position, RNG. -> (step, elapsed s, horizon)"""
     # neither activation checkpointing, token routing nor the init of weights that come from the checkpoint matters
     same = lambda a: {k: v for k, v in a.items()
-                      if k not in ("grad_ckpt", "route_frac", "route_from", "route_to", "weight_init")}
+                      if k not in ("grad_ckpt", "ckpt_blocks", "route_frac", "route_from", "route_to", "weight_init")}
     try:  # keys a checkpoint predates (rope, cross_norm, route_*) take DiTConfig's defaults: what it was trained with
         saved = dataclasses.asdict(DiTConfig(**ck["model_config"]))
     except (TypeError, ValueError):
@@ -807,8 +834,13 @@ def describe(C, model, latent_shape, images, G, world):
     budget = f", {C.max_hours} h budget" if C.max_hours > 0 else ""
     first, end = c.routed_blocks
     routing = f" ({c.kept_tokens(tokens)} in blocks {first}..{end - 1}: routing)" if c.route_frac > 0 else ""
+    fp8 = ""
+    if C.fp8:  # the linears fp8_linear_filter picks, and the block linears it leaves out for their sizes
+        picked, left = fp8_split(model)
+        fp8 = f", {len(picked)} block linears in fp8" + (f" (not {', '.join(left)}: a side not a multiple of 16)"
+                                                          if left else "")
     return (f"model {C.model}: {params / 1e6:.1f}M params, depth {c.depth} width {c.width} heads {c.heads} patch "
-            f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}, "
+            f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}{fp8}, "
             f"{model.estimate_flops(latent_shape[1]) / 1e9:.1f} GFLOP/img "
             f"(train)\n{images} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
             f"{C.max_steps} steps max{budget} | device {C.device}")

@@ -42,10 +42,10 @@ def positive(rec, *keys):
 
 def test_tiny_run_reports_every_case(tiny_run):
     stdout, recs = tiny_run
-    assert [r["kind"] for r in recs] == ["train", "train", "loader", "text_encoder", "sampling"]
+    assert [r["kind"] for r in recs] == ["train", "train", "loader", "text_encoder", "sampling", "sampling"]
     for r in recs:  # every line says where and with what it was measured
         assert r["torch"] == torch.__version__ and r["card"] and r["date"] and r["cmd"].startswith("python bench.py")
-    ours, peer, loader, text, sampling = recs
+    ours, peer, loader, text, sampling, peer_sampling = recs
     assert (ours["model"], peer["model"]) == ("ours tiny", "pixart tiny")
     for r in (ours, peer):
         assert "error" not in r, r
@@ -58,14 +58,18 @@ def test_tiny_run_reports_every_case(tiny_run):
     positive(loader, "samples_per_s", "ms_per_batch")
     positive(text, "ms_per_step", "captions_per_s", "params")
     assert text["model"] == "tiny" and text["batch"] == ours["batch"] * ours["accum"]
-    positive(sampling, "s_per_batch", "img_s", "ms_per_step")
-    assert (sampling["batch"], sampling["steps"], sampling["sampler"]) == (16, 50, "ddim") and sampling["cfg"] > 1
+    for r in (sampling, peer_sampling):
+        positive(r, "s_per_batch", "img_s", "ms_per_step")
+        assert (r["batch"], r["steps"], r["sampler"], r["compile"]) == (16, 50, "ddim", False) and r["cfg"] > 1
+    assert (sampling["model"], peer_sampling["model"]) == ("ours tiny", "pixart tiny")
+    assert sampling["ratio_vs_peer"] == pytest.approx(sampling["img_s"] / peer_sampling["img_s"], rel=1e-9)
+    assert (ours["fp8"], ours["grad_ckpt"], ours["ckpt_blocks"]) == (False, False, 0)
     # the printed report: header with card, date and torch version; a table row per case; the other sections
     assert torch.__version__ in stdout and recs[0]["date"] in stdout and recs[0]["card"] in stdout
     rows = [l for l in stdout.splitlines() if l.startswith("| ")]
     assert rows[0].split("|")[1].strip() == "model" and "ours/peer" in rows[0] and "peak GB" in rows[0]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["ours tiny", "pixart tiny"]
-    for needle in ("loader:", "text encoder tiny", "sampling ours tiny"):
+    for needle in ("loader:", "text encoder tiny", "sampling ours tiny", "sampling pixart tiny"):
         assert needle in stdout
     assert "target" not in stdout.lower()  # the ratio against the peer is a number, not a verdict
     assert sum(l.startswith("{") for l in stdout.splitlines()) == len(recs)  # the same JSON lines on stdout
@@ -140,6 +144,24 @@ def test_no_host_sync_in_a_training_step_on_cuda():
     assert bench.count_syncs(lambda: torch.ones(1, device=device).item(), device)[0] == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA card with FP8 tensor cores (compute capability 8.9+)")
+def test_fp8_training_step_on_cuda_has_no_host_sync():
+    """--fp8 on the card: torchao's dynamic tensorwise scales are computed on the device, so a step still has no
+    host sync."""
+    pytest.importorskip("torchao.float8")
+    from types import SimpleNamespace
+    import bench
+    import train
+    from diffusion import Diffusion
+    C = SimpleNamespace(**train.parse_args(["--batch", "4", "--compile", "false", "--fp8", "true"]))
+    device, ctx = torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
+    case = bench.build_case("ours", "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, Diffusion(), ctx)
+    case.work(2)
+    n, sites = bench.count_syncs(lambda: case.work(1), device)
+    assert n == 0, f"{n} host syncs per step at {sites}"
+
+
 def test_count_syncs_counts_syncs_not_the_debug_mode_notice(monkeypatch):
     """set_sync_debug_mode warns once that the mode is a prototype; that notice is not a sync (it was counted as
     one on an H100, failing the CUDA test on its first call). Both warnings are emitted here as torch emits them."""
@@ -170,9 +192,10 @@ def test_models_none_runs_only_the_loader_and_text_encoder_rows(one_thread, caps
     assert "loader:" in capsys.readouterr().out
 
 
-def test_sampling_row_runs_sample_latents(one_thread):
-    """The sampling row times sample.py's own path: the latents of its timed call are those of sample.sample_latents
-    for the same prompts and seeds, on a Pipeline built here around a DiT with the same seeded weights."""
+def test_sampling_rows_run_sample_latents_on_ours_and_the_peer(one_thread):
+    """The sampling rows time sample.py's own path with the same sampler, steps and CFG for both networks: the latents
+    of each timed call are those of sample.sample_latents for the same prompts and seeds, on a Pipeline built here
+    around a DiT, and around the peer, with the same seeded weights."""
     from types import SimpleNamespace
     import bench
     import sample
@@ -181,18 +204,23 @@ def test_sampling_row_runs_sample_latents(one_thread):
     from model import DiT
     C = SimpleNamespace(**train.parse_args(["--device", "cpu"]))
     device, diffusion = torch.device("cpu"), Diffusion()
-    case, rec = bench.bench_sampling("tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, diffusion,
-                                     batch=3, steps=4, cfg=3.0)
-    torch.manual_seed(C.seed)
-    model = DiT(bench.our_config("DiT-S/2", bench.TINY, bench.TINY_GRID, C)).eval().requires_grad_(False)
-    pipe = sample.Pipeline(model, diffusion, SimpleNamespace(factor=8, channels=4), bench.stand_in_text_encoder(device),
-                           {"resolution": bench.TINY_GRID * 8}, 0, device, "")
-    ref = sample.sample_latents(pipe, bench.captions(3), [C.seed + i for i in range(3)], cfg=3.0, steps=4)
-    assert case.out.shape == (3, 4, bench.TINY_GRID, bench.TINY_GRID) and torch.equal(case.out, ref)
-    assert case.work is None  # released
-    assert (rec["batch"], rec["steps"], rec["cfg"], rec["latent"]) == (3, 4, 3.0, [4, bench.TINY_GRID, bench.TINY_GRID])
-    assert rec["s_per_batch"] == pytest.approx(rec["steps"] * rec["ms_per_step"] / 1e3, rel=1e-9)
-    assert rec["img_s"] == pytest.approx(rec["batch"] / rec["s_per_batch"], rel=1e-9)
+    cases, recs = bench.bench_sampling("tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, diffusion,
+                                       batch=3, steps=4, cfg=3.0)
+    builds = {"ours": lambda: DiT(bench.our_config("DiT-S/2", bench.TINY, bench.TINY_GRID, C)),
+              "pixart": lambda: bench.PixArtPeer(**bench.TINY, grid=bench.TINY_GRID)}
+    for case, rec, impl in zip(cases, recs, ("ours", "pixart")):
+        torch.manual_seed(C.seed)
+        net = builds[impl]().eval().requires_grad_(False)
+        pipe = sample.Pipeline(net, diffusion, SimpleNamespace(factor=8, channels=4),
+                               bench.stand_in_text_encoder(device), {"resolution": bench.TINY_GRID * 8}, 0, device, "")
+        ref = sample.sample_latents(pipe, bench.captions(3), [C.seed + i for i in range(3)], cfg=3.0, steps=4)
+        assert case.out.shape == (3, 4, bench.TINY_GRID, bench.TINY_GRID) and torch.equal(case.out, ref), impl
+        assert case.work is None  # released
+        assert (rec["impl"], rec["batch"], rec["steps"], rec["cfg"], rec["latent"]) == (
+            impl, 3, 4, 3.0, [4, bench.TINY_GRID, bench.TINY_GRID])
+        assert rec["s_per_batch"] == pytest.approx(rec["steps"] * rec["ms_per_step"] / 1e3, rel=1e-9)
+        assert rec["img_s"] == pytest.approx(rec["batch"] / rec["s_per_batch"], rel=1e-9)
+    assert not torch.equal(cases[0].out, cases[1].out)  # two networks, not one timed twice
 
 
 def test_stand_in_text_encoder_is_a_function_of_the_caption():
@@ -217,3 +245,81 @@ def test_command_lines_reach_the_train_config():
     assert args.presets == [] and args.text_encoder == "ViT-L-14"  # train.py's encoder architecture, random weights
     with pytest.raises(SystemExit):
         bench.parse(["--models", "Q/2"])
+
+
+def test_report_prints_one_table_of_every_row(tiny_run, tmp_path, capsys):
+    """--report: the train and sampling rows of a JSON-lines file that several runs appended to (scripts/gpu_check.sh)
+    in one table, each with its settings, and the same rows in one JSON list; a bad file is one line, exit 2."""
+    import bench
+    _, recs = tiny_run
+    fp8 = dict(recs[0], fp8=True, grad_ckpt=True, ckpt_blocks=14, qk_norm=False, rope=False, cross_norm=False)
+    oom = {k: v for k, v in recs[1].items() if k not in ("step_ms", "img_s")} | {"error": "OOM alone: CUDA out"}
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*recs, fp8, oom]))
+    rows = bench.main(["--report", str(path), "--out", str(tmp_path / "all.json")])
+    assert [r["kind"] for r in rows] == ["train"] * 2 + ["sampling"] * 2 + ["train"] * 2
+    assert json.loads((tmp_path / "all.json").read_text()) == rows
+    table = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")][1:]
+    cells = [[c.strip() for c in l.split("|")[1:-1]] for l in table]
+    assert [c[0] for c in cells] == ["ours tiny", "pixart tiny"] * 3
+    assert [c[2] for c in cells] == ["fp32", "fp32", "sample ddim 50 steps cfg 7.5", "sample ddim 50 steps cfg 7.5",
+                                     "fp8 ckpt 14 no qk_norm/rope/cross_norm", "fp32"]
+    assert float(cells[0][4]) == pytest.approx(recs[0]["img_s"], abs=0.05) and cells[1][7] == "ref"
+    assert cells[5][7].startswith("OOM alone")
+    path.write_text("{not json\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--report", str(path)])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("argv,needle", [(["--fp8", "true", "--device", "cpu"], "--fp8 true: needs a CUDA GPU"),
+                                         (["--ckpt_blocks", "3"], "only with --grad_ckpt true"),
+                                         (["--parts", "train,speed"], "--parts train,speed"),
+                                         (["--models", "B/2", "--grad_ckpt", "true", "--ckpt_blocks", "13"],
+                                          "B/2: ckpt_blocks 13: must be in 0..depth 12")])
+def test_bad_bench_settings_exit_2_with_one_line(argv, needle, capsys):
+    import bench
+    with pytest.raises(SystemExit) as e:
+        bench.parse(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and needle in err[-1]
+
+
+def test_no_peer_and_parts_run_only_those_rows(one_thread):
+    """--no_peer --parts train,sampling: ours alone, training and sampling rows only (gpu_check.sh's memory and fp8
+    rows); --grad_ckpt true --ckpt_blocks 1 reaches our model (the peer checkpoints every block)."""
+    import bench
+    recs = bench.main(["--tiny", "--no_peer", "--parts", "train,sampling", "--grad_ckpt", "true", "--ckpt_blocks", "1",
+                       "--device", "cpu"])
+    assert [(r["kind"], r["impl"]) for r in recs] == [("train", "ours"), ("sampling", "ours")]
+    assert "ratio_vs_peer" not in recs[0] and "ratio_vs_peer" not in recs[1]
+    assert (recs[0]["grad_ckpt"], recs[0]["ckpt_blocks"]) == (True, 1)
+
+
+def test_fp8_swaps_the_same_block_linears_in_ours_and_the_peer(one_thread, monkeypatch):
+    """--fp8: ours by model.fp8_linear_filter, the peer by the same rule (its transformer blocks' linears, none of
+    its embedders or output). With torchao here, one fp8 training step of each runs on the CPU and moves the
+    weights."""
+    import contextlib
+    from types import SimpleNamespace
+    import bench
+    import train
+    from diffusion import Diffusion
+    peer = bench.PixArtPeer(**bench.TINY, grid=bench.TINY_GRID)
+    linears = {n: m for n, m in peer.named_modules() if isinstance(m, torch.nn.Linear)}
+    picked = [n for n, m in linears.items() if bench.peer_fp8_filter(m, n)]
+    assert picked == [n for n in linears if n.startswith("net.transformer_blocks.")] and len(picked) == 10 * 2
+    assert len(linears) > len(picked)  # its caption projection, timestep embedder and output stay as they are
+    pytest.importorskip("torchao.float8")
+    C = SimpleNamespace(**train.parse_args(["--batch", "2", "--device", "cpu", "--fp8", "true"]))  # parsed, unchecked
+    converted, real = [], bench.convert_to_fp8
+    monkeypatch.setattr(bench, "convert_to_fp8", lambda module, keep: converted.append(real(module, keep)) or module)
+    for impl, n in (("ours", 7 * bench.TINY["depth"]), ("pixart", 10 * bench.TINY["depth"])):
+        torch.manual_seed(0)
+        case = bench.build_case(impl, "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, torch.device("cpu"),
+                                Diffusion(), contextlib.nullcontext())
+        net = converted[-1]
+        assert sum(type(m).__name__ == "Float8Linear" for m in net.modules()) == n, impl
+        before = [p.detach().clone() for p in net.parameters()]
+        case.work(1)
+        assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters())), impl

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import model as M
@@ -186,10 +187,10 @@ def test_text_len_keeps_the_first_tokens_and_ignores_the_rest():
 def test_rope_is_relative_and_two_dimensional():
     """q_i . k_j after RoPE depends only on the 2-D offset between tokens i and j, and on both axes."""
     D, h, w = 16, 5, 6
-    cos, sin = M.rope_2d(h, w, D, "cpu")
+    cos, sin = M.rope_tables(*M.rope_2d(h, w, D, "cpu"), torch.float64)      # (N, D) each
     q, k = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
-    rq = M.apply_rope(q.expand(1, 1, h * w, D), cos.double(), sin.double())[0, 0]   # (N, D)
-    rk = M.apply_rope(k.expand(1, 1, h * w, D), cos.double(), sin.double())[0, 0]
+    rq = M.apply_rope(q.expand(1, h * w, 1, D), cos, sin)[0, :, 0]            # (N, D)
+    rk = M.apply_rope(k.expand(1, h * w, 1, D), cos, sin)[0, :, 0]
     s = (rq @ rk.T).view(h, w, h, w)                                           # s[y1, x1, y2, x2]
     torch.testing.assert_close(s[0, 0, 1, 2], s[3, 2, 4, 4])                   # same offset (1, 2)
     torch.testing.assert_close(s[2, 3, 0, 0], s[4, 5, 2, 2])                   # same offset (-2, -3)
@@ -270,6 +271,144 @@ def test_grad_ckpt_gives_same_gradients(adaln):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+def saved_activation_bytes(model, args):
+    """Bytes of the distinct non-parameter tensors autograd keeps for the backward of one forward: inside a
+    checkpointed block none (torch.utils.checkpoint's own hooks take them), but the inputs it keeps to recompute."""
+    params, seen = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*args)
+    return sum(seen.values())
+
+
+def test_ckpt_blocks_checkpoints_the_first_blocks_with_the_same_gradients():
+    """ckpt_blocks = k checkpoints blocks[:k]: gradients equal those without checkpointing (float32), and each
+    checkpointed block frees the same bytes of saved activations (the blocks are alike), less, once, the shared
+    modulation (B, 6W) that the checkpoints keep as an input; ckpt_blocks 0 checkpoints them all. The GPU's peak
+    memory at XL/2 is scripts/gpu_check.sh's row."""
+    cfg = DiTConfig(**dict(TINY, depth=4))
+    model = randomized(cfg)
+    args = inputs(cfg)
+    grads, saved = [], []
+    for ckpt, k in [(False, 0), (True, 1), (True, 2), (True, 3), (True, 4), (True, 0)]:
+        model.config.grad_ckpt, model.config.ckpt_blocks = ckpt, k
+        saved.append(saved_activation_bytes(model, args))
+        model.zero_grad()
+        model(*args).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for g in grads[1:]:
+        for n in grads[0]:
+            torch.testing.assert_close(g[n], grads[0][n], rtol=1e-6, atol=1e-8, msg=n)
+    freed = [a - b for a, b in zip(saved, saved[1:4])]                         # per block, for k = 1, 2, 3
+    shared = 2 * 6 * TINY["width"] * 4                                         # cb (B, 6W) float32, kept once
+    assert freed[1] == freed[2] > shared and freed[0] == freed[1] - shared, saved
+    assert saved[4] == saved[5] < saved[3]   # all 4 (the text states, shared by the blocks, go with the last one)
+    with pytest.raises(ValueError, match="ckpt_blocks 5: must be in 0..depth 4"):
+        DiTConfig(**dict(TINY, depth=4), ckpt_blocks=5)
+
+
+def reference_attention(attn, x, ctx=None, rope=None):
+    """Attention.forward as it was before q and k were normalised and rotated stacked: q, k, v permuted to
+    (B, H, N, D) apart, nn.RMSNorm on each, RoPE on each as the cat of the two rotated halves with (N, D/2) angles."""
+    B, N, W = x.shape
+    H, D = attn.heads, W // attn.heads
+    if attn.cross:
+        q = attn.q(x).view(B, N, H, D).transpose(1, 2)
+        k, v = attn.kv(ctx).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)
+    else:
+        q, k, v = attn.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q).to(v.dtype), attn.k_norm(k).to(v.dtype)
+    if rope is not None:
+        cos, sin = rope[0].to(v.dtype), rope[1].to(v.dtype)
+        if cos.ndim == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        def rotate(t):
+            t1, t2 = t.chunk(2, dim=-1)
+            return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
+        q, k = rotate(q), rotate(k)
+    return attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W))
+
+
+@pytest.mark.parametrize("over", [{}, dict(qk_norm=False), dict(rope=False),
+                                  dict(depth=4, route_frac=0.5, route_from=1, route_to=-1)])
+def test_stacked_qk_norm_and_rope_equal_the_per_tensor_reference(over, monkeypatch):
+    """The one-pass RMSNorm + rotate-half of q and k is the former per-tensor computation: to float64 precision
+    (routing's per-sample angles included), and bitwise in float32 on the CPU (the same rounding steps)."""
+    cfg = DiTConfig(**dict(TINY, **over))
+    model = randomized(cfg).train()
+    args = inputs(cfg)
+    kw = {"route_scores": torch.rand(2, 64, generator=torch.Generator().manual_seed(1))} if cfg.route_frac else {}
+    def old(self, x, ctx=None, rope=None):  # the reference, fed the (N, D/2) angles the tables were made from
+        half = None if rope is None else (rope[0][..., :rope[0].shape[-1] // 2], rope[1][..., rope[1].shape[-1] // 2:])
+        return reference_attention(self, x, ctx, half)
+    with torch.no_grad():
+        for dtype in (torch.float64, torch.float32):
+            model.to(dtype)
+            a = [t.to(dtype) if t.is_floating_point() else t for t in args]
+            new = model(*a, **kw)
+            with monkeypatch.context() as m:
+                m.setattr(M.Attention, "forward", old)
+                ref = model(*a, **kw)
+            if dtype == torch.float64:
+                torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
+            else:
+                assert torch.equal(new, ref)
+    assert new.abs().amax() > 0
+
+
+#################################################################################
+#                              FP8 (torchao)                                    #
+#################################################################################
+
+def test_fp8_filter_picks_exactly_the_block_linears():
+    """fp8_linear_filter: the attention and MLP linears of every block, not the embedders, t_block, adaLN-Zero's
+    modulation or the final layer; a block linear with a side that is not a multiple of 16 is left out, and named."""
+    per_block = ["attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj", "mlp.0", "mlp.2"]
+    for adaln in ("single", "zero"):
+        model = DiT(DiTConfig(**TINY, adaln=adaln))
+        picked, left = M.fp8_split(model)
+        assert picked == [f"blocks.{i}.{n}" for i in range(TINY["depth"]) for n in per_block] and left == []
+        everything = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        assert set(everything) - set(picked) == ({"final_layer.linear", "t_embedder.0", "t_embedder.2",
+                                                   "pooled_embedder.0", "pooled_embedder.2", "text_embedder.0",
+                                                   "text_embedder.2"} | ({"t_block.1"} if adaln == "single" else
+                                                   {f"blocks.{i}.adaLN_modulation.1" for i in range(TINY["depth"])}))
+    odd = DiT(DiTConfig(**TINY, mlp_ratio=4.125))                              # MLP hidden 264 = 16 x 16.5
+    picked, left = M.fp8_split(odd)
+    assert left == [f"blocks.{i}.{n}" for i in range(TINY["depth"]) for n in ("mlp.0", "mlp.2")]
+    assert picked == [f"blocks.{i}.{n}" for i in range(TINY["depth"]) for n in per_block[:5]]
+
+
+def test_fp8_conversion_keeps_parameters_and_state_dict():
+    """torchao swaps exactly the filtered linears; the parameters stay the same objects (the optimizer and the EMA
+    see them) and the state dict keeps nn.Linear's keys and plain tensors, which a model without torchao loads.
+    On the CPU its float8 matmuls run too: the output moves by the size of e4m3 rounding, no more."""
+    pytest.importorskip("torchao.float8")
+    model = randomized(DiTConfig(**TINY))
+    before, params = model.state_dict(), list(model.parameters())
+    args = inputs(model.config)
+    with torch.no_grad():
+        ref = model(*args)
+    M.convert_to_fp8(model)
+    swapped = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
+    assert swapped == M.fp8_split(model)[0] and len(swapped) == 7 * TINY["depth"]
+    assert all(a is b for a, b in zip(params, model.parameters())) and len(params) == len(list(model.parameters()))
+    after = model.state_dict()
+    assert list(after) == list(before) and all(type(v) is torch.Tensor and torch.equal(v, before[k])
+                                               for k, v in after.items())
+    plain = DiT(DiTConfig(**TINY))
+    plain.load_state_dict(after)                                               # strict: same keys, same shapes
+    with torch.no_grad():
+        out = model(*args)
+        torch.testing.assert_close(plain(*args), ref, rtol=0, atol=0)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.1, rel                                                  # e4m3: 3 mantissa bits
 
 
 #################################################################################

@@ -166,6 +166,32 @@ def test_bad_settings_exit_2_with_one_line(ckpt, tmp_path, capsys, args, want):
     assert not (tmp_path / "o").exists()  # nothing was sampled or written
 
 
+@pytest.mark.parametrize("flag,compiled", [([], False), (["--compile", "false"], False), (["--compile", "TRUE"], True),
+                                          (["--compile", "1"], True)])
+def test_compile_flag_compiles_the_denoiser_generate_uses(ckpt, tmp_path, monkeypatch, flag, compiled):
+    """--compile (default: on for CUDA, off on the CPU) hands the model generate calls to torch.compile; the images
+    are those of the eager model (torch.compile is replaced by a recorder here: the wiring, not Inductor, is tested;
+    test_model.py checks compiled against eager numbers)."""
+    calls = []
+    def fake_compile(module, **kw):
+        calls.append(module)
+        return lambda *a, **k: (calls.append("called"), module(*a, **k))[1]
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--n", "1", "--steps", "2", "--seed", "5"]
+    sample.main(argv + flag + ["--out", str(tmp_path / "a"), PROMPTS[0]])
+    assert (len(calls) > 0) == compiled and (not compiled or (type(calls[0]).__name__ == "DiT" and "called" in calls))
+    sample.main(argv + ["--out", str(tmp_path / "b"), PROMPTS[0]])
+    assert (tmp_path / "a" / "0000.png").read_bytes() == (tmp_path / "b" / "0000.png").read_bytes()
+
+
+def test_compile_flag_takes_only_booleans(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(ckpt), "--device", "cpu", "--compile", "maybe", "--out", str(tmp_path / "o"), "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--compile: expects true/false/1/0, got 'maybe'" in err[-1]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_a_gpu_exits_2(ckpt, capsys):
     with pytest.raises(SystemExit) as e:

@@ -392,6 +392,75 @@ def test_resume_with_activation_checkpointing_switched_on(cache, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_resume_with_some_blocks_checkpointed(cache, tmp_path):
+    """ckpt_blocks, like grad_ckpt, changes memory, not weights: a run resumes with it, equal to one without."""
+    train.main(args(cache, tmp_path / "o", max_steps=2))
+    shutil.copytree(tmp_path / "o", tmp_path / "p")
+    some = train.main(args(cache, tmp_path / "o", max_steps=3, grad_ckpt=True, ckpt_blocks=1))
+    none = train.main(args(cache, tmp_path / "p", max_steps=3))
+    assert some["step"] == 3 and some["model"].config.ckpt_blocks == 1
+    for (name, a), b in zip(some["model"].named_parameters(), none["model"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case,over,needle", [
+    ("cpu", dict(fp8=True), "--fp8 true: needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+), not the"),
+    ("A100", dict(fp8=True, device="cuda"), "NVIDIA A100-SXM4-80GB (compute capability 8.0) has no FP8 tensor cores"),
+    ("no torchao", dict(fp8=True, device="cuda"), "(pip install torchao)"),
+    ("cpu", dict(ckpt_blocks=1), "--ckpt_blocks 1: only with --grad_ckpt true"),
+    ("cpu", dict(grad_ckpt=True, ckpt_blocks=3), "ckpt_blocks 3: must be in 0..depth 2 (0 = every block)")])
+def test_fp8_and_ckpt_blocks_refusals_exit_2_with_one_line(tmp_path, capsys, monkeypatch, case, over, needle):
+    """fp8 needs CUDA, compute capability 8.9+ and torchao: each lack is one line and exit 2 before any work (a card
+    and a missing package simulated here); so is a ckpt_blocks without grad_ckpt or beyond the depth."""
+    if case != "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0) if case == "A100" else (9, 0))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB" if case == "A100"
+                            else "NVIDIA H100 80GB HBM3")
+        monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao.float8` fails as without the package
+        monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(SystemExit) as e:
+        train.main(args("shapes", tmp_path / "o", **over))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_an_fp8_model_trains_and_its_checkpoint_loads_without_torchao(tmp_path, monkeypatch):
+    """build_model with fp8 swaps the blocks' linears (where torchao is installed; its float8 matmuls also run on the
+    CPU), and one train_step moves the weights; the checkpoint holds nn.Linear's keys and plain tensors, so that
+    sample.py's reader and a plain DiT load it in a process where torchao cannot be imported."""
+    pytest.importorskip("torchao.float8")
+    import itertools
+    import contextlib
+    import sample
+    from model import DiTConfig
+    C = SimpleNamespace(**train.parse_args(args("shapes", tmp_path / "o", fp8=True, batch=2)))  # parsed, unchecked
+    te = SimpleNamespace(dim=32, pooled_dim=24)
+    model, ema, optimizer, diffusion = train.build_model(C, (3, 16, 16), te)
+    assert sum(type(m).__name__ == "Float8Linear" for m in model.modules()) == 7 * 2
+    assert "14 block linears in fp8" in train.describe(C, model, (3, 16, 16), 32, 2, 1)
+    g = torch.Generator().manual_seed(0)
+    loader = itertools.repeat({"latents": torch.randn(2, 3, 16, 16, generator=g),
+                               "states": torch.randn(2, 77, 32, generator=g),
+                               "pooled": torch.randn(2, 24, generator=g)})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rand = train.step_noise(0, 2, (3, 16, 16), "cpu", C, diffusion, tokens=16)
+    train.train_step(model, optimizer, diffusion, loader, None, rand, 1e-3, C, contextlib.nullcontext())
+    train.ema_update(list(ema.parameters()), list(model.parameters()), 0.5)
+    state = train.checkpoint_state(C, model, ema, optimizer, SimpleNamespace(state_dict=lambda: {}), 1, 1.0, 6)
+    sample.save_checkpoint(str(tmp_path / "ckpt.pt"), state)
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    ck = sample.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ck["model"].keys() == before.keys() == ck["ema"].keys()
+    plain = DiT(DiTConfig(**ck["model_config"]))
+    plain.load_state_dict(ck["model"])
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), model.parameters()))
+    assert any(not torch.equal(ck["model"][k], before[k]) for k in before)  # the fp8 step moved the weights
+    plain.load_state_dict(ck["ema"])
+
+
 def test_max_hours_ends_annealed_on_time_across_a_resume(cache, tmp_path, monkeypatch):
     """A virtual clock: every step takes 1 s, the first step of each process 120 s (a compile). The run is stopped by
     SIGTERM at a step between two log steps and resumed, so the resumed process's first interval is short and holds
