@@ -24,7 +24,8 @@ adaln = "single"                     # PixArt adaLN-single: ~26% fewer parameter
 batch = 32                           # micro-batch per GPU: 64 needs 41.2 GB (H100, bench.py), over the 32 GB
 qk_norm = True                       # +12% img/s without it at B/2 (H100; docs/log.md 2026-11-26 11:19),
                                      # but a week unattended in bf16 wants the stability
-accum = 8                            # global batch 256, as in the DiT and PixArt papers
+accum = 8                            # global batch 256 (DiT, PixArt); at equal FLOPs the probes favour small
+                                     # batches, nothing measured argues for >= 512 (docs/week.md, the global batch)
 optimizer = "muon"                   # Muon on the blocks' matrices: shape acc 0.42 -> 0.67 at equal FLOPs on the
 muon_lr = 0.02                       # shapes probe, scenes 0.08 -> 0.19 (docs/log.md 2026-11-29, Muon and flow)
 lr = 1e-4                            # AdamW on the rest (embedders, final layer, norms, modulation): DiT / PixArt's LR
