@@ -685,13 +685,18 @@ def _build_lock(out):
         if fcntl is not None:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
             except BlockingIOError:
                 print(f"{out}: another process is building this cache; waiting for it", flush=True)
                 fcntl.flock(f, fcntl.LOCK_EX)
+                locked = True
+            except OSError as e:  # a filesystem without flock (some NFS / FUSE mounts): build as before, unguarded
+                warnings.warn(f"{out}: no file lock here ({e}); do not build this cache from two processes at once")
+                locked = False
         try:
             yield
         finally:
-            if fcntl is not None:
+            if fcntl is not None and locked:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 def _build_locked(data, out, resolution, vae, text_encoder, device, text_states, batch_size, chunk_size, workers,

@@ -398,9 +398,12 @@ def convert_to_fp8(module, keep=fp8_linear_filter):
     The parameters stay the same objects and the state dict keeps nn.Linear's keys and plain tensors, so the
     optimizer, the EMA and checkpoints do not change, and sample.py loads the weights without torchao.
     -> the module. torchao is imported here only: it is optional (train.py checks it before any work)."""
+    import dataclasses
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    return convert_to_float8_training(module, module_filter_fn=keep,
-                                      config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    # pad_inner_dim: the weight-gradient matmul's inner dimension is the row count (batch x tokens, batch x 77 for
+    # the cross-attention's kv); CUDA's _scaled_mm needs it a multiple of 16, which a micro-batch of 8 is not
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name("tensorwise"), pad_inner_dim=True)
+    return convert_to_float8_training(module, module_filter_fn=keep, config=config)
 
 #################################################################################
 #                                  Preset table                                 #

@@ -253,7 +253,10 @@ def check_fp8(C):
     if device.type != "cuda":
         raise ConfigError(f"--fp8 true: needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+), "
                           f"not the {device.type}")
-    major, minor = torch.cuda.get_device_capability(device)
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ConfigError(f"--fp8 true: --device {C.device}: {str(e).splitlines()[0]}") from None
     if (major, minor) < (8, 9):
         raise ConfigError(f"--fp8 true: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has "
                           "no FP8 tensor cores (8.9+: Ada, Hopper, Blackwell)")

@@ -385,6 +385,19 @@ def test_fp8_filter_picks_exactly_the_block_linears():
     assert picked == [f"blocks.{i}.{n}" for i in range(TINY["depth"]) for n in per_block[:5]]
 
 
+def test_rope_tables_are_cos_cos_and_minus_sin_sin():
+    """The full-width tables against rope_2d's angles, so that a sign flip in both the tables and a reference built
+    from them cannot pass: apply_rope must rotate by +angle, (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)."""
+    cos, sin = M.rope_2d(3, 5, 16, "cpu")                                      # (15, 8)
+    c, s = M.rope_tables(cos, sin, torch.float64)
+    assert torch.equal(c, torch.cat([cos, cos], -1).double()) and torch.equal(s, torch.cat([-sin, sin], -1).double())
+    x = torch.randn(2, 15, 3, 16, dtype=torch.float64)                         # (B, N, H, D)
+    x1, x2 = x[..., :8], x[..., 8:]
+    want = torch.cat([x1 * cos[:, None].double() - x2 * sin[:, None].double(),
+                      x1 * sin[:, None].double() + x2 * cos[:, None].double()], -1)
+    torch.testing.assert_close(M.apply_rope(x, c, s), want, rtol=1e-12, atol=1e-12)
+
+
 def test_fp8_conversion_keeps_parameters_and_state_dict():
     """torchao swaps exactly the filtered linears; the parameters stay the same objects (the optimizer and the EMA
     see them) and the state dict keeps nn.Linear's keys and plain tensors, which a model without torchao loads.
@@ -398,6 +411,8 @@ def test_fp8_conversion_keeps_parameters_and_state_dict():
     M.convert_to_fp8(model)
     swapped = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
     assert swapped == M.fp8_split(model)[0] and len(swapped) == 7 * TINY["depth"]
+    # CUDA's _scaled_mm needs the weight-gradient matmul's inner dim (batch x tokens) a multiple of 16: padded
+    assert all(m.config.pad_inner_dim for m in model.modules() if type(m).__name__ == "Float8Linear")
     assert all(a is b for a, b in zip(params, model.parameters())) and len(params) == len(list(model.parameters()))
     after = model.state_dict()
     assert list(after) == list(before) and all(type(v) is torch.Tensor and torch.equal(v, before[k])
