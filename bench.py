@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data as datalib
 import sample
 import train
-from model import PRESETS, DiT, convert_to_fp8, fp8_linear_filter, peak_flops
+from model import PRESETS, DiT, convert_to_fp8, fp8_aligned, fp8_linear_filter, peak_flops
 
 TEXT_LEN, TEXT_DIM = 77, 768  # CLIP ViT-L/14 token states, the shape the peer's caption_channels expects
 TINY = dict(depth=2, width=64, heads=4, patch=2)  # --tiny: ours and the peer at this shape, 8x8 latents
@@ -169,8 +169,7 @@ class PixArtPeer(torch.nn.Module):
 def peer_fp8_filter(module, name):
     """model.fp8_linear_filter's rule for the peer: the linears of its transformer blocks (self- and cross-attention,
     feed-forward) whose sides are multiples of 16; not its embedders, adaLN-single or output projection."""
-    return (isinstance(module, torch.nn.Linear) and name.startswith("net.transformer_blocks.")
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    return isinstance(module, torch.nn.Linear) and name.startswith("net.transformer_blocks.") and fp8_aligned(module)
 
 
 def our_config(preset, shape, grid, C):
@@ -490,11 +489,9 @@ def parse(argv):
     args, rest = p.parse_known_args(argv)
     try:
         C = SimpleNamespace(**train.parse_args(rest))
-        train.check_fp8(C)  # fp8: a card with FP8 and torchao, or one line now
+        train.check_speed_keys(C)  # ckpt_blocks with grad_ckpt; fp8: a card with FP8 and torchao; or one line now
     except train.ConfigError as e:
         p.error(str(e))
-    if C.ckpt_blocks and not C.grad_ckpt:
-        p.error(f"--ckpt_blocks {C.ckpt_blocks}: only with --grad_ckpt true")
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if set(args.parts) - set(PARTS) or not args.parts:
         p.error(f"--parts {','.join(args.parts)}: a comma-separated list of {','.join(PARTS)}")

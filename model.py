@@ -3,7 +3,7 @@ A compact text-conditioned DiT (Peebles & Xie, arXiv 2212.09748) with PixArt-alp
 adaLN-single (Chen et al., arXiv 2310.00426), QK-RMSNorm and 2-D RoPE. `python model.py` prints the presets.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -376,21 +376,25 @@ def peak_flops(device) -> float | None:
 #                       FP8 training (optional: torchao)                        #
 #################################################################################
 
+def fp8_aligned(module):
+    """Both sides of a linear are multiples of 16: the alignment torch._scaled_mm needs."""
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+def block_linear(module, name):
+    """The blocks' self- and cross-attention (qkv, q, kv, proj) and MLP linears, where nearly all FLOPs are. Not the
+    embedders, t_block, adaLN-Zero's modulation or the final layer: small GEMMs (once per image, or few rows) whose
+    fp8 casts would cost about what they save, and the conditioning's and the output's precision."""
+    return isinstance(module, nn.Linear) and name.startswith("blocks.") and ".adaLN_modulation." not in name
+
 def fp8_linear_filter(module, name):
-    """The linears fp8 training runs in float8: the blocks' self- and cross-attention (qkv, q, kv, proj) and MLP
-    linears, where nearly all FLOPs are, if both sides are multiples of 16 (the alignment torch._scaled_mm needs).
-    Not the embedders, t_block, adaLN-Zero's modulation or the final layer: small GEMMs (once per image, or few
-    rows) whose casts would cost about what they save, and the conditioning's and the output's precision."""
-    return (isinstance(module, nn.Linear) and name.startswith("blocks.") and ".adaLN_modulation." not in name
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    """The linears fp8 training runs in float8: block_linear and fp8_aligned."""
+    return block_linear(module, name) and fp8_aligned(module)
 
 def fp8_split(model):
     """-> (names of the linears fp8_linear_filter picks, names of the block linears it leaves in the compute dtype
     because a side is not a multiple of 16)."""
-    block = lambda m, n: isinstance(m, nn.Linear) and n.startswith("blocks.") and ".adaLN_modulation." not in n
-    mods = list(model.named_modules())
-    return ([n for n, m in mods if fp8_linear_filter(m, n)],
-            [n for n, m in mods if block(m, n) and not fp8_linear_filter(m, n)])
+    mods = [(n, m) for n, m in model.named_modules() if block_linear(m, n)]
+    return [n for n, m in mods if fp8_aligned(m)], [n for n, m in mods if not fp8_aligned(m)]
 
 def convert_to_fp8(module, keep=fp8_linear_filter):
     """Swap the linears keep(module, name) picks for torchao's Float8Linear, in place (before torch.compile): dynamic
@@ -398,11 +402,10 @@ def convert_to_fp8(module, keep=fp8_linear_filter):
     The parameters stay the same objects and the state dict keeps nn.Linear's keys and plain tensors, so the
     optimizer, the EMA and checkpoints do not change, and sample.py loads the weights without torchao.
     -> the module. torchao is imported here only: it is optional (train.py checks it before any work)."""
-    import dataclasses
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     # pad_inner_dim: the weight-gradient matmul's inner dimension is the row count (batch x tokens, batch x 77 for
     # the cross-attention's kv); CUDA's _scaled_mm needs it a multiple of 16, which a micro-batch of 8 is not
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name("tensorwise"), pad_inner_dim=True)
+    config = replace(Float8LinearConfig.from_recipe_name("tensorwise"), pad_inner_dim=True)
     return convert_to_float8_training(module, module_filter_fn=keep, config=config)
 
 #################################################################################

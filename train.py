@@ -239,14 +239,15 @@ def check_config(C):
             raise ConfigError(f"--device {C.device!r}: {e}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {C.device}: torch sees no CUDA device here (use --device cpu)")
+    check_speed_keys(C)
+
+
+def check_speed_keys(C):
+    """The memory and precision keys (train.py and bench.py): ckpt_blocks only with grad_ckpt; fp8 (torchao's float8
+    training) needs a CUDA card with FP8 tensor cores, compute capability 8.9+ (Ada, Hopper, Blackwell), and the
+    torchao package. ConfigError otherwise, before any work."""
     if C.ckpt_blocks > 0 and not C.grad_ckpt:
         raise ConfigError(f"--ckpt_blocks {C.ckpt_blocks}: only with --grad_ckpt true")
-    check_fp8(C)
-
-
-def check_fp8(C):
-    """fp8 (torchao's float8 training) needs a CUDA card with FP8 tensor cores, compute capability 8.9+ (Ada,
-    Hopper, Blackwell), and the torchao package: ConfigError otherwise, before any work."""
     if not C.fp8:
         return
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if C.device == "auto" else C.device)
