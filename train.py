@@ -86,6 +86,7 @@ ckpt_blocks = 0            # with grad_ckpt: checkpoint only the first N blocks 
 route_frac = 0.0           # token routing in training (TREAD, arXiv 2501.04765): this share of tokens skips blocks
 route_from = 2             # blocks[route_from:route_to] (a negative route_to counts from the end; 0 = off); sampling
 route_to = -2              # never routes, and a run may resume with other route_* (e.g. an unrouted finish)
+route_until = 1.0          # routing stops after this share of the run's steps: TREAD's unrouted finish (1 = never)
 # diffusion
 schedule = "scaled_linear"  # linear | scaled_linear | cosine
 beta_start = 0.00085       # first beta (linear schedules)
@@ -198,7 +199,7 @@ CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "m
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, eval_every=0, warmup=0,
                 max_hours=0, depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0,
                 min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8, ckpt_blocks=0)
-UNIT = ("cond_drop", "decay_frac", "ema_decay")  # in [0, 1]
+UNIT = ("cond_drop", "decay_frac", "ema_decay", "route_until")  # in [0, 1]
 
 
 def check_config(C):
@@ -381,8 +382,14 @@ def step_noise(step, n, shape, device, C, diffusion, tokens=0):
     noise = torch.randn((n, *shape), generator=g, device=device)
     offset = torch.randn((n, shape[0], 1, 1), generator=g, device=device) if C.noise_offset > 0 else None
     perturb = torch.randn((n, *shape), generator=g, device=device) if C.input_perturbation > 0 else None
-    route = torch.rand((n, tokens), generator=g, device=device) if C.route_frac > 0 else None
-    return t, noise, offset, perturb, route
+    route = torch.rand((n, tokens), generator=g, device=device) if C.route_frac > 0 and tokens > 0 else None
+    return t, noise, offset, perturb, route  # (route drawn last: an unrouted step draws the same t and noise)
+
+
+def routed_tokens(step, horizon, tokens, C):
+    """Tokens that step_noise scores for routing at this step: all of them until route_until of the horizon, then
+    none (the unrouted finish; TREAD, arXiv 2501.04765, finishes its runs unrouted)."""
+    return tokens if C.route_frac > 0 and step < int(horizon * C.route_until) else 0
 
 
 def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank=0, world=1):
@@ -837,7 +844,8 @@ def describe(C, model, latent_shape, images, G, world):
     params = sum(p.numel() for p in model.parameters())
     budget = f", {C.max_hours} h budget" if C.max_hours > 0 else ""
     first, end = c.routed_blocks
-    routing = f" ({c.kept_tokens(tokens)} in blocks {first}..{end - 1}: routing)" if c.route_frac > 0 else ""
+    until = f" for the first {C.route_until:.0%} of the steps" if C.route_until < 1 else ""
+    routing = f" ({c.kept_tokens(tokens)} in blocks {first}..{end - 1}: routing{until})" if c.route_frac > 0 else ""
     fp8 = ""
     if C.fp8:  # the linears fp8_linear_filter picks, and the block linears it leaves out for their sizes
         picked, left = fp8_split(model)
@@ -931,7 +939,8 @@ def main(argv):
 
     # ---- the loop
     while step < horizon.steps:
-        rand = step_noise(step, G, latent_shape, C.device, C, diffusion, tokens)
+        routed = routed_tokens(step, horizon.steps, tokens, C)
+        rand = step_noise(step, G, latent_shape, C.device, C, diffusion, routed)
         lr = lr_at(step, horizon.steps, C)
         per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, text_encoder.encode,
                                                          rand, lr, C, D.ctx, D.rank, D.world)

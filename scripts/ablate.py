@@ -19,6 +19,7 @@ stopped mid-training continues from its checkpoint; nothing is ever deleted, and
 arguments is an error, not a silent mix.
 """
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -133,7 +134,7 @@ def plan_row(name, row_argv, base, args):
         train.check_config(SimpleNamespace(**config))
     except train.ConfigError as e:
         raise ToolError(f"row {name}: {e}") from None
-    fpi = flops_per_image(config, name)
+    fpi, printed = flops_per_image(config, name)
     per_step = config["batch"] * config["accum"]  # one process: world size 1
     max_steps = None
     if args.flops is not None:
@@ -148,7 +149,7 @@ def plan_row(name, row_argv, base, args):
         if warning:  # train.py prints it into the run's log only
             print(f"row {name}: {warning}", file=sys.stderr)
     return dict(name=name, args=row_argv, train_argv=argv + budget_args(args, max_steps), flops_per_image=fpi,
-                images_per_step=per_step, max_steps=max_steps, config=config)
+                printed_flops_per_image=printed, images_per_step=per_step, max_steps=max_steps, config=config)
 
 #################################################################################
 #                     FLOPs per training image, as train.py has them            #
@@ -213,7 +214,10 @@ def flops_per_image(config, name="?"):
     if side % mcfg.patch:
         raise ToolError(f"row {name}: {side} x {side} latents are not divisible by patch {mcfg.patch}")
     with torch.device("meta"):  # no memory, whatever the size: estimate_flops reads the config only
-        return DiT(mcfg).estimate_flops()
+        routed, unrouted = DiT(mcfg).estimate_flops(), DiT(dataclasses.replace(mcfg, route_frac=0.0)).estimate_flops()
+    # an unrouted finish (route_until < 1): the run's mean, as train.routed_tokens splits its steps
+    until = C.route_until if mcfg.route_frac > 0 else 1.0
+    return until * routed + (1 - until) * unrouted, routed
 
 #################################################################################
 #                            Running (and resuming)                             #
@@ -423,8 +427,9 @@ def collect(run, status, plan, columns, probe):
                    wall_min=last["elapsed_h"] * 60, images_per_s=images / max(last["elapsed_h"] * 3600, 1e-9),
                    git_commit=(start or {}).get("git_commit"), git_dirty=(start or {}).get("git_dirty"))
     shown = printed_gflops(run["dir"])
-    if shown is not None and abs(shown - round(plan["flops_per_image"] / 1e9, 1)) > 0.051:
-        rec["note"] = f"train.py printed {shown} GFLOP/img, this tool planned {plan['flops_per_image'] / 1e9:.2f}"
+    planned = plan.get("printed_flops_per_image", plan["flops_per_image"])  # train.py prints the routed steps' cost
+    if shown is not None and abs(shown - round(planned / 1e9, 1)) > 0.051:
+        rec["note"] = f"train.py printed {shown} GFLOP/img, this tool planned {planned / 1e9:.2f}"
     if rec["error"] is not None:
         rec["status"] = "failed"
     elif not finished(run, status):  # not reached yet, or stopped (Ctrl-C) before its probe

@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import ablate
+import data as datalib
+import train
 from model import DiT, DiTConfig
 
 TINY = ("--vae none --text_encoder tiny --resolution 16 --model DiT-S/2 --depth 1 --width 32 --heads 2 --patch 4 "
@@ -161,6 +164,26 @@ def test_rows_budgets_and_the_cache_path(ablation, tmp_path):
     args = ablate.parse_cli(["--row", "x:", "--steps", "1"])[0]
     assert (ablate.plan_row("x", ["--data", cache], base, args)["flops_per_image"]
             == row(ablation["report"], "narrow")["flops_per_image"])
+
+
+def test_an_unrouted_finish_is_planned_at_the_flops_train_py_spends():
+    """route_until: the plan's steps times train.py's own split (train.routed_tokens) into routed steps, at the
+    routed model's FLOPs per image, and unrouted ones, at the unrouted model's, is the budget to within one step."""
+    base = TINY.split() + ["--route_frac", "0.5", "--route_from", "0", "--route_to", "1", "--route_until", "0.7"]
+    budget = 3e11
+    plan = ablate.plan_row("x", [], base, ablate.parse_cli(["--row", "x:", "--flops", str(budget)])[0])
+    C = SimpleNamespace(**plan["config"])
+    tiny = datalib.load_text_encoder("tiny")
+    with torch.device("meta"):  # the model train.py builds for 16 px pixel space, routed and not
+        routed = DiT(train.model_config(C, 3, 16, tiny.dim, tiny.pooled_dim)).estimate_flops()
+        unrouted = DiT(train.model_config(SimpleNamespace(**{**vars(C), "route_frac": 0.0}), 3, 16, tiny.dim,
+                                          tiny.pooled_dim)).estimate_flops()
+    assert routed < unrouted and plan["printed_flops_per_image"] == routed
+    steps = plan["max_steps"]
+    spent = sum((routed if train.routed_tokens(s, steps, 16, C) else unrouted) * plan["images_per_step"]
+                for s in range(steps))
+    assert 0 < sum(train.routed_tokens(s, steps, 16, C) > 0 for s in range(steps)) < steps
+    assert abs(spent - budget) <= unrouted * plan["images_per_step"]
 
 
 def test_metrics_are_read_generically():

@@ -598,6 +598,28 @@ def test_a_routed_run_resumes_unrouted(cache, tmp_path, capsys):
     assert train.main(args(cache, tmp_path / "o", max_steps=5))["step"] == 5
 
 
+def test_route_until_is_a_routed_run_resumed_unrouted(cache, tmp_path, monkeypatch):
+    """route_until 0.5 of 6 steps == 3 routed steps, then a resume with route_frac 0 for the last 3 (bitwise)."""
+    saved = {}
+    real_save = train.save_checkpoint
+    def save_and_keep(path, state):
+        real_save(path, state)
+        saved[os.path.basename(os.path.dirname(path)), state["step"]] = path + f".{state['step']}"
+        shutil.copy(path, path + f".{state['step']}")
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    routed = dict(max_steps=6, ckpt_every=3, route_frac=0.5, route_from=0, route_to=1)
+    train.main(args(cache, tmp_path / "until", route_until=0.5, **routed))
+    train.main(args(cache, tmp_path / "routed", **routed))  # routed all the way; its step-3 checkpoint ...
+    os.makedirs(tmp_path / "finish")
+    shutil.copy(saved["routed", 3], tmp_path / "finish" / "ckpt.pt")
+    train.main(args(cache, tmp_path / "finish", **dict(routed, route_frac=0.0)))  # ... finished unrouted
+    until, finish, all_routed = (load(saved[run, 6]) for run in ("until", "finish", "routed"))
+    for key in ("model", "ema", "optimizer"):
+        assert tensors_equal(until[key], finish[key]), key
+    assert not tensors_equal(until["model"], all_routed["model"])  # the finish did change the last 3 steps
+    assert tensors_equal(load(saved["until", 3])["model"], load(saved["routed", 3])["model"])
+
+
 # ----------------------------------------------------------------------------- init_from (stages)
 
 @pytest.fixture(scope="module")
