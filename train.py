@@ -706,6 +706,38 @@ class Meter:
         return out
 
 
+class Progress:
+    """The log steps' bookkeeping: the meter's device-side sums, the clock (elapsed seconds across resumes), the
+    skipped steps so far, and the record that log.jsonl and the console get."""
+    def __init__(self, C, D, model, G, grid, T, step, elapsed_s):
+        self.C, self.D, self.model, self.G, self.grid = C, D, model, G, grid  # grid: the latent side (MFU)
+        self.meter, self.skipped = Meter(C.device, T), 0
+        self.elapsed0, self.t_start = elapsed_s, time.time()
+        self.t_log, self.step_log = self.t_start, step
+
+    def elapsed(self):
+        return self.elapsed0 + time.time() - self.t_start
+
+    def record(self, step, lr, horizon):
+        """Read the meter (the host sync: the clock after it) and re-plan the horizon. -> (the record, the longest
+        run of non-finite steps since the last read, whether the time budget is spent)"""
+        C, D = self.C, self.D
+        loss, gnorm, skipped, loss_by_t, worst = self.meter.read(D)
+        now = self.elapsed()
+        time_up = horizon.plan(step, now)
+        self.skipped += skipped
+        dt = time.time() - self.t_log
+        imgs = (step - self.step_log) * self.G / dt
+        mfu = self.model.mfu(imgs / D.world, C.device, self.grid)  # nan where the peak is unknown (CPU)
+        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "images_per_s": imgs,
+               "mfu": mfu if math.isfinite(mfu) else None, "skipped": self.skipped,
+               "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if D.cuda else 0.0,
+               "eta_h": (horizon.steps - step) * dt / max(step - self.step_log, 1) / 3600, "elapsed_h": now / 3600,
+               "loss_by_t": loss_by_t}
+        self.t_log, self.step_log = time.time(), step
+        return rec, worst, time_up
+
+
 @torch.no_grad()
 def sample_grid(pipe, prompts, cfg, path):
     """The train-time preview: image k is sample.py's `--seed k` image of prompt k (sample.generate, 50 steps of
@@ -875,10 +907,9 @@ def agree(D, signalled, horizon, time_up):
 
 # -----------------------------------------------------------------------------
 
-def main(argv):
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage())
-        sys.exit(0)
+def read_command_line(argv):
+    """The checked config and what to resume from; bad input (a bad checkpoint included) exits 2 before any work.
+    -> (C, this run's checkpoint path, the checkpoint to resume from or None, its contents or None)"""
     try:
         C = SimpleNamespace(**parse_args(argv))
         check_config(C)
@@ -889,10 +920,14 @@ def main(argv):
         fail(e)
     except CheckpointError as e:
         fail(f"{e}: move it away, use another --out_dir, or --resume never")
-    init, base_grid = stage_start(C, ck, resume_from)
-    D = setup_distributed(C)
-    print0 = print if D.master else (lambda *a, **k: None)
+    return C, ckpt_path, resume_from, ck
 
+
+def setup(C, D, ckpt_path, resume_from, ck, argv):
+    """Data, model, EMA, optimizer, loader, the resumed state, compile and DDP, and rank 0's logs. -> the run: a
+    namespace of what the loop uses (the step and the horizon included)."""
+    print0 = print if D.master else (lambda *a, **k: None)
+    init, base_grid = stage_start(C, ck, resume_from)
     cache, text_encoder = open_data(C, D)
     latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
     raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder, init, base_grid)
@@ -906,7 +941,6 @@ def main(argv):
     if ck is not None:
         step, elapsed, horizon.steps = restore(ck, resume_from, C, raw_model, ema_model, optimizer, loader)
         print0(f"resumed from {resume_from} at step {step}")  # resume wins over init_from: a stage continues
-        del ck
     elif C.init_from:
         print0(f"EMA weights of {C.init_from} start a new run: step 0, fresh optimizer")
     warning = warmup_warning(C)
@@ -921,92 +955,106 @@ def main(argv):
     G = C.batch * C.accum * D.world  # images per optimizer step
     tokens = (latent_shape[1] // raw_model.config.patch) * (latent_shape[2] // raw_model.config.patch)
     print0(describe(C, raw_model, latent_shape, len(cache), G, D.world))
-
-    # stop on SIGTERM/SIGINT after the current step, with a checkpoint
-    stop = {"signal": None}
-    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-                         for s in (signal.SIGTERM, signal.SIGINT)}
-    meter, skipped_total, preview, evaluator = Meter(C.device, diffusion.T), 0, None, Evaluator(C, cache)
-    sampling = C.sample_every > 0
-    run_log, bar = None, None
+    run_log = bar = None
     if D.master:
         from tqdm import tqdm
         os.makedirs(os.path.join(C.out_dir, "samples"), exist_ok=True)
         run_log = RunLog(C, environment(C, argv, step))
         bar = tqdm(total=horizon.steps, initial=step, dynamic_ncols=True, disable=None)
-    t_start = t_log = time.time()
-    step_log = step
+    return SimpleNamespace(
+        model=model, raw_model=raw_model, ema_model=ema_model, params=params, ema_params=ema_params,
+        optimizer=optimizer, diffusion=diffusion, text_encoder=text_encoder, loader=loader, latent_shape=latent_shape,
+        G=G, tokens=tokens, step=step, horizon=horizon, ckpt_path=ckpt_path, run_log=run_log, bar=bar,
+        progress=Progress(C, D, raw_model, G, latent_shape[1], diffusion.T, step, elapsed),
+        evaluator=Evaluator(C, cache), preview=None, sampling=C.sample_every > 0)
+
+
+def log_step(C, D, R, lr):
+    """A log step: one record to log.jsonl and the console, the horizon re-planned; too many non-finite steps in a
+    row stop the run (exit 1). -> whether the time budget is spent."""
+    rec, worst, time_up = R.progress.record(R.step, lr, R.horizon)
+    if D.master:
+        R.run_log.write(rec)
+        R.bar.total = R.horizon.steps
+        R.bar.write(console_line(rec))
+    if worst >= C.max_bad_steps:
+        fail(f"{worst} non-finite steps in a row by step {R.step}; stopping. The last good checkpoint "
+             f"({R.ckpt_path}) is untouched.", code=1)
+    return time_up
+
+
+def save_and_watch(C, R, last, signalled):
+    """Rank 0 after a step: the checkpoint and curves.png (before sampling: a failed preview never costs training),
+    then the preview grid and the eval record when they are due (not on a signal: the run is stopping)."""
+    step = R.step
+    if step % C.ckpt_every == 0 or last or signalled:
+        save_checkpoint(R.ckpt_path, checkpoint_state(C, R.raw_model, R.ema_model, R.optimizer, R.loader, step,
+                                                      R.progress.elapsed(), R.horizon.steps))
+        R.run_log.curves()
+    if signalled:
+        return
+    if R.sampling and (step % C.sample_every == 0 or last):
+        R.preview = preview_grid(R.preview, C, R.ema_model, R.diffusion, R.text_encoder, step, R.ckpt_path)
+        R.sampling = R.preview is not None
+    if R.evaluator.on and (step % C.eval_every == 0 or last):
+        rec = R.evaluator(lambda own: ema_pipeline(R.preview or own, C, R.ema_model, R.diffusion, R.text_encoder,
+                                                   step, R.ckpt_path), step)
+        if rec is not None:
+            R.run_log.write(rec)
+            R.bar.write(f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in rec.items()
+                                                             if k not in ("event", "step")))
+
+
+def main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        sys.exit(0)
+    C, ckpt_path, resume_from, ck = read_command_line(argv)
+    D = setup_distributed(C)
+    R = setup(C, D, ckpt_path, resume_from, ck, argv)
+    del ck
+    # stop on SIGTERM/SIGINT after the current step, with a checkpoint
+    stop = {"signal": None}
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                         for s in (signal.SIGTERM, signal.SIGINT)}
 
     # ---- the loop
-    while step < horizon.steps:
-        routed = routed_tokens(step, horizon.steps, tokens, C)
-        rand = step_noise(step, G, latent_shape, C.device, C, diffusion, routed)
-        lr = lr_at(step, horizon.steps, C)
-        per_sample, t, grad_norm, found_inf = train_step(model, optimizer, diffusion, loader, text_encoder.encode,
-                                                         rand, lr, C, D.ctx, D.rank, D.world)
-        ema_update(ema_params, params, min(C.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        meter.add(per_sample, t, grad_norm, found_inf)
-        if bar is not None:
-            bar.update(1)
-
-        time_up = False
-        if step % C.log_every == 0 or step >= horizon.steps:
-            loss, gnorm, skipped, loss_by_t, worst = meter.read(D)  # the host sync: the clock after it
-            now = elapsed + time.time() - t_start
-            time_up = horizon.plan(step, now)
-            skipped_total += skipped
-            dt = time.time() - t_log
-            imgs = (step - step_log) * G / dt
-            mfu = raw_model.mfu(imgs / D.world, C.device, latent_shape[1])  # nan where the peak is unknown (CPU)
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "images_per_s": imgs,
-                   "mfu": mfu if math.isfinite(mfu) else None, "skipped": skipped_total,
-                   "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if D.cuda else 0.0,
-                   "eta_h": (horizon.steps - step) * dt / max(step - step_log, 1) / 3600, "elapsed_h": now / 3600,
-                   "loss_by_t": loss_by_t}
-            if D.master:
-                run_log.write(rec)
-                bar.total = horizon.steps
-                bar.write(console_line(rec))
-            if worst >= C.max_bad_steps:
-                fail(f"{worst} non-finite steps in a row by step {step}; stopping. The last good checkpoint "
-                     f"({ckpt_path}) is untouched.", code=1)
-            t_log, step_log = time.time(), step
-
+    while R.step < R.horizon.steps:
+        rand = step_noise(R.step, R.G, R.latent_shape, C.device, C, R.diffusion,
+                          routed_tokens(R.step, R.horizon.steps, R.tokens, C))
+        lr = lr_at(R.step, R.horizon.steps, C)
+        per_sample, t, grad_norm, found_inf = train_step(R.model, R.optimizer, R.diffusion, R.loader,
+                                                         R.text_encoder.encode, rand, lr, C, D.ctx, D.rank, D.world)
+        ema_update(R.ema_params, R.params, min(C.ema_decay, (1 + R.step) / (10 + R.step)))
+        R.step += 1
+        R.progress.meter.add(per_sample, t, grad_norm, found_inf)
+        if R.bar is not None:
+            R.bar.update(1)
+        time_up = log_step(C, D, R, lr) if R.step % C.log_every == 0 or R.step >= R.horizon.steps else False
         signalled = stop["signal"] is not None
         if D.ddp:
-            signalled, horizon.steps, time_up = agree(D, signalled, horizon.steps, time_up)
+            signalled, R.horizon.steps, time_up = agree(D, signalled, R.horizon.steps, time_up)
         if time_up:
-            horizon.steps = step
-        last = step >= horizon.steps  # after the re-planning: a horizon moved to this very step ends the run here
-        if D.master and (step % C.ckpt_every == 0 or last or signalled):  # before sampling: a failed preview
-            save_checkpoint(ckpt_path, checkpoint_state(   # never costs training
-                C, raw_model, ema_model, optimizer, loader, step, elapsed + time.time() - t_start, horizon.steps))
-            run_log.curves()
-        if D.master and sampling and not signalled and (step % C.sample_every == 0 or last):
-            preview = preview_grid(preview, C, ema_model, diffusion, text_encoder, step, ckpt_path)
-            sampling = preview is not None
-        if D.master and evaluator.on and not signalled and (step % C.eval_every == 0 or last):
-            rec = evaluator(lambda own: ema_pipeline(preview or own, C, ema_model, diffusion, text_encoder, step,
-                                                     ckpt_path), step)
-            if rec is not None:
-                run_log.write(rec)
-                bar.write(f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in rec.items()
-                                                               if k not in ("event", "step")))
+            R.horizon.steps = R.step
+        last = R.step >= R.horizon.steps  # after the re-planning: a horizon moved to this very step ends the run here
+        if D.master:
+            save_and_watch(C, R, last, signalled)
         if signalled:
-            print0(f"signal {stop['signal'] or 'on another rank'}: checkpoint saved at step {step}, exiting")
+            if D.master:
+                print(f"signal {stop['signal'] or 'on another rank'}: checkpoint saved at step {R.step}, exiting")
             break
 
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)
-    loader.close()
-    if bar is not None:
-        bar.close()
-        run_log.close()
+    R.loader.close()
+    if R.bar is not None:
+        R.bar.close()
+        R.run_log.close()
     if D.ddp:
         dist.barrier()
         dist.destroy_process_group()
-    return {"step": step, "model": raw_model, "ema": ema_model, "optimizer": optimizer, "skipped": skipped_total}
+    return {"step": R.step, "model": R.raw_model, "ema": R.ema_model, "optimizer": R.optimizer,
+            "skipped": R.progress.skipped}
 
 
 if __name__ == "__main__":
