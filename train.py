@@ -227,6 +227,9 @@ def check_config(C):
     for key in ("lr", "muon_lr"):
         if not (math.isfinite(getattr(C, key)) and getattr(C, key) > 0):
             raise ConfigError(f"--{key} {getattr(C, key)}: must be a positive number")
+    if C.route_frac > 0 and C.route_until < 1 and C.max_hours > 0:  # the horizon would be planned from routed
+        raise ConfigError("--route_until needs a step budget (--max_hours 0): a time budget plans the run's "  # steps
+                          "length from routed steps, and the slower unrouted finish would end before its LR decay")
     if C.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"--optimizer muon: this torch ({torch.__version__}) has no torch.optim.Muon (2.9 and later)")
     if not 1 <= C.text_len <= datalib.CONTEXT_LENGTH:
@@ -389,7 +392,7 @@ def step_noise(step, n, shape, device, C, diffusion, tokens=0):
 def routed_tokens(step, horizon, tokens, C):
     """Tokens that step_noise scores for routing at this step: all of them until route_until of the horizon, then
     none (the unrouted finish; TREAD, arXiv 2501.04765, finishes its runs unrouted)."""
-    return tokens if C.route_frac > 0 and step < int(horizon * C.route_until) else 0
+    return tokens if C.route_frac > 0 and step < round(horizon * C.route_until) else 0
 
 
 def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank=0, world=1):
@@ -734,8 +737,11 @@ class Progress:
                "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if D.cuda else 0.0,
                "eta_h": (horizon.steps - step) * dt / max(step - self.step_log, 1) / 3600, "elapsed_h": now / 3600,
                "loss_by_t": loss_by_t}
-        self.t_log, self.step_log = time.time(), step
         return rec, worst, time_up
+
+    def next_interval(self, step):
+        """The next interval's clock starts after this log step's writes (as the images/s it reports)."""
+        self.t_log, self.step_log = time.time(), step
 
 
 @torch.no_grad()
@@ -923,15 +929,15 @@ def read_command_line(argv):
     return C, ckpt_path, resume_from, ck
 
 
-def setup(C, D, ckpt_path, resume_from, ck, argv):
-    """Data, model, EMA, optimizer, loader, the resumed state, compile and DDP, and rank 0's logs. -> the run: a
-    namespace of what the loop uses (the step and the horizon included)."""
+def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
+    """Data, model, EMA, optimizer, loader, the resumed state, compile and DDP, the stop signals, and rank 0's logs.
+    -> the run: a namespace of what the loop uses (the step and the horizon included)."""
     print0 = print if D.master else (lambda *a, **k: None)
-    init, base_grid = stage_start(C, ck, resume_from)
     cache, text_encoder = open_data(C, D)
     latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
     raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder, init, base_grid)
-    del init
+    if init is not None:
+        init.clear()  # its tensors freed now (the caller holds this same dict)
     try:
         loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=D.rank, world_size=D.world, cond_drop=C.cond_drop,
                                 flip=C.flip, device=C.device)
@@ -941,6 +947,7 @@ def setup(C, D, ckpt_path, resume_from, ck, argv):
     if ck is not None:
         step, elapsed, horizon.steps = restore(ck, resume_from, C, raw_model, ema_model, optimizer, loader)
         print0(f"resumed from {resume_from} at step {step}")  # resume wins over init_from: a stage continues
+        ck.clear()  # its tensors freed now (the caller holds this same dict)
     elif C.init_from:
         print0(f"EMA weights of {C.init_from} start a new run: step 0, fresh optimizer")
     warning = warmup_warning(C)
@@ -955,6 +962,10 @@ def setup(C, D, ckpt_path, resume_from, ck, argv):
     G = C.batch * C.accum * D.world  # images per optimizer step
     tokens = (latent_shape[1] // raw_model.config.patch) * (latent_shape[2] // raw_model.config.patch)
     print0(describe(C, raw_model, latent_shape, len(cache), G, D.world))
+    # stop on SIGTERM/SIGINT after the current step, with a checkpoint
+    stop = {"signal": None}
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                         for s in (signal.SIGTERM, signal.SIGINT)}
     run_log = bar = None
     if D.master:
         from tqdm import tqdm
@@ -966,7 +977,8 @@ def setup(C, D, ckpt_path, resume_from, ck, argv):
         optimizer=optimizer, diffusion=diffusion, text_encoder=text_encoder, loader=loader, latent_shape=latent_shape,
         G=G, tokens=tokens, step=step, horizon=horizon, ckpt_path=ckpt_path, run_log=run_log, bar=bar,
         progress=Progress(C, D, raw_model, G, latent_shape[1], diffusion.T, step, elapsed),
-        evaluator=Evaluator(C, cache), preview=None, sampling=C.sample_every > 0)
+        evaluator=Evaluator(C, cache), preview=None, sampling=C.sample_every > 0, stop=stop,
+        previous_handlers=previous_handlers)
 
 
 def log_step(C, D, R, lr):
@@ -977,6 +989,7 @@ def log_step(C, D, R, lr):
         R.run_log.write(rec)
         R.bar.total = R.horizon.steps
         R.bar.write(console_line(rec))
+    R.progress.next_interval(R.step)
     if worst >= C.max_bad_steps:
         fail(f"{worst} non-finite steps in a row by step {R.step}; stopping. The last good checkpoint "
              f"({R.ckpt_path}) is untouched.", code=1)
@@ -1010,13 +1023,10 @@ def main(argv):
         print(usage())
         sys.exit(0)
     C, ckpt_path, resume_from, ck = read_command_line(argv)
+    init, base_grid = stage_start(C, ck, resume_from)  # init_from's errors exit 2 before the process group starts
     D = setup_distributed(C)
-    R = setup(C, D, ckpt_path, resume_from, ck, argv)
-    del ck
-    # stop on SIGTERM/SIGINT after the current step, with a checkpoint
-    stop = {"signal": None}
-    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-                         for s in (signal.SIGTERM, signal.SIGINT)}
+    R = setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv)
+    del ck, init
 
     # ---- the loop
     while R.step < R.horizon.steps:
@@ -1031,7 +1041,7 @@ def main(argv):
         if R.bar is not None:
             R.bar.update(1)
         time_up = log_step(C, D, R, lr) if R.step % C.log_every == 0 or R.step >= R.horizon.steps else False
-        signalled = stop["signal"] is not None
+        signalled = R.stop["signal"] is not None
         if D.ddp:
             signalled, R.horizon.steps, time_up = agree(D, signalled, R.horizon.steps, time_up)
         if time_up:
@@ -1041,10 +1051,10 @@ def main(argv):
             save_and_watch(C, R, last, signalled)
         if signalled:
             if D.master:
-                print(f"signal {stop['signal'] or 'on another rank'}: checkpoint saved at step {R.step}, exiting")
+                print(f"signal {R.stop['signal'] or 'on another rank'}: checkpoint saved at step {R.step}, exiting")
             break
 
-    for s, handler in previous_handlers.items():
+    for s, handler in R.previous_handlers.items():
         signal.signal(s, handler)
     R.loader.close()
     if R.bar is not None:

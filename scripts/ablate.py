@@ -134,7 +134,7 @@ def plan_row(name, row_argv, base, args):
         train.check_config(SimpleNamespace(**config))
     except train.ConfigError as e:
         raise ToolError(f"row {name}: {e}") from None
-    fpi, printed = flops_per_image(config, name)
+    fpi, routed, unrouted = flops_per_image(config, name)
     per_step = config["batch"] * config["accum"]  # one process: world size 1
     max_steps = None
     if args.flops is not None:
@@ -149,7 +149,8 @@ def plan_row(name, row_argv, base, args):
         if warning:  # train.py prints it into the run's log only
             print(f"row {name}: {warning}", file=sys.stderr)
     return dict(name=name, args=row_argv, train_argv=argv + budget_args(args, max_steps), flops_per_image=fpi,
-                printed_flops_per_image=printed, images_per_step=per_step, max_steps=max_steps, config=config)
+                routed_flops_per_image=routed, unrouted_flops_per_image=unrouted, images_per_step=per_step,
+                max_steps=max_steps, config=config)
 
 #################################################################################
 #                     FLOPs per training image, as train.py has them            #
@@ -198,7 +199,9 @@ def vae_geometry(name):
 
 def flops_per_image(config, name="?"):
     """model.py's DiT.estimate_flops() for the model train.py would build from `config` (train.build_model): latent
-    shape and text widths from the cache's manifest when --data is a cache, else from the VAE and text encoder."""
+    shape and text widths from the cache's manifest when --data is a cache, else from the VAE and text encoder.
+    -> (the run's mean per image, a routed step's (what train.py prints), an unrouted step's); all three are equal
+    without routing, and route_until < 1 mixes the last two as train.routed_tokens splits the steps."""
     C = SimpleNamespace(**config)
     try:
         manifest = datalib.LatentCache(C.data).manifest if datalib.source_kind(C.data) == "cache" else None
@@ -217,7 +220,17 @@ def flops_per_image(config, name="?"):
         routed, unrouted = DiT(mcfg).estimate_flops(), DiT(dataclasses.replace(mcfg, route_frac=0.0)).estimate_flops()
     # an unrouted finish (route_until < 1): the run's mean, as train.routed_tokens splits its steps
     until = C.route_until if mcfg.route_frac > 0 else 1.0
-    return until * routed + (1 - until) * unrouted, routed
+    return until * routed + (1 - until) * unrouted, routed, unrouted
+
+
+def spent_flops(plan, steps, world=1):
+    """Training FLOPs of the first `steps` optimizer steps of a planned run: train.routed_tokens decides which steps
+    were routed (at the routed model's FLOPs per image) and which were not."""
+    C = SimpleNamespace(**plan["config"])
+    horizon = plan["max_steps"] or steps  # (a time budget: train.py refuses route_until < 1 there)
+    routed = sum(1 for s in range(steps) if train.routed_tokens(s, horizon, 1, C))
+    per_image = routed * plan["routed_flops_per_image"] + (steps - routed) * plan["unrouted_flops_per_image"]
+    return per_image * plan["images_per_step"] * world
 
 #################################################################################
 #                            Running (and resuming)                             #
@@ -423,11 +436,11 @@ def collect(run, status, plan, columns, probe):
     if last is not None:
         world = (start or {}).get("world_size", 1)
         images = last["step"] * plan["images_per_step"] * world
-        rec.update(steps=last["step"], images=images, flops=images * plan["flops_per_image"],
+        rec.update(steps=last["step"], images=images, flops=spent_flops(plan, last["step"], world),
                    wall_min=last["elapsed_h"] * 60, images_per_s=images / max(last["elapsed_h"] * 3600, 1e-9),
                    git_commit=(start or {}).get("git_commit"), git_dirty=(start or {}).get("git_dirty"))
     shown = printed_gflops(run["dir"])
-    planned = plan.get("printed_flops_per_image", plan["flops_per_image"])  # train.py prints the routed steps' cost
+    planned = plan["routed_flops_per_image"]  # train.py prints a routed step's cost
     if shown is not None and abs(shown - round(planned / 1e9, 1)) > 0.051:
         rec["note"] = f"train.py printed {shown} GFLOP/img, this tool planned {planned / 1e9:.2f}"
     if rec["error"] is not None:

@@ -178,12 +178,15 @@ def test_an_unrouted_finish_is_planned_at_the_flops_train_py_spends():
         routed = DiT(train.model_config(C, 3, 16, tiny.dim, tiny.pooled_dim)).estimate_flops()
         unrouted = DiT(train.model_config(SimpleNamespace(**{**vars(C), "route_frac": 0.0}), 3, 16, tiny.dim,
                                           tiny.pooled_dim)).estimate_flops()
-    assert routed < unrouted and plan["printed_flops_per_image"] == routed
+    assert routed < unrouted
+    assert (plan["routed_flops_per_image"], plan["unrouted_flops_per_image"]) == (routed, unrouted)
     steps = plan["max_steps"]
     spent = sum((routed if train.routed_tokens(s, steps, 16, C) else unrouted) * plan["images_per_step"]
                 for s in range(steps))
     assert 0 < sum(train.routed_tokens(s, steps, 16, C) > 0 for s in range(steps)) < steps
     assert abs(spent - budget) <= unrouted * plan["images_per_step"]
+    assert math.isclose(ablate.spent_flops(plan, steps), spent)  # the table's FLOPs column
+    assert math.isclose(ablate.spent_flops(plan, 3), 3 * routed * plan["images_per_step"])  # a run stopped early
 
 
 def test_metrics_are_read_generically():

@@ -108,6 +108,8 @@ def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
                                                       "zero_terminal_snr does not apply to flow"),
     (dict(prediction="flow", min_snr_gamma=0, flow_shift=0), "flow_shift must be a positive number"),
     (dict(route_frac=0.5), "route_from 2, route_to -2: the routed blocks"), (dict(route_frac=1), "route_frac"),
+    (dict(route_until=1.5), "--route_until 1.5: must be in [0, 1]"),
+    (dict(route_frac=0.5, route_from=0, route_to=1, route_until=0.9, max_hours=0.1), "needs a step budget"),
 ])
 def test_bad_values_exit_2_before_training(cache, tmp_path, capsys, over, needle):
     """Every value that would otherwise fail later (after the cache build, after a step) or silently do something
