@@ -9,7 +9,9 @@ resolution = 32                      # the smallest at which scenes.py reads gen
 vae = "none"
 text_encoder = "tiny"
 model = "DiT-S/2"
-depth, width, heads, patch = 6, 128, 4, 4  # the shapes demo's model at patch 4: 64 tokens of 4x4 pixels
+depth, width, heads, patch = 6, 64, 2, 4  # the shapes demo's model at patch 4: 64 tokens of 4x4 pixels; width 64
+                                          # beats 128 at equal FLOPs (0.240 vs 0.181 in-distribution, 2 seeds;
+                                          # docs/log.md 2026-12-03, width at equal FLOPs)
 qk_norm = False
 text_len = 16                        # the longest caption ("a red circle to the left of a blue square") is 12 tokens
 batch = 32
@@ -17,8 +19,9 @@ accum = 1
 optimizer = "muon"                   # flow + Muon: in-distribution 0.056 -> 0.181, held-out 0.026 -> 0.078 at equal
 muon_lr = 0.02                       # FLOPs, 2 seeds (docs/log.md 2026-11-29, Muon and rectified flow)
 lr = 1e-3
-warmup = 100
-max_steps = 3000                     # a step budget: every machine trains the same model (the time varies)
+warmup = 370                         # as measured (1/10 of the 3,680 steps of the width table)
+max_steps = 11_000                   # a step budget: every machine trains the same model (the time varies); the FLOPs
+                                     # of the 3,000 width-128 steps this config had until 2026-12-03
 max_hours = 0.0
 lr_schedule = "wsd"
 decay_frac = 0.3
