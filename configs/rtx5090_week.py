@@ -5,6 +5,8 @@
 # training image, so the week is ~70M images: 270K optimizer steps of 256 images, about the 400K x 256 images
 # of the DiT paper's XL/2 ImageNet run (FID 19.5) in FLOPs. DiT's Figure 9 shows the larger models reach a
 # given FID with fewer training FLOPs, so the week goes to the largest preset, not to more steps of a small one.
+# The width question at equal FLOPs on the CPU probes (docs/log.md 2026-12-03) picks the smallest of three widths at
+# ~1e13 FLOPs, six orders below the week on toy data: it cannot place the week's optimum and is no case against XL/2.
 # On an H100 (bench.py; docs/log.md 2026-11-26 11:19) our XL/2 trains at 336 img/s, 29.5% MFU, and needs
 # 41.2 GB at micro-batch 64, so 64 does not fit the 5090's 32 GB; at 32 the activations halve (~12 GB of weights,
 # grads, AdamW state and EMA + ~15 GB: an estimate for the 5090, to confirm with
@@ -36,6 +38,8 @@ max_steps = 10_000_000               # effectively unbounded: max_hours decides 
 max_hours = 132.0                    # stage 1 of the week (stage 2: configs/rtx5090_week_512.py, 36 h); the LR
                                      # decay is planned from the measured step time
 ema_decay = 0.9999
+route_frac = 0.0                     # token routing off: at 64 tokens it ties (scenes) or loses (shapes) at equal FLOPs,
+                                     # with TREAD's unrouted finish too (docs/log.md 2026-12-03); 256 tokens: unmeasured
 prediction = "flow"                  # rectified flow: +0.08 +- 0.04 over v with Muon on the shapes probe (same entry)
 t_logit_mean = 0.0                   # SD3's logit-normal (0, 1) for sigma; flow_shift 1 at 256 px (SD3 shifts for
 t_logit_std = 1.0                    # more pixels: stage 2 at 512 px uses 2, the square root of the pixel ratio)
