@@ -152,17 +152,24 @@ def test_overfits_four_examples(tmp_path):
 
 # ----------------------------------------------------------------------------- exactness
 
-@pytest.mark.parametrize("over", [{}, dict(optimizer="muon", prediction="flow", min_snr_gamma=0, t_logit_std=1.0),
-                                  dict(route_frac=0.5, route_from=0, route_to=1)])
-def test_resume_is_exact(cache, tmp_path, monkeypatch, over):
-    """12 steps in one run == 6 steps, a restart from that checkpoint, 6 more (weights, EMA, optimizer, loader)."""
+def keep_checkpoints(monkeypatch):
+    """Every checkpoint train.py writes is also copied to ckpt.pt.STEP. -> {(run folder name, step): that copy},
+    keyed by run and step: a resumed run b is compared with run a, not with itself."""
     saved = {}
     real_save = train.save_checkpoint
-    def save_and_keep(path, state):  # keyed by run and step: run b must be compared with run a, not itself
+    def save_and_keep(path, state):
         real_save(path, state)
         saved[os.path.basename(os.path.dirname(path)), state["step"]] = path + f".{state['step']}"
         shutil.copy(path, path + f".{state['step']}")
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    return saved
+
+
+@pytest.mark.parametrize("over", [{}, dict(optimizer="muon", prediction="flow", min_snr_gamma=0, t_logit_std=1.0),
+                                  dict(route_frac=0.5, route_from=0, route_to=1)])
+def test_resume_is_exact(cache, tmp_path, monkeypatch, over):
+    """12 steps in one run == 6 steps, a restart from that checkpoint, 6 more (weights, EMA, optimizer, loader)."""
+    saved = keep_checkpoints(monkeypatch)
     run = dict(max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1, **over)
     train.main(args(cache, tmp_path / "a", **run))
     assert sorted(saved) == [("a", 6), ("a", 12)]
@@ -602,13 +609,7 @@ def test_a_routed_run_resumes_unrouted(cache, tmp_path, capsys):
 
 def test_route_until_is_a_routed_run_resumed_unrouted(cache, tmp_path, monkeypatch):
     """route_until 0.5 of 6 steps == 3 routed steps, then a resume with route_frac 0 for the last 3 (bitwise)."""
-    saved = {}
-    real_save = train.save_checkpoint
-    def save_and_keep(path, state):
-        real_save(path, state)
-        saved[os.path.basename(os.path.dirname(path)), state["step"]] = path + f".{state['step']}"
-        shutil.copy(path, path + f".{state['step']}")
-    monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    saved = keep_checkpoints(monkeypatch)
     routed = dict(max_steps=6, ckpt_every=3, route_frac=0.5, route_from=0, route_to=1)
     train.main(args(cache, tmp_path / "until", route_until=0.5, **routed))
     train.main(args(cache, tmp_path / "routed", **routed))  # routed all the way; its step-3 checkpoint ...
