@@ -116,6 +116,14 @@ class Diffusion:
         self._moved = {}  # (table id, device, dtype) -> table: one host->device copy per table, not one per call
         self._min_snr = {}  # gamma -> float64 [T] min-SNR weights
 
+    @classmethod
+    def from_config(cls, config):
+        """The schedule of a train.py config (a dict: the run's keys, or a checkpoint's "config"); the one place a
+        Diffusion is built from keys (checkpoints older than rectified flow have no flow_shift: 1)."""
+        return cls(schedule=config["schedule"], beta_start=config["beta_start"], beta_end=config["beta_end"],
+                   prediction=config["prediction"], zero_terminal_snr=config["zero_terminal_snr"],
+                   flow_shift=config.get("flow_shift", 1.0))
+
     def _on(self, table, device, dtype):
         """`table` cast to dtype (before moving: some devices have no float64) and moved to device, once: a copy
         per call would make the host wait for the GPU in every training step."""

@@ -3,7 +3,7 @@ A compact text-conditioned DiT (Peebles & Xie, arXiv 2212.09748) with PixArt-alp
 adaLN-single (Chen et al., arXiv 2310.00426), QK-RMSNorm and 2-D RoPE. `python model.py` prints the presets.
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,22 @@ class DiTConfig:
     def n_mod(self):
         """Modulation vectors per block: shift, scale, gate of attention and MLP (+ the cross-attention's gate)."""
         return 7 if self.cross_gate else 6
+
+# DiTConfig's fields that train.py has as keys are the architecture keys (one list: train.model_config, init_from's
+# inheritance and resume's check all read it); of those, these shape neither the weights nor what they compute
+TRAINING_ONLY = ("grad_ckpt", "ckpt_blocks", "route_frac", "route_from", "route_to", "weight_init")
+
+
+def config_keys(keys):
+    """The DiTConfig fields among `keys` (train.py's key names), in DiTConfig's order."""
+    return [f.name for f in fields(DiTConfig) if f.name in keys]
+
+def config_from_keys(C, **derived) -> DiTConfig:
+    """train.py's keys (a namespace) -> DiTConfig: the preset C.model, overridden by the keys that are DiTConfig
+    fields (0 = the preset's depth / width / heads / patch), plus what the data decides (in_channels, input_size,
+    text_dim, pooled_dim)."""
+    keys = vars(C)
+    return make_config(C.model, **{k: keys[k] for k in config_keys(keys)}, **derived)
 
 # the DiT paper's sizes (Table 1); the /N suffix is the patch size
 _SIZES = {"S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),

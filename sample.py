@@ -20,57 +20,12 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from data import DataError, load_text_encoder, load_vae
+from checkpoint import CheckpointError, atomic_write, load_checkpoint
+from config import boolean, fail, resolve_device
+from data import DataError
 from diffusion import SAMPLERS, Diffusion
+from encoders import load_text_encoder, load_vae
 from model import DiT, DiTConfig
-
-# the checkpoint layout: train.py writes it with save_checkpoint, every reader checks it with load_checkpoint
-CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "config", "model_config", "loader_state", "rng", "progress")
-FOR_SAMPLING = ("ema", "config", "model_config")
-FOR_RESUMING = ("model", "ema", "optimizer", "step", "model_config", "loader_state")  # rng, progress: optional
-# train.py globals sample.py rebuilds the pipeline from
-CONFIG_KEYS = ("resolution", "vae", "text_encoder", "prediction", "schedule", "zero_terminal_snr", "beta_start",
-               "beta_end")
-
-#################################################################################
-#                                 Checkpoints                                   #
-#################################################################################
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable (truncated, corrupt) or not a train.py checkpoint."""
-
-
-def save_checkpoint(path: str, state: dict):
-    """The one writer of the layout. Atomic: a temp file, fsync, then a rename over the old checkpoint, so a
-    killed run or a full disk leaves the previous checkpoint whole."""
-    missing = [k for k in CHECKPOINT_KEYS if k not in state]
-    unknown = [k for k in state if k not in CHECKPOINT_KEYS]
-    if missing or unknown:
-        raise ValueError(f"checkpoint layout: missing {missing}, unknown {unknown}")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, need=FOR_SAMPLING) -> dict:
-    """The one reader: torch.load(weights_only=True) on the CPU, with one-line errors for a missing, truncated or
-    foreign file, or one without the keys `need`s (sampling needs config keys too)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / EOFError / UnpicklingError depending on where the file ends
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {reason}") from None
-    missing = [k for k in need if not (isinstance(ckpt, dict) and k in ckpt)]
-    if not missing and "config" in need:
-        missing = [f"config[{k!r}]" for k in CONFIG_KEYS if k not in ckpt["config"]]
-    if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
-    return ckpt
 
 #################################################################################
 #                                  Loading                                      #
@@ -113,9 +68,7 @@ def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipelin
         raise CheckpointError(f"{ckpt_path}: '{weights}' weights do not fit model.py: {reason}") from None
     model.to(device).eval().requires_grad_(False)
     try:
-        diffusion = Diffusion(schedule=config["schedule"], beta_start=config["beta_start"], beta_end=config["beta_end"],
-                              prediction=config["prediction"], zero_terminal_snr=config["zero_terminal_snr"],
-                              flow_shift=config.get("flow_shift", 1.0))  # older checkpoints predate flow
+        diffusion = Diffusion.from_config(config)
     except ValueError as e:
         raise CheckpointError(f"{ckpt_path}: its diffusion settings are invalid: {e}") from None
     vae = load_vae(config["vae"], device=device)
@@ -224,9 +177,15 @@ def fresh_path(path: str, folder: bool = False) -> str:
 
 def save_png(image: Image.Image, path: str, pnginfo=None):
     """Write to a temporary name, then rename: a killed run or a full disk leaves no truncated PNG under `path`."""
-    tmp = path + ".part"
-    image.save(tmp, format="PNG", pnginfo=pnginfo)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo))
+
+
+def boolean_arg(text: str) -> bool:
+    """config.boolean as an argparse type."""
+    try:
+        return boolean(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def check_args(p: argparse.ArgumentParser, args):
@@ -243,20 +202,13 @@ def check_args(p: argparse.ArgumentParser, args):
         p.error(f"--device {args.device}: torch sees no CUDA device here (use --device cpu)")
 
 
-def boolean(text: str) -> bool:
-    """An argparse type: true/false/1/0 in any case, as train.py's booleans."""
-    if text.lower() in ("true", "1", "false", "0"):
-        return text.lower() in ("true", "1")
-    raise argparse.ArgumentTypeError(f"expects true/false/1/0, got {text!r}")
-
-
 def open_pipeline(p: argparse.ArgumentParser, args, weights="ema") -> Pipeline:
     """load_pipeline for a command line (shared with evaluate.py): a bad checkpoint, an encoder that cannot be
     loaded, or --steps beyond the training timesteps exit 2 with one line."""
     try:
         pipe = load_pipeline(args.ckpt, args.device, weights=weights)
     except (CheckpointError, DataError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        fail(e, prog=p.prog)
     if args.steps > pipe.diffusion.T:
         p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")
     try:  # --sampler left out: the checkpoint's kind picks it (ddim, or euler for flow)
@@ -297,13 +249,14 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1: conditional only)")
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="CFG rescale phi (arXiv 2305.08891, sec. 3.4)")
     p.add_argument("--negative", default="", help="negative prompt: replaces the empty caption in CFG")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU, else the CPU) | cpu | cuda:N")
     p.add_argument("--out", default="", help="output folder (default: samples/ beside the checkpoint); if it "
                    "holds files already, the next free OUT-2, OUT-3, ... is used: nothing is overwritten")
     p.add_argument("--batch", type=int, default=16, help="images sampled together (CFG doubles the model batch)")
-    p.add_argument("--compile", type=boolean, default=None, metavar="true|false",
+    p.add_argument("--compile", type=boolean_arg, default=None, metavar="true|false",
                    help="torch.compile the denoiser (default: true on CUDA, false on the CPU)")
     args = p.parse_args(argv)
+    args.device = resolve_device(args.device)
     if args.n < 1:
         p.error("--n must be >= 1")  # exits 2
     check_args(p, args)

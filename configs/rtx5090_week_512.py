@@ -5,6 +5,7 @@
 # The split (docs/week.md "Two stages"): a 512 px image costs 4.2x a 256 px one at XL/2 (1024 tokens; model.py),
 # so the last 36 h (21% of the week's FLOPs) see ~2M images at 512 px while the first 132 h see ~34M at 256 px
 # (at the 30% MFU measured on an H100). Rerunning either line after a crash resumes that stage.
+# Only what differs from stage 1 (which holds only what differs from train.py's defaults).
 import os as _os
 
 exec(open(_os.path.join(_os.path.dirname(__file__), "rtx5090_week.py")).read())  # stage 1's keys, then:
