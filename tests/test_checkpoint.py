@@ -1,99 +1,39 @@
-"""One checkpoint layout, one sampling path: the train-time preview is sample.py's image, log.jsonl opens with the
-run's environment, a checkpoint written by an earlier version resumes and samples, grids enlarge small images."""
-import json
+"""checkpoint.py: one writer (atomic, the known layout) and one reader; a checkpoint is never overwritten by another
+run, a foreign or truncated one is a clear error, an earlier version's resumes and samples; resume takes this run's
+optimizer settings; init_from starts a new stage from another run's weights."""
 import os
 import subprocess
+import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import data as datalib
+import checkpoint
 import sample
 import train
+from run_utils import ROOT, args, load, log_records
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # written by train.py at commit 35ae683 (before one reader/writer): the args below with max_steps=2, data shapes:32
 OLD_CKPT = os.path.join(ROOT, "tests", "fixtures", "ckpt_35ae683.pt")
 OLD_ARGS = dict(vae="none", text_encoder="tiny", resolution=16, model="DiT-S/2", depth=1, width=16, heads=1,
                 patch=4, batch=4, lr=1e-3, warmup=1, log_every=1, sample_every=0, compile=False, device="cpu",
-                ema_decay=0.9, cond_drop=0.2, seed=1,
-                flip=True, min_snr_gamma=5.0)  # the old code's defaults, which the fixture was trained with
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cache") / "shapes16")
-    return datalib.ensure_cache("shapes:32", 16, "none", "tiny", cache_dir=out, device="cpu")
+                ema_decay=0.9, cond_drop=0.2, seed=1, flip=True, min_snr_gamma=5.0, prediction="v", optimizer="adamw",
+                t_logit_std=0.0)  # the old code's defaults, which the fixture was trained with
 
 
 def argv(cache, out_dir, **over):
     return [f"--{k}={v}" for k, v in {**OLD_ARGS, "data": cache, "out_dir": str(out_dir), **over}.items()]
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def test_grid_enlarges_small_images_by_an_integer_factor():
-    """Nearest-neighbour by an integer factor (numpy's kron as the reference) to >= 256 px a cell; 256 px stays."""
-    rng = np.random.default_rng(0)
-    small = torch.from_numpy(rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
-    grid = np.asarray(sample.make_grid(small, cols=2, pad=2))
-    assert grid.shape == (2 * (256 + 2) + 2, 2 * (256 + 2) + 2, 3)
-    for k in range(3):
-        r, c = divmod(k, 2)
-        cell = grid[2 + r * 258: 2 + r * 258 + 256, 2 + c * 258: 2 + c * 258 + 256]
-        assert np.array_equal(cell, np.kron(small[k].numpy(), np.ones((16, 16, 1), np.uint8)))
-    assert (grid[2 + 258:, 2 + 258:] == 255).all()  # the empty fourth cell is padding colour
-    big = torch.from_numpy(rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8))
-    assert np.array_equal(np.asarray(sample.make_grid(big, cols=1, pad=0)), big[0].numpy())
-
-
 def test_the_writer_refuses_a_layout_it_does_not_know(tmp_path):
-    ck = {k: {} for k in sample.CHECKPOINT_KEYS}
+    ck = {k: {} for k in checkpoint.CHECKPOINT_KEYS}
     with pytest.raises(ValueError, match="missing \\['progress'\\]"):
-        sample.save_checkpoint(str(tmp_path / "a.pt"), {k: v for k, v in ck.items() if k != "progress"})
+        checkpoint.save_checkpoint(str(tmp_path / "a.pt"), {k: v for k, v in ck.items() if k != "progress"})
     with pytest.raises(ValueError, match="unknown \\['extra'\\]"):
-        sample.save_checkpoint(str(tmp_path / "b.pt"), {**ck, "extra": 1})
+        checkpoint.save_checkpoint(str(tmp_path / "b.pt"), {**ck, "extra": 1})
     assert not os.listdir(tmp_path)
-    sample.save_checkpoint(str(tmp_path / "c.pt"), ck)
+    checkpoint.save_checkpoint(str(tmp_path / "c.pt"), ck)
     assert load(tmp_path / "c.pt") == ck and os.listdir(tmp_path) == ["c.pt"]
-
-
-def test_preview_equals_sample_py_bit_for_bit(cache, tmp_path):
-    """The preview at the last step, cell k, is `sample.py --seed k` of prompt k on that step's checkpoint."""
-    prompts = ["a red circle on a white background", "a blue square on a black background", "a green triangle"]
-    out = tmp_path / "o"
-    train.main(argv(cache, out, max_steps=3, sample_every=3, sample_cfg=3.0, sample_prompts="|".join(prompts)))
-    grid = np.asarray(Image.open(out / "samples" / "0000003.png"))
-    cols, cell = 2, 256 + 2  # ceil(sqrt(3)) columns; 16 px images enlarged 16x, 2 px padding
-    assert grid.shape == (2 * cell + 2, 2 * cell + 2, 3)
-    for k, prompt in enumerate(prompts):
-        sample.main(["--ckpt", str(out / "ckpt.pt"), "--device", "cpu", "--seed", str(k), "--n", "1", "--cfg", "3",
-                     "--steps", "50", "--out", str(tmp_path / f"s{k}"), prompt])
-        want = np.asarray(Image.open(tmp_path / f"s{k}" / "0000.png"))
-        r, c = divmod(k, cols)
-        got = grid[2 + r * cell: 2 + r * cell + 256, 2 + c * cell: 2 + c * cell + 256]
-        assert np.array_equal(got, np.kron(want, np.ones((16, 16, 1), np.uint8))), k
-
-
-def test_log_opens_with_the_environment(cache, tmp_path):
-    out = tmp_path / "o"
-    train.main(argv(cache, out, max_steps=2))
-    train.main(argv(cache, out, max_steps=4))  # a resume appends its own
-    recs = [json.loads(line) for line in open(out / "log.jsonl")]
-    starts = [r for r in recs if r.get("event") == "start"]
-    assert recs[0]["event"] == "start" and [r["step"] for r in starts] == [0, 2]
-    env = recs[0]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert env["git_commit"] == (head or "unknown")
-    assert torch.__version__.startswith(env["versions"]["torch"])  # metadata has no local tag (+cu130)
-    assert set(env["versions"]) == {"python", "torch", "diffusers", "open_clip_torch"}
-    assert env["command"][0] == "train.py" and "--max_steps=2" in env["command"]
-    assert env["config"] == load(out / "ckpt.pt")["config"] | {"max_steps": 2}
-    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_a_checkpoint_of_an_earlier_version_resumes_and_samples(cache, tmp_path):
@@ -102,7 +42,7 @@ def test_a_checkpoint_of_an_earlier_version_resumes_and_samples(cache, tmp_path)
     new = tmp_path / "new2"
     train.main(argv(cache, new, max_steps=2))
     old, mine = load(OLD_CKPT), load(new / "ckpt.pt")
-    assert set(old) == set(sample.CHECKPOINT_KEYS) and old["step"] == 2
+    assert set(old) == set(checkpoint.CHECKPOINT_KEYS) and old["step"] == 2
     for key in ("model", "ema"):
         for name, v in old[key].items():
             torch.testing.assert_close(mine[key][name], v, rtol=0, atol=1e-6)
@@ -118,3 +58,102 @@ def test_a_checkpoint_of_an_earlier_version_resumes_and_samples(cache, tmp_path)
     images = [sample.generate(sample.load_pipeline(p, "cpu"), prompts, seeds, cfg=3.0, steps=10)
               for p in (OLD_CKPT, str(new / "ckpt.pt"))]
     assert (images[0].int() - images[1].int()).abs().max() <= 1
+
+
+def test_existing_checkpoint_is_never_overwritten_and_a_truncated_one_is_a_clear_error(cache, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    junk = b"PK\x03\x04 a truncated checkpoint"
+    (out / "ckpt.pt").write_bytes(junk)
+    for extra, needle in ((["--resume", "never"], "would overwrite"), ([], "truncated")):
+        r = subprocess.run([sys.executable, "train.py", *args(cache, out), *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
+    assert (out / "ckpt.pt").read_bytes() == junk
+
+
+def test_foreign_checkpoints_are_clear_errors_and_the_older_layout_resumes(cache, tmp_path, capsys):
+    """A bare state dict or a list in out_dir/ckpt.pt: exit 2 before any work. A checkpoint of the older layout
+    (no `progress`, no `rng`) resumes."""
+    out = tmp_path / "o"
+    out.mkdir()
+    for foreign in ({"weight": torch.zeros(2)}, [1, 2]):
+        torch.save(foreign, out / "ckpt.pt")
+        with pytest.raises(SystemExit) as e:
+            train.main(args(cache, out))
+        assert e.value.code == 2 and "not a train.py checkpoint" in capsys.readouterr().err
+    (out / "ckpt.pt").unlink()
+    train.main(args(cache, out, max_steps=2))
+    ck = load(out / "ckpt.pt")
+    torch.save({k: v for k, v in ck.items() if k not in ("progress", "rng")}, out / "ckpt.pt")
+    assert train.main(args(cache, out, max_steps=4))["step"] == 4
+
+
+def test_resume_takes_this_runs_optimizer_settings(cache, tmp_path):
+    """optimizer.load_state_dict restores the saved betas, weight decay and Muon's LR share: the resumed run's own
+    settings win."""
+    train.main(args(cache, tmp_path / "o", max_steps=2))
+    out = train.main(args(cache, tmp_path / "o", max_steps=4, weight_decay=0.1, adam_beta2=0.95, muon_lr=0.01))
+    decay, no_decay, muon = out["optimizer"].param_groups
+    assert muon["weight_decay"] == 0.1 and muon["lr_scale"] == 0.01 / 1e-3
+    assert decay["betas"] == (0.9, 0.95) and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(cache, tmp_path, capsys):
+    train.main(args(cache, tmp_path / "o", max_steps=2, optimizer="adamw"))
+    with pytest.raises(SystemExit) as e:
+        train.main(args(cache, tmp_path / "o", max_steps=4, optimizer="muon"))
+    assert e.value.code == 2 and "trained with --optimizer adamw" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_new_run_from_another_resolutions_weights(cache, cache32, tmp_path):
+    """A 16 px run, then a 32 px run --init_from it (architecture keys left at their defaults: taken from the
+    checkpoint): its first loss is clearly below a from-scratch 32 px run's, it starts at step 0 with a fresh
+    optimizer, its positions stay on the 16 px grid, and its checkpoint samples at 32 px."""
+    stage1 = dict(max_steps=40, log_every=40, lr=2e-3, warmup=5)
+    train.main(args(cache, tmp_path / "s1", **stage1))
+    over = dict(resolution=32, max_steps=2, log_every=1, warmup=1000)  # a tiny LR: the first loss is the weights'
+    scratch = train.main(args(cache32, tmp_path / "scratch", **over))
+    init = train.main(args(cache32, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", **over))
+    first = lambda d: log_records(tmp_path / d)[0]["loss"]
+    assert first("s2") < 0.75 * first("scratch"), (first("s2"), first("scratch"))  # ~0.59 vs ~0.95
+    assert init["step"] == 2 and scratch["step"] == 2
+    ck = load(tmp_path / "s2" / "ckpt.pt")
+    assert ck["config"]["resolution"] == 32 and ck["model_config"]["input_size"] == 16
+    adamw = ck["optimizer"]["adamw"]  # Muon's state has no step count; AdamW's says the optimizer is fresh
+    assert len(adamw["state"]) > 0 and all(s["step"] == 2 for s in adamw["state"].values())
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "s2" / "ckpt.pt"), "--n", "1",
+                        "--steps", "2", "--out", str(tmp_path / "png"), "a red circle"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+    assert Image.open(tmp_path / "png" / "0000.png").size == (32, 32)
+
+
+def test_init_from_takes_the_architecture_and_refuses_another(cache, tmp_path, capsys):
+    train.main(args(cache, tmp_path / "s1", max_steps=1, depth=3, qk_norm=False, text_len=8))
+    ckpt = str(tmp_path / "s1" / "ckpt.pt")
+    base = [a for a in args(cache, tmp_path / "s2", max_steps=1) if not a.startswith("--depth")]
+    out = train.main(base + [f"--init_from={ckpt}"])  # depth and qk_norm left at their defaults: the checkpoint's
+    assert out["model"].config.depth == 3 and out["model"].config.qk_norm is False and out["model"].config.text_len == 8
+    for bad, needle in [(["--depth=2"], "--depth 2: the weights of"), (["--text_encoder=none"], "--text_encoder"),
+                        (["--text_len=16"], "trained on 8 text tokens"), (["--width=32", "--heads=2"], "--width 32")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(base + [f"--init_from={ckpt}", f"--out_dir={tmp_path / 'bad'}"] + bad)
+        assert e.value.code == 2 and needle in capsys.readouterr().err, bad
+    for path in (tmp_path / "missing.pt", tmp_path / "s1" / "log.jsonl"):
+        with pytest.raises(SystemExit) as e:
+            train.main(base + [f"--init_from={path}", f"--out_dir={tmp_path / 'bad'}"])
+        assert e.value.code == 2 and "--init_from" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_resume_wins_over_init_from(cache, tmp_path, capsys):
+    """A crashed stage 2 resumes stage 2; it does not restart from stage 1."""
+    train.main(args(cache, tmp_path / "s1", max_steps=2))
+    stage2 = args(cache, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", max_steps=3)
+    train.main(stage2)
+    capsys.readouterr()
+    os.remove(tmp_path / "s1" / "ckpt.pt")  # stage 1's file is not needed to resume stage 2
+    assert train.main(args(cache, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", max_steps=5))["step"] == 5
+    assert "resumed from" in capsys.readouterr().out

@@ -188,7 +188,7 @@ def test_compile_flag_takes_only_booleans(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(ckpt), "--device", "cpu", "--compile", "maybe", "--out", str(tmp_path / "o"), "x"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and "--compile: expects true/false/1/0, got 'maybe'" in err[-1]
+    assert e.value.code == 2 and "--compile: expects a boolean (true/false/1/0), got 'maybe'" in err[-1]
     assert not (tmp_path / "o").exists()
 
 
@@ -210,3 +210,18 @@ def test_fresh_path_reserves_what_it_returns(tmp_path):
     assert sample.fresh_path(str(tmp_path / "s") + os.sep, folder=True) == str(tmp_path / "s-2")  # a trailing slash
     files = [sample.fresh_path(str(tmp_path / "eval.json")) for _ in range(3)]
     assert files == [str(tmp_path / n) for n in ("eval.json", "eval-2.json", "eval-3.json")]
+
+
+def test_grid_enlarges_small_images_by_an_integer_factor():
+    """Nearest-neighbour by an integer factor (numpy's kron as the reference) to >= 256 px a cell; 256 px stays."""
+    rng = np.random.default_rng(0)
+    small = torch.from_numpy(rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    grid = np.asarray(sample.make_grid(small, cols=2, pad=2))
+    assert grid.shape == (2 * (256 + 2) + 2, 2 * (256 + 2) + 2, 3)
+    for k in range(3):
+        r, c = divmod(k, 2)
+        cell = grid[2 + r * 258: 2 + r * 258 + 256, 2 + c * 258: 2 + c * 258 + 256]
+        assert np.array_equal(cell, np.kron(small[k].numpy(), np.ones((16, 16, 1), np.uint8)))
+    assert (grid[2 + 258:, 2 + 258:] == 255).all()  # the empty fourth cell is padding colour
+    big = torch.from_numpy(rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(sample.make_grid(big, cols=1, pad=0)), big[0].numpy())
