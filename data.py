@@ -1,16 +1,15 @@
 """
-data.py: the user's images and captions in, training batches out. The only file where the
-pretrained parts (the VAE and the CLIP text tower) enter the project.
+data.py: the user's images and captions in, a latent cache out, through the frozen VAE and text tower of
+encoders.py.
 
   sources     folder with metadata.jsonl (file_name, text) | images + same-named .txt |
               webdataset .tar shards (folder or glob) | an existing cache | "shapes[:N[:SEED]]" |
-              "scenes[:N[:SEED]]" (scenes.py: compositional captions, GenEval's six categories)
+              "scenes[:N[:SEED]]" (toys.py: compositional captions, GenEval's six categories)
   preprocess  any PIL mode -> RGB (alpha over white, 16-bit rescaled, CMYK converted, EXIF rotation),
               short side resized to `resolution` (antialiased LANCZOS), centre crop, [-1, 1]
-  encoders    the frozen VAE (diffusers AutoencoderKL) and CLIP text tower (open_clip)
   cache       .npy files, opened as memmaps: latents (N, 2, C, h, w) float16 | tokens (N, 77) int32 |
               [states (N, 77, dim), pooled (N, pooled_dim) float16] | captions.jsonl | manifest.json (last)
-  loader      infinite, deterministic, DDP-sharded, resumable batches with background prefetch
+  (loader.py turns a cache into training batches)
 
 Choices:
 - Flips: both horizontal flips are encoded and cached (latents[:, 1] = the mirrored image's latent).
@@ -26,11 +25,12 @@ Choices:
 - Bad input never stops a build: it is skipped and counted by reason in manifest["skipped"]
   (empty_file, not_an_image, decode_error, too_small, missing_caption, empty_caption, missing_file,
   missing_image, read_error, bad_metadata, unreadable_shard, truncated_shard). An empty, missing or
-  unreadable source raises DataError (the CLI exits with code 2).
+  unreadable source raises DataError, an encoder that cannot be loaded encoders.LoadError (DataError's base; the
+  CLI exits with code 2 for either).
 - ensure_cache() puts a cache in cache/<source>-<res>px-<vae>-<text encoder>[-states]-<hash of all
   settings> unless told where, reuses it while the manifest matches (settings + source fingerprint).
 """
-import argparse, collections, contextlib, functools, glob, hashlib, io, json, os, queue, random, re, struct, sys, tarfile, threading
+import argparse, collections, contextlib, functools, glob, hashlib, io, json, os, re, struct, sys, tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -43,19 +43,20 @@ except ImportError:
 
 import numpy as np
 import torch
-import torch.nn as nn
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
-import scenes
+import toys
+from checkpoint import atomic_write
+from config import fail, resolve_device
+from encoders import CONTEXT_LENGTH, LoadError, load_text_encoder, load_vae
 
-CONTEXT_LENGTH = 77  # CLIP's token window
 CACHE_FORMAT = 1     # bump when the cache layout changes: an old cache is then refused (with a message), not misread
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # the project's one list
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
 
 
-class DataError(Exception):
+class DataError(LoadError):
     """An empty, missing or unreadable data source (the CLI maps it to exit code 2)."""
 
 #################################################################################
@@ -70,10 +71,8 @@ class Item(NamedTuple):
     error: str = ""      # a skip reason known without reading
 
 def source_kind(data):
-    if _shapes_args(data):
-        return "shapes"
-    if _scenes_args(data):
-        return "scenes"
+    if builtin := _builtin(data):
+        return builtin[0]  # "shapes" | "scenes"
     if os.path.isdir(data):
         if all(os.path.exists(os.path.join(data, f)) for f in ("manifest.json", "latents.npy")):
             return "cache"  # a data folder that merely holds some manifest.json is read as data
@@ -88,10 +87,8 @@ def source_kind(data):
 def source_items(data, resolution):
     """(iterator of Items in a fixed order, item count or None when unknown before reading)."""
     kind = source_kind(data)
-    if kind == "shapes":
-        return _shapes_items(data, resolution)
-    if kind == "scenes":
-        return _scenes_items(data, resolution)
+    if kind in ("shapes", "scenes"):
+        return _builtin_items(data, resolution)
     if kind == "imagefolder":
         return _imagefolder_items(data)
     if kind == "webdataset":
@@ -113,10 +110,8 @@ def _files(data):
 def source_fingerprint(data):
     """sha1 over (relative path, size, mtime) of every file; for shapes and scenes, over (count, seed, renderer)."""
     h, kind = hashlib.sha1(), source_kind(data)
-    if kind == "shapes":
-        h.update(("shapes-v2:%d:%d" % _shapes_args(data)).encode())
-    elif kind == "scenes":
-        h.update((f"{SCENES_VERSION}:%d:%d" % _scenes_args(data)).encode())
+    if kind in ("shapes", "scenes"):
+        h.update(("%s:%d:%d" % (toys.VERSIONS[kind], *_builtin(data)[1:])).encode())
     else:
         for p in _files(data):
             st = os.stat(p)
@@ -192,67 +187,26 @@ def _tar_items(shards):
             if broken:
                 yield Item(os.path.basename(shard), error="truncated_shard")
 
-# The built-in procedural set "shapes[:N[:SEED]]" (the offline demo's data; evaluate.py's probe uses these constants).
-
-SHAPE_COLORS = scenes.COLOURS  # the six colours of the scenes set (well apart in RGB, all far from the backgrounds)
-SHAPE_KINDS = ("circle", "square", "triangle")
-SHAPE_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-SHAPES_DEFAULT_COUNT = 20000
-
-def _shapes_args(data):
-    m = re.fullmatch(r"shapes(?::(\d+))?(?::(\d+))?", data)
-    return (int(m.group(1) or SHAPES_DEFAULT_COUNT), int(m.group(2) or 0)) if m else None
-
-def _shapes_items(data, resolution):
-    n, seed = _shapes_args(data)
-    read = lambda i: shape_sample(i, seed, resolution)[::-1]  # (image, caption)
-    return (Item(f"shape{i}", functools.partial(read, i)) for i in range(n)), n
-
-def shapes_caption(color, kind, background):
-    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {kind} on a {background} background"
-
-def render_shape(color, kind, background, resolution, rng):
-    """One filled shape, 35-70% of the side, at a random position fully inside the image."""
-    img = Image.new("RGB", (resolution, resolution), SHAPE_BACKGROUNDS[background])
-    side = int(rng.uniform(0.35, 0.70) * resolution)
-    x0, y0 = rng.randint(0, resolution - 1 - side), rng.randint(0, resolution - 1 - side)
-    box = (x0, y0, x0 + side, y0 + side)  # PIL boxes are inclusive
-    scenes.draw_shape(ImageDraw.Draw(img), kind, box, SHAPE_COLORS[color])  # the scenes set draws its kinds so too
-    return img
-
-def shape_sample(i, seed, resolution):
-    """Sample i of the shapes set: (caption, image), a function of (i, seed, resolution) only."""
-    rng = random.Random(f"shapes-{seed}-{i}")  # str seeds hash with sha512: the same in every process
-    spec = rng.choice(list(SHAPE_COLORS)), rng.choice(SHAPE_KINDS), rng.choice(list(SHAPE_BACKGROUNDS))
-    return shapes_caption(*spec), render_shape(*spec, resolution, rng)
-
-# The built-in compositional set "scenes[:N[:SEED]]": scenes.py draws it (grammar, held-out split, captions) and
-# reads it back (evaluate.py --probe scenes).
-
-SCENES_DEFAULT_COUNT = 20000
-SCENES_VERSION = "scenes-v1"  # in the cache fingerprint: bump when scenes.py draws other pictures or captions
-
-def _scenes_args(data):
-    """(count, seed) of "scenes[:N[:SEED]]", None for other sources; a count below 1 is a DataError."""
-    m = re.fullmatch(r"scenes(?::([-+]?\d+))?(?::(\d+))?", data)
-    if not m:
-        return None
-    n = SCENES_DEFAULT_COUNT if m.group(1) is None else int(m.group(1))
-    if n < 1:
-        raise DataError(f"{data!r}: the scenes count must be >= 1, got {n}")
-    return n, int(m.group(2) or 0)
-
-def _scenes_items(data, resolution):
-    n, seed = _scenes_args(data)
-    try:
-        scenes.check_resolution(resolution)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    read = lambda i: scenes.scene_sample(i, seed, resolution)[::-1]  # (image, caption)
-    return (Item(f"scene{i}", functools.partial(read, i)) for i in range(n)), n
+# The built-in sets "shapes[:N[:SEED]]" and "scenes[:N[:SEED]]": toys.py draws them (and reads them back for
+# evaluate.py's probes); sample i is a function of (i, SEED, resolution) only.
 
 def _builtin(data):
-    return bool(_shapes_args(data) or _scenes_args(data))
+    """(set, count, seed) of a built-in set's name, None for other sources; a scenes count below 1 is a DataError."""
+    try:
+        return toys.parse_name(data)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+def _builtin_items(data, resolution):
+    kind, n, seed = _builtin(data)
+    if kind == "scenes":
+        try:
+            toys.check_resolution(resolution)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    sample = toys.shape_sample if kind == "shapes" else toys.scene_sample
+    read = lambda i: sample(i, seed, resolution)[::-1]  # (image, caption)
+    return (Item(f"{kind[:-1]}{i}", functools.partial(read, i)) for i in range(n)), n
 
 #################################################################################
 #                                  Preprocessing                                #
@@ -321,140 +275,12 @@ def _caption_text(caption, fixed):
     return (caption, None) if caption else (None, "empty_caption")
 
 #################################################################################
-#                                  Encoders                                     #
-#################################################################################
-
-class VAE:
-    """encode: images (B,3,H,W) in [-1,1] -> scaled latents (B,C,H/f,W/f); decode inverts. "none" = identity."""
-    def __init__(self, name, model=None, device="cpu"):
-        self.name, self.model, self.device = name, model, torch.device(device)
-        cfg = model.config if model is not None else None
-        self.channels = cfg.latent_channels if cfg else 3
-        self.factor = 2 ** (len(cfg.block_out_channels) - 1) if cfg else 1
-        self.scaling_factor = float(cfg.scaling_factor) if cfg else 1.0
-        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0) if cfg else 0.0  # 0 for SD VAEs
-
-    @torch.no_grad()
-    def encode(self, images):
-        if self.model is None:
-            return images
-        # the posterior mean: no noise baked into the cache
-        mean = self.model.encode(images.to(self.device, torch.float32)).latent_dist.mean
-        return (mean - self.shift_factor) * self.scaling_factor  # diffusers' training scripts: latents * scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents):
-        if self.model is None:
-            return latents.clamp(-1, 1)
-        z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
-        return self.model.decode(z).sample.clamp(-1, 1)
-
-def load_vae(name, device="cpu"):
-    """'none', a hub name (e.g. stabilityai/sd-vae-ft-mse) or a local diffusers folder."""
-    if name == "none":
-        return VAE("none", None, device)
-    from diffusers import AutoencoderKL
-    pipeline_folder = os.path.isdir(os.path.join(name, "vae")) and not os.path.exists(os.path.join(name, "config.json"))
-    sub = {"subfolder": "vae"} if pipeline_folder else {}
-    try:  # offline first: a local folder or the Hugging Face cache; the network only when neither has it
-        model = AutoencoderKL.from_pretrained(name, local_files_only=True, **sub)
-    except OSError:
-        try:
-            model = AutoencoderKL.from_pretrained(name, **sub)
-        except OSError as e:
-            raise DataError(f"cannot load the VAE {name!r} ({e}): offline, give a local diffusers folder, "
-                            "or use 'none'") from None
-    return VAE(name, model.eval().requires_grad_(False).to(device), device)
-
-class TextEncoder:
-    """A frozen open_clip text tower: 77 token ids -> per-token states after ln_final + pooled EOT embedding."""
-    def __init__(self, name, model, tokenizer, device="cpu"):
-        self.name, self.model, self.tokenizer, self.device = name, model, tokenizer, torch.device(device)
-        self.tower = getattr(model, "text", model)  # CLIP keeps the tower's parts on itself, CustomTextCLIP under .text
-        assert getattr(self.tower, "cls_emb", None) is None, "text towers with a CLS token are not supported"
-        proj = self.tower.text_projection
-        self.dim = self.tower.ln_final.weight.shape[0]
-        self.pooled_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
-        self.context_length = CONTEXT_LENGTH
-        self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
-
-    def token_ids(self, caption):
-        """A caption's token ids: start-of-text, its BPE ids, end-of-text; not truncated (pack() does that), so
-        len(ids) > CONTEXT_LENGTH tells a caption that does not fit."""
-        return [self.sot] + self.tokenizer.encode(caption) + [self.eot]
-
-    def pack(self, ids_list):
-        """token_ids() lists -> LongTensor (N, 77), padded with 0 as open_clip's tokenizer does; a list over 77 ids
-        keeps its first 76 and ends with the end-of-text token."""
-        tokens = torch.zeros(len(ids_list), CONTEXT_LENGTH, dtype=torch.long)
-        for i, ids in enumerate(ids_list):
-            ids = ids if len(ids) <= CONTEXT_LENGTH else ids[:CONTEXT_LENGTH - 1] + [self.eot]
-            tokens[i, :len(ids)] = torch.tensor(ids)
-        return tokens
-
-    def tokenize(self, captions):
-        return self.pack([self.token_ids(c) for c in captions])
-
-    @torch.no_grad()
-    def encode(self, tokens):
-        t, tokens = self.tower, tokens.to(self.device)
-        x = t.token_embedding(tokens) + t.positional_embedding  # (B, 77, dim)
-        x = t.transformer(x, attn_mask=t.attn_mask)  # (B, 77, dim): open_clip >= 2.26 takes batch-first input
-        states = t.ln_final(x)  # (B, 77, dim)
-        # the EOT token has the largest id: its state is the pooled one (open_clip's text_global_pool 'argmax')
-        eot = states[torch.arange(len(tokens), device=tokens.device), tokens.argmax(-1)]  # (B, dim)
-        proj = t.text_projection
-        pooled = proj(eot) if isinstance(proj, nn.Linear) else eot @ proj  # (B, pooled_dim)
-        return states.float(), pooled.float()
-
-    def __call__(self, captions):
-        return self.encode(self.tokenize(captions))
-
-def open_clip_quick_gelu(arch, tag):
-    """Whether open_clip's pretrained tag was trained with QuickGELU (OpenAI's weights are). open_clip builds ARCH's
-    config as written, GELU for ViT-L-14, and loads the tag's weights into it with only a warning: pass this as
-    create_model's force_quick_gelu, also where a local file stands in for the tag (evaluate.py --clip_weights).
-    A bare local file here is taken as ViT-L-14 with GELU, the LAION checkpoint this project uses."""
-    import open_clip
-    return bool(tag) and bool((open_clip.get_pretrained_cfg(arch, tag) or {}).get("quick_gelu", False))
-
-def load_text_encoder(name, device="cpu"):
-    """'ARCH/TAG' (open_clip pretrained), a local open_clip folder (open_clip_config.json) or checkpoint file
-    (ViT-L-14 architecture), or 'tiny': a random 2-layer width-64 tower, the same in every process."""
-    import open_clip
-    if name == "tiny":
-        with torch.random.fork_rng(devices=[]):  # fixed weights without touching the caller's RNG
-            torch.manual_seed(0)
-            vision_cfg = dict(image_size=32, patch_size=16, width=32, layers=1, head_width=32)
-            text_cfg = dict(context_length=CONTEXT_LENGTH, width=64, heads=2, layers=2)
-            model = open_clip.model.CLIP(embed_dim=64, vision_cfg=vision_cfg, text_cfg=text_cfg)
-        tokenizer = open_clip.get_tokenizer("ViT-L-14")
-    elif os.path.isdir(name):
-        model, tokenizer = open_clip.create_model("local-dir:" + name), open_clip.get_tokenizer("local-dir:" + name)
-    elif os.path.isfile(name):
-        model, tokenizer = open_clip.create_model("ViT-L-14", pretrained=name), open_clip.get_tokenizer("ViT-L-14")
-    else:
-        arch, _, tag = name.partition("/")
-        try:
-            quick_gelu = open_clip_quick_gelu(arch, tag)
-            model = open_clip.create_model(arch, pretrained=tag or None, force_quick_gelu=quick_gelu)
-            tokenizer = open_clip.get_tokenizer(arch)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise DataError(f"cannot load the text encoder {name!r} ({type(e).__name__}: {e}): offline, give a local "
-                            "open_clip checkpoint, or use 'tiny'") from None
-    model.visual = None  # only the text tower is used (frees ~300M parameters for ViT-L/14)
-    return TextEncoder(name, model.eval().requires_grad_(False).to(device), tokenizer, device)
-
-#################################################################################
 #                                  The cache                                    #
 #################################################################################
 
 def _write_json(path, obj):
     """Atomic: a reader sees the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush(), os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 def _read_json(path):
     try:
@@ -766,145 +592,6 @@ class LatentCache:
             return [json.loads(line)["text"] for line in f]
 
 #################################################################################
-#                                  The loader                                   #
-#################################################################################
-
-_WARNED = set()  # cache paths whose text-states flip warning was given (once per process)
-
-@functools.lru_cache(maxsize=4)
-def epoch_plan(n, seed, epoch, cond_drop):
-    """(perm, flip, drop) of one epoch; flip/drop are indexed by sample, so they depend on (seed, epoch, index) only."""
-    perm = np.random.default_rng([seed, epoch, 0]).permutation(n)
-    flip = np.random.default_rng([seed, epoch, 1]).random(n) < 0.5
-    drop = np.random.default_rng([seed, epoch, 2]).random(n) < cond_drop
-    for a in (perm, flip, drop):
-        a.flags.writeable = False
-    return perm, flip, drop
-
-def mirror_tokens(tokens, flip, pairs):
-    """tokens (B, L) int64, flip (B,) bool, pairs (P, 2) int64 -> tokens where, in the flipped rows, each id of a
-    pair is replaced by the other one (no loop over samples)."""
-    is_a, is_b = tokens[..., None] == pairs[:, 0], tokens[..., None] == pairs[:, 1]  # (B, L, P)
-    other = (is_a * pairs[:, 1] + is_b * pairs[:, 0]).sum(-1)  # (B, L): a mirrored id's partner, 0 elsewhere
-    return torch.where(flip[:, None] & (is_a | is_b).any(-1), other, tokens)
-
-class Loader:
-    """Infinite deterministic batches from a cache. Per epoch e: perm from (seed, e), global batches of
-    batch_size * world_size in order (tail dropped), rank r takes slice [r*B, (r+1)*B)."""
-    def __init__(self, cache, batch_size, seed=0, rank=0, world_size=1, cond_drop=0.0, flip=True, device="cpu",
-                 prefetch=2):
-        self._thread = None
-        self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.cond_drop, self.flip, self.device, self.prefetch = cond_drop, flip, torch.device(device), prefetch
-        self.batches_per_epoch = len(self.cache) // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"cache has {len(self.cache)} samples, fewer than one global batch "
-                             f"({batch_size} x {world_size})")
-        self.step = 0  # batches consumed by the caller (prefetched ones do not count)
-        self._mirror = self._mirror_pairs() if flip else None
-        self._start()
-
-    def _mirror_pairs(self):
-        """The (P, 2) token ids a flip swaps, None when there is nothing to swap: a cache built before the manifest
-        kept them (read as before), or one with cached text states (which say the unflipped words: a warning)."""
-        m = self.cache.manifest
-        if not m.get("mirror_tokens"):
-            return None
-        if self.cache.states is None:
-            return torch.tensor(m["mirror_tokens"], dtype=torch.long)
-        if m.get("mirror_captions") and self.cache.path not in _WARNED:
-            _WARNED.add(self.cache.path)
-            warnings.warn(f"{self.cache.path}: {m['mirror_captions']} captions hold "
-                          f"{'/'.join(w for p in MIRROR_WORDS for w in p)}, but cached text states cannot be "
-                          "mirrored: flipped samples keep the unflipped words (rebuild without --text_states, or "
-                          "flip = False)", stacklevel=3)
-        return None
-
-    def plan(self, step):
-        """This rank's batch number `step`: (sample indices, flip flags, drop flags)."""
-        epoch, k = divmod(step, self.batches_per_epoch)
-        perm, flip, drop = epoch_plan(len(self.cache), self.seed, epoch, self.cond_drop)
-        start = (k * self.world_size + self.rank) * self.batch_size
-        idx = perm[start:start + self.batch_size]
-        return idx, (flip[idx] if self.flip else np.zeros(len(idx), bool)), drop[idx]
-
-    def gather(self, step):
-        """Batch `step` as stored (float16 latents/states): rows, flips and caption drops applied."""
-        idx, flip, drop = self.plan(step)
-        c = self.cache
-        tokens = c.tokens[idx].astype(np.int64)  # (B, 77)
-        if self._mirror is not None:  # a mirrored image's caption says "right" where the image's said "left"
-            tokens = mirror_tokens(torch.from_numpy(tokens), torch.from_numpy(flip), self._mirror).numpy()
-        tokens[drop] = c.empty_tokens
-        batch = {"latents": c.latents[idx, flip.astype(np.int64)], "tokens": tokens}  # (B, C, h, w) float16, (B, 77)
-        if c.states is not None:
-            states, pooled = c.states[idx], c.pooled[idx]  # (B, 77, dim), (B, pooled_dim) float16 copies
-            states[drop], pooled[drop] = c.empty_states, c.empty_pooled
-            batch["states"], batch["pooled"] = states, pooled
-        return {k: torch.from_numpy(v) for k, v in batch.items()}
-
-    def _batch(self, step):
-        batch = self.gather(step)
-        if self.device.type == "cuda":  # pinned float16: the copy in __next__ is asynchronous and half the bytes
-            return {k: v.pin_memory() for k, v in batch.items()}
-        # fp16 -> fp32 here, in the thread
-        return {k: v.float() if v.dtype == torch.float16 else v for k, v in batch.items()}
-
-    def _work(self, step, q, stop):
-        """Background thread: batches step, step + 1, ... into the bounded queue until stopped."""
-        while not stop.is_set():
-            try:
-                batch = self._batch(step)
-            except Exception as e:  # handed to the caller, raised by __next__
-                batch = e
-            while not stop.is_set():
-                try:
-                    q.put(batch, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
-            if isinstance(batch, Exception):
-                return  # nothing is produced after an error
-            step += 1
-
-    def _start(self):
-        if self.prefetch > 0:
-            self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
-            self._thread = threading.Thread(target=self._work, args=(self.step, self._queue, self._stop), daemon=True)
-            self._thread.start()
-
-    def close(self):
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = self._queue.get() if self._thread is not None else self._batch(self.step)
-        if isinstance(batch, Exception):
-            raise batch
-        self.step += 1
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return {k: v.float() if v.dtype == torch.float16 else v for k, v in batch.items()}  # on the GPU: fp16 -> fp32
-
-    def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "global_batch": self.batch_size * self.world_size}
-
-    def load_state_dict(self, sd):
-        self.close()
-        global_batch = self.batch_size * self.world_size  # another world size: continue from the same sample count
-        same = sd["global_batch"] == global_batch
-        self.step = sd["step"] if same else sd["step"] * sd["global_batch"] // global_batch
-        self._start()
-
-    def __del__(self):
-        self.close()
-
-#################################################################################
 #                                  Command line                                 #
 #################################################################################
 
@@ -919,20 +606,20 @@ def main(argv=None):
     p.add_argument("--text_encoder", default="ViT-L-14/laion2b_s32b_b82k")
     p.add_argument("--text_states", action="store_true",
                    help="also cache per-token text states (77 x dim fp16 per caption)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto: cuda when there is a GPU, else cpu")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--chunk_size", type=int, default=512, help="items per committed chunk")
     p.add_argument("--workers", type=int, default=0, help="image decoding threads (0: min(8, cpus))")
     a = p.parse_args(argv)
+    a.device = resolve_device(a.device)
     try:
         if a.out and source_kind(a.data) != "cache":
             path = build_cache(a.data, a.out, a.resolution, a.vae, a.text_encoder, a.device, a.text_states,
                                a.batch_size, a.chunk_size, a.workers)
         else:
             path = ensure_cache(a.data, a.resolution, a.vae, a.text_encoder, device=a.device, text_states=a.text_states)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except LoadError as e:  # DataError, or an encoder that cannot be loaded
+        fail(e, prog="data.py")
     print(path)
     return 0
 

@@ -4,7 +4,7 @@ sweep of CFG scales, plus pixel-level prompt-adherence probes for the built-in `
 
     python evaluate.py --ckpt out/ckpt.pt --prompts coco30k.txt --ref coco30k_256/ --n 30000 --cfg 1,3,5
     python evaluate.py --ckpt out/ckpt.pt --probe shapes --cfg 1,4
-    python evaluate.py --ckpt out/ckpt.pt --probe scenes --cfg 1,3,5   # GenEval's six categories (scenes.py)
+    python evaluate.py --ckpt out/ckpt.pt --probe scenes --cfg 1,3,5   # GenEval's six categories (toys.py)
     python evaluate.py --probe scenes --truth --resolution 64          # the reader on true renders: 1.0
 
 FID / IS use the TF-Inception "2015-12-05" weights through torch-fidelity (the weights TTUR, pytorch-fid and
@@ -17,25 +17,23 @@ model's resolution (PIL bicubic) before Inception; their statistics are cached i
 import argparse
 import datetime
 import hashlib
-import io
 import json
-import math
 import os
 import random
-import sys
 
 import numpy as np
-import open_clip
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from scipy import linalg, ndimage
+from scipy import linalg
 from tqdm import tqdm
 
-import scenes
-from data import (IMAGE_EXTS, SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, open_clip_quick_gelu,
-                  render_shape, shapes_caption, to_pixels)
+import toys
+from checkpoint import atomic_write
+from config import fail, resolve_device
+from data import IMAGE_EXTS, to_pixels
 from diffusion import SAMPLERS
+from encoders import ClipScorer, InceptionV3
+from toys import SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, render_shape, shape_attributes, shapes_caption
 from sample import check_args, fresh_path, generate, open_pipeline, save_png
 
 #################################################################################
@@ -92,65 +90,6 @@ def inception_score(logits, splits=10) -> tuple:
     return float(scores.mean()), float(scores.std(unbiased=False))
 
 #################################################################################
-#                     Feature extractors (injectable callables)                 #
-#################################################################################
-
-class InceptionV3:
-    """images uint8 (B, H, W, 3) -> (pool features (B, 2048) float32, logits over 1008 classes without the fc bias
-    (B, 1008) float64), on the CPU. The unbiased logits are what OpenAI's IS code used (matmul with the fc weights)."""
-    name = "inception-v3-compat-2015-12-05"
-
-    def __init__(self, weights_path=None, device="cpu"):
-        # imported here: only the real extractor needs torch-fidelity (tests inject small networks instead)
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-        if weights_path and not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"Inception weights not found: {weights_path}")
-        # torch-fidelity unpickles the weights with weights_only=False (a pickle can run code): load them here
-        # as tensors only, and hand it a re-serialised copy of that plain state dict
-        try:
-            state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path else
-                     torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", weights_only=True))
-        except OSError as e:  # offline and not in the torch hub cache
-            raise RuntimeError(f"cannot download the Inception weights ({e}): get torch-fidelity's "
-                               "weights-inception-2015-12-05-6726825d.pth") from None
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        buffer.seek(0)
-        net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"], feature_extractor_weights_path=buffer)
-        self.net, self.device = net.to(device), torch.device(device)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple:
-        pool, logits = self.net(images.permute(0, 3, 1, 2).contiguous().to(self.device))  # uint8 (B, 3, H, W) in
-        return pool.float().cpu(), logits.double().cpu()  # statistics are taken in float64 (feature_stats)
-
-
-class ClipScorer:
-    """(images uint8 (B, H, W, 3), captions) -> CLIP score per image: 100 * max(cos(image, caption), 0), the
-    convention of torchmetrics' CLIPScore (Hessel et al. 2021, arXiv 2104.08718, with w = 100)."""
-
-    def __init__(self, model, preprocess, tokenizer, name="clip", device="cpu"):
-        self.model, self.preprocess, self.tokenizer = model.eval().to(device), preprocess, tokenizer
-        self.name, self.device = name, torch.device(device)
-
-    @classmethod
-    def load(cls, name="ViT-L-14/openai", weights="", device="cpu"):
-        """name: open_clip "ARCH/pretrained_tag"; weights: a local open_clip checkpoint of that tag (offline). The
-        tag decides the activation: ViT-L-14/openai is OpenAI's QuickGELU model, the one torchmetrics' CLIPScore
-        uses (open_clip would otherwise build ViT-L-14 with GELU and load OpenAI's weights into it)."""
-        arch, _, tag = name.partition("/")
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=weights or tag or None, force_quick_gelu=open_clip_quick_gelu(arch, tag))
-        return cls(model, preprocess, open_clip.get_tokenizer(arch), name=name, device=device)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, captions: list) -> torch.Tensor:
-        pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in images.numpy()]).to(self.device)
-        image_emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)  # (B, E)
-        text_emb = F.normalize(self.model.encode_text(self.tokenizer(captions).to(self.device)).float(), dim=-1)
-        return (100 * (image_emb * text_emb).sum(dim=-1)).clamp(min=0).double().cpu()  # (B,)
-
-#################################################################################
 #                          Reference statistics (cached)                        #
 #################################################################################
 
@@ -193,8 +132,8 @@ def reference_stats(ref: str, extractor, resolution: int, cache_dir="cache/fid_s
         feats.append(extractor(batch)[0])
     mu, sigma = feature_stats(torch.cat(feats).numpy())
     os.makedirs(cache_dir, exist_ok=True)
-    np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, n=len(files), extractor=extractor.name, source=os.path.abspath(ref))
-    os.replace(path + ".tmp.npz", path)  # atomic: an interrupted run leaves no half-written cache
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(files), extractor=extractor.name,
+                                          source=os.path.abspath(ref)))  # an interrupted run leaves no half-written file
     return dict(mu=mu, sigma=sigma, n=len(files), source=ref, cache=path, cached=False)
 
 #################################################################################
@@ -248,46 +187,8 @@ def evaluate(pipe, prompts, cfgs, extractor, clip_scorer=None, ref=None, n=0, st
 #                           Shapes prompt-adherence probe                       #
 #################################################################################
 
-# fill ratio of the bounding box of an axis-aligned filled shape: disc pi/4, square 1, triangle with a side on
-# the box edge and the apex on the opposite edge 1/2
-KIND_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
-
-
-def largest_component(mask: np.ndarray):
-    """The largest 4-connected component of a boolean (H, W) mask, or None when the mask is empty."""
-    labels, count = ndimage.label(mask)
-    return labels == 1 + np.argmax(np.bincount(labels.ravel())[1:]) if count else None
-
-
-def shape_attributes(images, threshold=60.0, min_area=0.005, max_area=0.6) -> list:
-    """uint8 (N, H, W, 3) -> [(colour or None, kind or None)] read from the pixels, by construction of the set:
-    background = median of the border; shape = the largest connected set of pixels farther than `threshold` (RGB L2)
-    from it, then regrown as the pixels nearer its median colour than the background's; colour = palette entry
-    nearest that median, kind = KIND_FILL entry nearest the shape's bounding-box fill ratio. No shape covering
-    min_area..max_area of the image (nothing drawn) -> (None, None)."""
-    names, palette = list(SHAPE_COLORS), np.array(list(SHAPE_COLORS.values()), dtype=np.float64)  # (P, 3)
-    out = []
-    for im in np.asarray(images, dtype=np.float64):  # (H, W, 3)
-        bg = np.median(np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]]), axis=0)  # (3,) background colour
-        mask = largest_component(np.linalg.norm(im - bg, axis=-1) > threshold)  # (H, W)
-        if mask is not None:
-            fg = np.median(im[mask], axis=0)  # (3,) shape colour
-            # two classes: noise far from the background but no nearer the shape's colour does not stretch the box
-            nearer = np.linalg.norm(im - fg, axis=-1) < np.linalg.norm(im - bg, axis=-1)  # (H, W)
-            mask = largest_component(nearer & ndimage.binary_dilation(mask))
-        if mask is None or not min_area <= mask.mean() <= max_area:
-            out.append((None, None))
-            continue
-        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        fill = mask.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
-        colour = names[np.argmin(np.linalg.norm(palette - fg, axis=-1))]
-        kind = min(KIND_FILL, key=lambda k: abs(KIND_FILL[k] - fill))
-        out.append((colour, kind))
-    return out
-
-
 def probe_accuracy(images, colors, kinds) -> dict:
-    """Share of images whose measured colour / kind / both match the prompted ones."""
+    """Share of images whose colour / kind / both, as toys.shape_attributes reads them, match the prompted ones."""
     found = shape_attributes(images)
     color_ok = np.array([c == want for (c, _), want in zip(found, colors)])
     kind_ok = np.array([k == want for (_, k), want in zip(found, kinds)])
@@ -319,26 +220,26 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, 
 #                   Scenes compositional probe (GenEval-style)                  #
 #################################################################################
 
-# The prompts, the reader and the rules are scenes.py's; this samples the images and prints the tables.
+# The prompts, the reader and the rules are toys.py's; this samples the images and prints the tables.
 
-SCENE_SETS = {"in_distribution": scenes.in_distribution_prompts, "held_out": scenes.held_out_prompts}
+SCENE_SETS = {"in_distribution": toys.in_distribution_prompts, "held_out": toys.held_out_prompts}
 
 
 def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, eta=0.0, guidance_rescale=0.0,
                  batch_size=16, progress=False, resolution=None) -> dict:
     """Both prompt sets, n_per_prompt seeds each (image k: seed + k) -> {cfg, truth, resolution, in_distribution,
-    held_out} with scenes.evaluate_images' accuracies. pipe None: true renders at `resolution` (the reader's
+    held_out} with toys.evaluate_images' accuracies. pipe None: true renders at `resolution` (the reader's
     ceiling, 1.0 by construction) instead of samples."""
     out = dict(cfg=None if pipe is None else cfg, truth=pipe is None,
                resolution=resolution if pipe is None else pipe.resolution)
     for name, prompts in SCENE_SETS.items():
-        texts, specs, seeds = scenes.probe_plan(prompts(), n_per_prompt, seed)
+        texts, specs, seeds = toys.probe_plan(prompts(), n_per_prompt, seed)
         if pipe is None:
-            images = np.stack([np.asarray(scenes.render_spec(s, k, resolution)) for s, k in zip(specs, seeds)])
+            images = np.stack([np.asarray(toys.render_spec(s, k, resolution)) for s, k in zip(specs, seeds)])
         else:
             images = generate(pipe, texts, seeds, cfg=cfg, steps=steps, sampler=sampler, eta=eta,
                               guidance_rescale=guidance_rescale, batch_size=batch_size, progress=progress).numpy()
-        out[name] = scenes.evaluate_images(images, specs)
+        out[name] = toys.evaluate_images(images, specs)
     return out
 
 
@@ -350,16 +251,16 @@ def run_scenes_probe(args, pipe, cfgs, report):
              for c in (cfgs if pipe is not None else [None])]
     report["probe_scenes"] = rows
     report["probe_scenes_prompts"] = {name: [p.text for p in prompts()] for name, prompts in SCENE_SETS.items()}
-    names = [c.replace("_", " ") for c in scenes.CATEGORIES]
+    names = [c.replace("_", " ") for c in toys.CATEGORIES]
     for r in rows:
         print(f"\nscenes probe, {'true renders' if r['truth'] else 'cfg %g' % r['cfg']} at {r['resolution']} px "
-              f"({args.probe_n} images per prompt, {scenes.SLOTS} prompts per category; overall: the mean over the "
+              f"({args.probe_n} images per prompt, {toys.SLOTS} prompts per category; overall: the mean over the "
               "categories a set has)")
         print(f"| set | n | {' | '.join(names)} | overall |\n|---|---|{'---|' * (len(names) + 1)}")
         for name in SCENE_SETS:
             acc = r[name]
             print(f"| {name.replace('_', '-')} | {acc['n']} | "
-                  + " | ".join(fmt(acc[c], ".3f") for c in scenes.CATEGORIES + ("overall",)) + " |")
+                  + " | ".join(fmt(acc[c], ".3f") for c in toys.CATEGORIES + ("overall",)) + " |")
 
 #################################################################################
 #                                  CLI                                          #
@@ -367,12 +268,6 @@ def run_scenes_probe(args, pipe, cfgs, report):
 
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
-
-
-def error_exit(message):
-    """A one-line error on stderr, exit 2 (argparse's convention)."""
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance_rescale", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32, help="images sampled together")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto: cuda when there is a GPU, else cpu")
     p.add_argument("--inception_weights", default="", help="local TF-Inception .pth (offline)")
     p.add_argument("--clip", default="ViT-L-14/openai", help="open_clip ARCH/TAG for the CLIP score, or none")
     p.add_argument("--clip_weights", default="", help="local open_clip checkpoint of --clip's ARCH/TAG (offline; "
@@ -402,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", action="store_true", help="with --probe scenes, no checkpoint: score true renders "
                    "of the probe's prompts (the reader's ceiling)")
     p.add_argument("--resolution", type=int, default=None,
-                   help=f"--truth's render size (default {scenes.MIN_RESOLUTION}, the smallest the reader reads)")
+                   help=f"--truth's render size (default {toys.MIN_RESOLUTION}, the smallest the reader reads)")
     p.add_argument("--probe_from", default="", help="also probe from true renders noised to these timesteps "
                    "(comma separated, e.g. 200,400): where the model loses the prompted shape")
     p.add_argument("--save_images", default="", help="folder to keep the generated images in (a new one: "
@@ -415,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
     """The settings that need no checkpoint, checked (p.error: exit 2) -> (args, cfgs, prompts, t_starts)."""
     args = p.parse_args(argv)
+    args.device = resolve_device(args.device)
     if not args.prompts and not args.probe:
         p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes|scenes")
     check_args(p, args)
@@ -452,9 +348,9 @@ def check_truth_settings(p: argparse.ArgumentParser, args):
     if args.resolution is not None and not args.truth:
         p.error("--resolution is --truth's render size (a checkpoint samples at its own resolution)")
     if args.truth:
-        args.resolution = scenes.MIN_RESOLUTION if args.resolution is None else args.resolution
+        args.resolution = toys.MIN_RESOLUTION if args.resolution is None else args.resolution
         try:
-            scenes.check_resolution(args.resolution)
+            toys.check_resolution(args.resolution)
         except ValueError as e:
             p.error(f"--resolution: {e}")
 
@@ -465,7 +361,7 @@ def check_pipeline_settings(p: argparse.ArgumentParser, args, pipe, t_starts):
         p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
     if args.probe == "scenes":
         try:
-            scenes.check_resolution(pipe.resolution)
+            toys.check_resolution(pipe.resolution)
         except ValueError as e:
             p.error(f"--probe scenes: the checkpoint's images are too small: {e}")
 
@@ -478,8 +374,8 @@ def metric_networks(args, device, extractor=None, clip_scorer=None) -> tuple:
         if clip_scorer is None and args.clip.lower() != "none":
             clip_scorer = ClipScorer.load(args.clip, args.clip_weights, device=device)
     except Exception as e:  # a download, a missing file, a checkpoint of another architecture: one line each
-        error_exit(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                   "(offline: --inception_weights PATH, --clip_weights PATH or --clip none)")
+        fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+             "(offline: --inception_weights PATH, --clip_weights PATH or --clip none)", prog="evaluate.py")
     return extractor, clip_scorer
 
 
@@ -489,7 +385,7 @@ def run_metrics(args, pipe, prompts, cfgs, report, extractor=None, clip_scorer=N
     try:
         ref = reference_stats(args.ref, extractor, pipe.resolution, args.stats_cache, args.batch) if args.ref else None
     except (OSError, KeyError, ValueError) as e:  # a missing or too small folder, an .npz without mu / sigma
-        error_exit(f"--ref {args.ref}: {e}")
+        fail(f"--ref {args.ref}: {e}", prog="evaluate.py")
     rows = evaluate(pipe, prompts, cfgs, extractor, clip_scorer, ref, n=args.n, steps=args.steps,
                     sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, seed=args.seed,
                     batch_size=args.batch,
@@ -525,9 +421,7 @@ def run_probe(args, pipe, cfgs, t_starts, report):
 def write_report(report, out, ckpt):
     """JSON to `out` (default eval.json beside the checkpoint), a fresh name if taken, written atomically."""
     out = fresh_path(out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "eval.json"))
-    with open(out + ".part", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(out + ".part", out)
+    atomic_write(out, lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(f"\nwrote {out}")
 
 

@@ -155,6 +155,11 @@ def console_line(rec):
 #                  The EMA weights while training: preview, eval                 #
 #################################################################################
 
+def eval_kind(source_kind):
+    """What the in-run eval scores: the built-in probe of shapes / scenes data, else the CLIP score."""
+    return source_kind if source_kind in ("shapes", "scenes") else "clip"
+
+
 class Watcher:
     """The preview grids (out_dir/samples/NNNNNNN.png: image k is sample.py's `--seed k` image of prompt k, 50 steps
     of the checkpoint's default sampler) and the eval records (eval_every: 25 sampler steps at sample_cfg; the
@@ -165,7 +170,7 @@ class Watcher:
     def __init__(self, C, source_kind, ema, diffusion, text_encoder, ckpt_path):
         self.C, self.ema, self.diffusion, self.text_encoder, self.ckpt_path = C, ema, diffusion, text_encoder, ckpt_path
         self.sampling, self.evaluating = C.sample_every > 0, C.eval_every > 0
-        self.kind = source_kind if source_kind in ("shapes", "scenes") else "clip"
+        self.kind = eval_kind(source_kind)
         self.pipe = self.clip = None
 
     def pipeline(self, step):
@@ -203,8 +208,6 @@ class Watcher:
                 metrics = {"scenes_in": r["in_distribution"]["overall"], "scenes_held_out": r["held_out"]["overall"]}
             else:
                 if self.clip is None:
-                    if C.text_encoder == "tiny":
-                        raise ValueError("the tiny text tower has no image tower to score with")
                     from encoders import ClipScorer
                     self.clip = ClipScorer.load(C.text_encoder, device=C.device, text_encoder=self.text_encoder)
                 prompts = prompt_list(C.sample_prompts) * 4

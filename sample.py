@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write, load_checkpoint
 from config import boolean, fail, resolve_device
-from data import DataError
 from diffusion import SAMPLERS, Diffusion
-from encoders import load_text_encoder, load_vae
+from encoders import LoadError, load_text_encoder, load_vae
 from model import DiT, DiTConfig
 
 #################################################################################
@@ -35,8 +34,8 @@ from model import DiT, DiTConfig
 class Pipeline:
     model: DiT                 # denoiser with the checkpoint's EMA (or raw) weights, eval mode, no grad
     diffusion: Diffusion       # schedule rebuilt from the checkpoint's config
-    vae: object                # data.load_vae(config["vae"])
-    text_encoder: object       # data.load_text_encoder(config["text_encoder"])
+    vae: object                # encoders.load_vae(config["vae"])
+    text_encoder: object       # encoders.load_text_encoder(config["text_encoder"])
     config: dict               # train.py globals stored in the checkpoint
     step: int                  # optimizer step the checkpoint was saved at
     device: torch.device
@@ -207,7 +206,7 @@ def open_pipeline(p: argparse.ArgumentParser, args, weights="ema") -> Pipeline:
     loaded, or --steps beyond the training timesteps exit 2 with one line."""
     try:
         pipe = load_pipeline(args.ckpt, args.device, weights=weights)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, LoadError) as e:
         fail(e, prog=p.prog)
     if args.steps > pipe.diffusion.T:
         p.error(f"--steps must be <= the {pipe.diffusion.T} training timesteps, got {args.steps}")

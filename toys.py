@@ -1,9 +1,13 @@
 """
-scenes.py: the built-in compositional set "scenes" and its reader, the two sides of one contract. The set draws
-scenes of flat shapes on a grid with a caption in one of GenEval's six categories (Ghosh et al. 2023, arXiv
-2310.11513); the reader reads the objects back from pixels, and the scorer judges them by GenEval's rules. A leaf
-module (numpy, PIL, scipy only): data.py renders the training set with it, evaluate.py's `--probe scenes` scores
-samples with it.
+toys.py: the built-in sets "shapes" and "scenes", each drawn here and read back from its pixels by the one reader
+below: the two sides of one contract. A leaf module (numpy, PIL, scipy only): data.py renders the training sets with
+it, evaluate.py's probes (`--probe shapes | scenes`) score samples with it.
+
+shapes: one filled shape (KINDS) of one colour (COLOURS) on a white, black or grey background, captioned
+"a red circle on a white background" (the offline demo's data); the reader gives its (colour, kind).
+
+scenes: scenes of flat shapes on a grid with a caption in one of GenEval's six categories (Ghosh et al. 2023, arXiv
+2310.11513); the reader reads the objects back, and the scorer judges them by GenEval's rules.
 
   grammar     kinds circle | square | triangle; 6 colours; 2 sizes (small, large: unnamed in captions, free);
               a white background; a 3 x 3 grid, one object per cell, never touching
@@ -18,7 +22,15 @@ samples with it.
 A caption describes every object in its image: an attribute it does not name (a colour in "a triangle", every
 size) is free, but there are no unnamed objects. Resolutions below MIN_RESOLUTION (32 px, where the small objects
 are 5 px) raise ValueError.
+
+The reader: background = the median of the border; objects = 4-connected components of the pixels far from it,
+each cut back to the pixels nearer its own colour than the background (a blurred outline's half-way contour). The
+two sets differ only in how a component is named, each by what its set can hold: a shapes image has one large
+shape on one of three backgrounds (kind from its bounding-box fill ratio, colour the nearest palette entry); a
+scene has several small ones on white (kind from template IoU, colour allowing for the blend with the background,
+specks and noise passed over).
 """
+import math
 import random
 import re
 from typing import NamedTuple
@@ -28,13 +40,82 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 #################################################################################
-#                                  Grammar                                      #
+#                                    Names                                      #
+#################################################################################
+
+SHAPES_DEFAULT_COUNT = SCENES_DEFAULT_COUNT = 20000  # samples when the name gives no count
+# in data.py's cache fingerprint: bump a set's version when it draws other pictures or captions
+VERSIONS = {"shapes": "shapes-v2", "scenes": "scenes-v1"}
+
+
+def parse_name(name):
+    """(set, count, seed) of "shapes[:N[:SEED]]" or "scenes[:N[:SEED]]", None for any other name; ValueError for
+    a scenes count below 1 (a shapes count is digits: "shapes:-1" names no set)."""
+    if m := re.fullmatch(r"shapes(?::(\d+))?(?::(\d+))?", name):
+        return "shapes", int(m.group(1) or SHAPES_DEFAULT_COUNT), int(m.group(2) or 0)
+    if not (m := re.fullmatch(r"scenes(?::([-+]?\d+))?(?::(\d+))?", name)):
+        return None
+    n = SCENES_DEFAULT_COUNT if m.group(1) is None else int(m.group(1))
+    if n < 1:
+        raise ValueError(f"{name!r}: the scenes count must be >= 1, got {n}")
+    return "scenes", n, int(m.group(2) or 0)
+
+#################################################################################
+#                               Kinds and colours                               #
 #################################################################################
 
 KINDS = ("circle", "square", "triangle")
 # far apart in RGB (nearest pair: orange-yellow, 80) and all far from the white background (>= 239)
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
            "purple": (140, 50, 180), "orange": (245, 130, 20)}
+
+
+def draw_shape(draw, kind, box, fill):
+    """A filled kind in the inclusive pixel box (x0, y0, x1, y1): both sets draw with it, and so do the
+    reader's templates."""
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    elif kind == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+
+#################################################################################
+#                        The shapes set "shapes[:N[:SEED]]"                     #
+#################################################################################
+
+SHAPE_COLORS = COLOURS  # the scenes set's six colours (well apart in RGB, all far from the backgrounds)
+SHAPE_KINDS = KINDS
+SHAPE_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+
+
+def shapes_caption(color, kind, background):
+    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {kind} on a {background} background"
+
+
+def render_shape(color, kind, background, resolution, rng):
+    """One filled shape, 35-70% of the side, at a random position fully inside the image."""
+    img = Image.new("RGB", (resolution, resolution), SHAPE_BACKGROUNDS[background])
+    side = int(rng.uniform(0.35, 0.70) * resolution)
+    x0, y0 = rng.randint(0, resolution - 1 - side), rng.randint(0, resolution - 1 - side)
+    box = (x0, y0, x0 + side, y0 + side)  # PIL boxes are inclusive
+    draw_shape(ImageDraw.Draw(img), kind, box, SHAPE_COLORS[color])
+    return img
+
+
+def shape_sample(i, seed, resolution):
+    """Sample i of the shapes set: (caption, image), a function of (i, seed, resolution) only."""
+    rng = random.Random(f"shapes-{seed}-{i}")  # str seeds hash with sha512: the same in every process
+    spec = rng.choice(list(SHAPE_COLORS)), rng.choice(SHAPE_KINDS), rng.choice(list(SHAPE_BACKGROUNDS))
+    return shapes_caption(*spec), render_shape(*spec, resolution, rng)
+
+#################################################################################
+#                     The scenes set "scenes[:N[:SEED]]": grammar               #
+#################################################################################
+
 SIZES = {"small": 0.5, "large": 0.7}  # side as a fraction of a grid cell, rounded down to odd pixels
 BACKGROUND = (255, 255, 255)
 GRID = 3                              # 3 x 3 cells: "left of" / "above" are a column / row apart
@@ -153,19 +234,6 @@ class Placed(NamedTuple):
     dy: float = 0.0
 
 
-def draw_shape(draw, kind, box, fill):
-    """A filled kind in the inclusive pixel box (x0, y0, x1, y1); the reader's templates are drawn by this too."""
-    x0, y0, x1, y1 = box
-    if kind == "circle":
-        draw.ellipse(box, fill=fill)
-    elif kind == "square":
-        draw.rectangle(box, fill=fill)
-    elif kind == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    else:
-        raise ValueError(f"unknown kind {kind!r}")
-
-
 def render(objects, resolution):
     """Placed objects -> PIL RGB image. An object stays >= 1 px inside its cell, so neighbours are >= 2 px apart."""
     check_resolution(resolution)
@@ -264,8 +332,68 @@ def probe_plan(prompts, n_per_prompt, seed):
     return [p.text for p in expanded], [p.spec for p in expanded], [seed + k for k in range(len(expanded))]
 
 #################################################################################
-#                                  The reader                                   #
+#                           The reader (both sets)                              #
 #################################################################################
+
+def background(im):
+    """(3,) the background colour of a float (H, W, 3) image: the median of its border, plain in both sets."""
+    return np.median(np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]]), axis=0)
+
+
+def far_from(im, colour, threshold):
+    """(H, W) bool: the pixels farther than threshold (RGB L2) from colour."""
+    return np.linalg.norm(im - colour, axis=-1) > threshold
+
+
+def nearer(pixels, fg, bg):
+    """(...) bool: the pixels (..., 3) nearer fg than bg, which cuts a blurred outline at its half-way contour."""
+    return np.linalg.norm(pixels - fg, axis=-1) < np.linalg.norm(pixels - bg, axis=-1)
+
+
+def bounding_box(mask):
+    """(row slice, column slice) of a non-empty (H, W) mask's bounding box."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def largest_component(mask: np.ndarray):
+    """The largest 4-connected component of a boolean (H, W) mask, or None when the mask is empty."""
+    labels, count = ndimage.label(mask)
+    return labels == 1 + np.argmax(np.bincount(labels.ravel())[1:]) if count else None
+
+# The shapes set: one shape, 35-70% of the side, on a white, black or grey background.
+
+# fill ratio of the bounding box of an axis-aligned filled shape: disc pi/4, square 1, triangle with a side on
+# the box edge and the apex on the opposite edge 1/2
+KIND_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+
+
+def shape_attributes(images, threshold=60.0, min_area=0.005, max_area=0.6) -> list:
+    """uint8 (N, H, W, 3) -> [(colour or None, kind or None)]: the shape = the largest component far_from the
+    background, then regrown as the pixels nearer its median colour than the background's; colour = palette entry
+    nearest that median, kind = KIND_FILL entry nearest the shape's bounding-box fill ratio. No shape covering
+    min_area..max_area of the image (nothing drawn) -> (None, None)."""
+    names, palette = list(SHAPE_COLORS), np.array(list(SHAPE_COLORS.values()), dtype=np.float64)  # (P, 3)
+    out = []
+    for im in np.asarray(images, dtype=np.float64):  # (H, W, 3)
+        bg = background(im)  # (3,)
+        mask = largest_component(far_from(im, bg, threshold))  # (H, W)
+        if mask is not None:
+            fg = np.median(im[mask], axis=0)  # (3,) shape colour
+            # two classes: noise far from the background but no nearer the shape's colour does not stretch the box
+            mask = largest_component(nearer(im, fg, bg) & ndimage.binary_dilation(mask))
+        if mask is None or not min_area <= mask.mean() <= max_area:
+            out.append((None, None))
+            continue
+        rows, cols = bounding_box(mask)
+        fill = mask.sum() / ((rows.stop - rows.start) * (cols.stop - cols.start))
+        colour = names[np.argmin(np.linalg.norm(palette - fg, axis=-1))]
+        kind = min(KIND_FILL, key=lambda k: abs(KIND_FILL[k] - fill))
+        out.append((colour, kind))
+    return out
+
+# The scenes set: up to four small objects on white, so every component is read, and one that is no object
+# (a speck, noise) is passed over.
 
 class SceneObject(NamedTuple):
     kind: str
@@ -306,36 +434,35 @@ def _palette_colour(fg, bg):
 def _read_component(patch, region, bg, small, large):
     """One component (its bounding-box patch (h, w, 3) and mask) -> (kind, colour, size, mask cropped to the
     object, its (row, col) in the patch) or None. Colour: from the median of its more saturated half (the rim is a
-    blend); shape: the pixels nearer that colour than the background, a blurred outline's half-way contour."""
+    blend); shape: the pixels nearer that colour than the background."""
     if region.sum() < small ** 2 / 4:
         return None  # a speck (the common case in noise: checked before any median)
     pixels = patch[region]
     far = np.linalg.norm(pixels - bg, axis=1)
     fg = np.median(pixels[far >= np.median(far)], axis=0)  # (3,)
-    mask = region & (np.linalg.norm(patch - fg, axis=-1) < np.linalg.norm(patch - bg, axis=-1))
+    mask = region & nearer(patch, fg, bg)
     if not small ** 2 / 4 <= mask.sum() <= 2 * large ** 2:
         return None  # a speck, or larger than any scene object
     spread = np.median(np.linalg.norm(patch[mask] - np.median(patch[mask], axis=0), axis=1))
-    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-    mask = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    rows, cols = bounding_box(mask)
+    mask = mask[rows, cols]
     kind, iou = _kind(mask)
     if iou < MIN_IOU or spread > MAX_SPREAD:
         return None  # no kind's outline, or no flat colour: noise
     size = "large" if max(mask.shape) > (small + large) / 2 else "small"
-    return kind, _palette_colour(fg, bg), size, mask, (rows[0], cols[0])
+    return kind, _palette_colour(fg, bg), size, mask, (rows.start, cols.start)
 
 
 def read_objects(image):
-    """uint8 (H, W, 3) -> [SceneObject], read by construction of the set: background = median of the border;
-    objects = 4-connected components of pixels > FOREGROUND from it, each cut back to the pixels nearer its colour
-    than the background; one smaller than a quarter of the small square (specks) or larger than twice the large
-    square (not a scene object) is passed over, and so is one that fits no kind's template (MIN_IOU) or has no
-    flat colour (MAX_SPREAD): noise. Kind: the best template; colour: _palette_colour; size: the bounding box's
-    side against the two sides."""
+    """uint8 (H, W, 3) -> [SceneObject]: every 4-connected component far_from the background by FOREGROUND, cut
+    back to the pixels nearer its colour than the background; one smaller than a quarter of the small square
+    (specks) or larger than twice the large square (not a scene object) is passed over, and so is one that fits no
+    kind's template (MIN_IOU) or has no flat colour (MAX_SPREAD): noise. Kind: the best template; colour:
+    _palette_colour; size: the bounding box's side against the two sides."""
     im = np.asarray(image, dtype=np.float64)
     check_resolution(min(im.shape[:2]))
-    bg = np.median(np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]]), axis=0)  # (3,)
-    labels, _ = ndimage.label(np.linalg.norm(im - bg, axis=-1) > FOREGROUND)
+    bg = background(im)  # (3,)
+    labels, _ = ndimage.label(far_from(im, bg, FOREGROUND))
     small, large = (side_px(s, min(im.shape[:2])) for s in ("small", "large"))
     out = []
     for k, box in enumerate(ndimage.find_objects(labels)):

@@ -29,7 +29,8 @@ from checkpoint import (FOR_RESUMING, FOR_SAMPLING, CheckpointError, checkpoint_
                         inherit_architecture, load_checkpoint, restore, save_checkpoint)
 from config import ConfigError, fail
 from diffusion import Diffusion
-from encoders import load_text_encoder
+from encoders import LoadError, load_text_encoder
+from loader import Loader
 from model import DiT, config_from_keys, convert_to_fp8
 from optim import Horizon, configure_optimizer, fit_warmup, lr_at, set_hyperparameters
 
@@ -242,23 +243,26 @@ def setup_distributed(C):
 
 
 def open_data(C, D):
-    """Rank 0 builds the latent cache once (or finds it); every rank opens it. -> (cache, text encoder)"""
+    """Rank 0 builds the latent cache once (or finds it); every rank opens it. -> (cache, text encoder: with its
+    image tower when the in-run eval scores CLIP with it, so that a run loads its CLIP once)"""
     try:
         cache_path = error = None
         if D.master:
             try:
                 cache_path = datalib.ensure_cache(C.data, C.resolution, C.vae, C.text_encoder, cache_dir=C.cache_dir,
                                                   device=C.device, text_states=C.text_states)
-            except datalib.DataError as e:
+            except LoadError as e:  # data.DataError is one
                 error = str(e)
         if D.ddp:  # the others learn the path, or rank 0's error, and exit with the same message
             holder = [(cache_path, error)]
             dist.broadcast_object_list(holder, src=0, group=D.ctrl)
             cache_path, error = holder[0]
         if error:
-            raise datalib.DataError(error)
-        return datalib.LatentCache(cache_path), load_text_encoder(C.text_encoder, device=C.device)
-    except datalib.DataError as e:
+            raise LoadError(error)
+        cache = datalib.LatentCache(cache_path)
+        clip_eval = C.eval_every > 0 and monitor.eval_kind(cache.manifest.get("source_kind")) == "clip"
+        return cache, load_text_encoder(C.text_encoder, device=C.device, image_tower=clip_eval)
+    except LoadError as e:
         fail(e)
 
 
@@ -300,7 +304,7 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
     if init is not None:
         init.clear()  # its tensors freed now (the caller holds this same dict)
     try:
-        loader = datalib.Loader(cache, C.batch, seed=C.seed, rank=D.rank, world_size=D.world, cond_drop=C.cond_drop,
+        loader = Loader(cache, C.batch, seed=C.seed, rank=D.rank, world_size=D.world, cond_drop=C.cond_drop,
                                 flip=C.flip, device=C.device)
     except ValueError as e:  # fewer samples than one global batch
         fail(f"{e}: lower --batch")

@@ -18,19 +18,7 @@ rewritten after each run. Rerunning the same command resumes: runs whose eval.js
 stopped mid-training continues from its checkpoint; nothing is ever deleted, and a run folder made with other
 arguments is an error, not a silent mix.
 """
-import argparse
-import dataclasses
-import datetime
-import functools
-import json
-import math
-import os
-import re
-import shlex
-import signal
-import subprocess
-import sys
-import time
+import argparse, dataclasses, datetime, functools, json, math, os, re, shlex, signal, subprocess, sys, time
 import warnings
 from types import SimpleNamespace
 
@@ -39,9 +27,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import config
 import data as datalib
 import train
+from checkpoint import atomic_write
+from encoders import load_text_encoder
 from model import DiT
+from optim import fit_warmup
 
 TRAIN, EVALUATE = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "evaluate.py")
 # evaluate.py --probe NAME -> (its section in eval.json, the default --metric). Each section is a list of records,
@@ -109,8 +101,7 @@ def read_rows(files, inline):
     if not rows:
         raise ToolError("no rows: give a rows file and/or --row 'name: --key value ...'")
     names = [name for name, _ in rows]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
+    if dup := sorted({n for n in names if names.count(n) > 1}):
         raise ToolError(f"row names must be unique: {', '.join(dup)}")
     return rows
 
@@ -120,7 +111,7 @@ def cli_keys(argv):
 
 
 def budget_args(args, max_steps=None):
-    """train.py arguments that set a row's budget (the last ones given win in train.parse_args)."""
+    """train.py arguments that set a row's budget (the last ones given win in config.parse_args)."""
     if args.hours is not None:
         return ["--max_hours", repr(args.hours)]
     return ["--max_steps", str(max_steps if args.flops is not None else args.steps), "--max_hours", "0"]
@@ -130,12 +121,12 @@ def plan_row(name, row_argv, base, args):
     """Check a row as train.py will (ConfigError -> ToolError, before anything runs) -> its plan."""
     argv = base + row_argv
     try:
-        config = train.parse_args(argv + budget_args(args, 1))
-        train.check_config(SimpleNamespace(**config))
-    except train.ConfigError as e:
+        keys = config.parse_args(argv + budget_args(args, 1), train.DEFAULTS)
+        config.check(SimpleNamespace(**keys))
+    except config.ConfigError as e:
         raise ToolError(f"row {name}: {e}") from None
-    fpi, routed, unrouted = flops_per_image(config, name)
-    per_step = config["batch"] * config["accum"]  # one process: world size 1
+    fpi, routed, unrouted = flops_per_image(keys, name)
+    per_step = keys["batch"] * keys["accum"]  # one process: world size 1
     max_steps = None
     if args.flops is not None:
         max_steps = round(args.flops / (fpi * per_step))
@@ -145,12 +136,12 @@ def plan_row(name, row_argv, base, args):
     elif args.steps is not None:
         max_steps = args.steps
     if max_steps is not None:
-        warning = train.warmup_warning(SimpleNamespace(**{**config, "max_steps": max_steps, "max_hours": 0}))
-        if warning:  # train.py prints it into the run's log only
-            print(f"row {name}: {warning}", file=sys.stderr)
+        note = fit_warmup(SimpleNamespace(**{**keys, "max_steps": max_steps, "max_hours": 0}))  # (on a copy)
+        if note:  # train.py prints it into the run's log only
+            print(f"row {name}: {note}", file=sys.stderr)
     return dict(name=name, args=row_argv, train_argv=argv + budget_args(args, max_steps), flops_per_image=fpi,
                 routed_flops_per_image=routed, unrouted_flops_per_image=unrouted, images_per_step=per_step,
-                max_steps=max_steps, config=config)
+                max_steps=max_steps, config=keys)
 
 #################################################################################
 #                     FLOPs per training image, as train.py has them            #
@@ -158,26 +149,26 @@ def plan_row(name, row_argv, base, args):
 
 @functools.lru_cache(maxsize=None)
 def text_dims(name):
-    """(per-token dim, pooled dim) of data.load_text_encoder(name): open_clip's config where there is one (no
+    """(per-token dim, pooled dim) of encoders.load_text_encoder(name): open_clip's config where there is one (no
     weights loaded), else the tower itself ('tiny' is small and random; CLIP ViT-L/14 is 768, 768)."""
     import open_clip
     if name != "tiny":
         try:
             if os.path.isdir(name):
                 cfg = json.load(open(os.path.join(name, "open_clip_config.json")))["model_cfg"]
-            else:  # a bare checkpoint file is a ViT-L-14 (data.load_text_encoder)
+            else:  # a bare checkpoint file is a ViT-L-14 (encoders.open_clip_model)
                 cfg = open_clip.get_model_config("ViT-L-14" if os.path.isfile(name) else name.partition("/")[0])
             width, embed = cfg["text_cfg"]["width"], cfg["embed_dim"]
             if width and embed:
                 return int(width), int(embed)
         except (OSError, KeyError, TypeError, ValueError):
             pass
-    te = datalib.load_text_encoder(name)
+    te = load_text_encoder(name)
     return te.dim, te.pooled_dim
 
 
 def vae_geometry(name):
-    """(latent channels, downsampling factor) of data.load_vae(name), from its config.json (no weights), else the
+    """(latent channels, downsampling factor) of encoders.load_vae(name), from its config.json (no weights), else the
     SD VAE's (4, 8); 'none' is pixel space (3, 1)."""
     if name == "none":
         return 3, 1
@@ -197,12 +188,12 @@ def vae_geometry(name):
     return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg.get("block_out_channels", [0] * 4)) - 1)
 
 
-def flops_per_image(config, name="?"):
-    """model.py's DiT.estimate_flops() for the model train.py would build from `config` (train.build_model): latent
+def flops_per_image(keys, name="?"):
+    """model.py's DiT.estimate_flops() for the model train.py would build from `keys` (train.build_model): latent
     shape and text widths from the cache's manifest when --data is a cache, else from the VAE and text encoder.
     -> (the run's mean per image, a routed step's (what train.py prints), an unrouted step's); all three are equal
     without routing, and route_until < 1 mixes the last two as train.routed_tokens splits the steps."""
-    C = SimpleNamespace(**config)
+    C = SimpleNamespace(**keys)
     try:
         manifest = datalib.LatentCache(C.data).manifest if datalib.source_kind(C.data) == "cache" else None
     except datalib.DataError:  # data that is not there yet: train.py will say so; the shape comes from the VAE
@@ -240,13 +231,13 @@ def run_dir(args, name, seed):
     return os.path.join(args.out, f"{name}-s{seed}")
 
 
-def eval_argv(args, run, config):
+def eval_argv(args, run, keys):
     d = run["dir"]
     argv = ["--ckpt", os.path.join(d, "ckpt.pt"), "--probe", args.probe, "--cfg", args.cfg, "--probe_n",
             str(args.probe_n), "--steps", str(args.eval_steps), "--out", os.path.join(d, "eval.json")]
     extra = shlex.split(args.eval_args)
-    if config["device"] != "auto" and "device" not in cli_keys(extra):  # sample where the row trained
-        argv += ["--device", config["device"]]
+    if keys["device"] != "auto" and "device" not in cli_keys(extra):  # sample where the row trained
+        argv += ["--device", keys["device"]]
     return argv + extra
 
 
@@ -270,10 +261,7 @@ def read_status(run):
 
 def write_status(run, status):
     os.makedirs(run["dir"], exist_ok=True)
-    path = os.path.join(run["dir"], "run.json")
-    with open(path + ".part", "w") as f:
-        json.dump(status, f, indent=1)
-    os.replace(path + ".part", path)
+    atomic_write(os.path.join(run["dir"], "run.json"), lambda f: f.write(json.dumps(status, indent=1).encode()))
 
 
 def check_resumable(runs):
@@ -513,13 +501,9 @@ def table_line(row, columns):
         mean = "-" if not s["n"] else f"{s['mean']:.3f}" + (f" ± {s['stderr']:.3f}" if s["n"] > 1 else "")
         cells.append(mean if ok else "failed" if any(r["status"] == "failed" for r in row["runs"]) else "-")
     cells.append(f"{len(ok)}" if len(ok) == len(row["runs"]) else f"{len(ok)} of {len(row['runs'])}")
-    if ok:
-        t = row["totals"]
-        cells += [spread([r["steps"] for r in ok], lambda x: f"{x:,}"), spread([r["images"] for r in ok],
-                  lambda x: f"{x:,}"), sci(t["flops"]["mean"]), f"{t['wall_min']['mean']:.2f}",
-                  f"{t['images_per_s']['mean']:.1f}"]
-    else:
-        cells += ["-"] * 5
+    t, commas = row["totals"], lambda x: f"{x:,}"
+    cells += ["-"] * 5 if not ok else [spread([r["steps"] for r in ok], commas), spread([r["images"] for r in ok],
+              commas), sci(t["flops"]["mean"]), f"{t['wall_min']['mean']:.2f}", f"{t['images_per_s']['mean']:.1f}"]
     cells.append("; ".join(run_notes(row["runs"])))
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
@@ -563,10 +547,7 @@ def write_outputs(args, report, columns, quiet=True):
     os.makedirs(args.out, exist_ok=True)
     text = markdown(report, columns)
     for name, body in (("ablation.md", text), ("ablation.json", json.dumps(report, indent=1) + "\n")):
-        path = os.path.join(args.out, name)
-        with open(path + ".part", "w") as f:
-            f.write(body)
-        os.replace(path + ".part", path)
+        atomic_write(os.path.join(args.out, name), lambda f: f.write(body.encode()))
     if not quiet:
         print("\n" + text + f"\nwrote {os.path.join(args.out, 'ablation.md')} and ablation.json")
 
@@ -659,8 +640,7 @@ def main(argv=None):
     args, seeds, cfgs, columns = parse_cli(argv)
     try:
         base = shlex.split(args.base)
-        bad = [k for k in cli_keys(base) if k in TOOL_KEYS]
-        if bad:
+        if bad := [k for k in cli_keys(base) if k in TOOL_KEYS]:
             raise ToolError(f"--base: --{bad[0]} is set by this tool, per run")
         plans = [plan_row(name, row_argv, base, args) for name, row_argv in read_rows(args.rows, args.row)]
         if args.dry_run:
@@ -669,8 +649,7 @@ def main(argv=None):
         check_eval_args(runs)
         check_resumable(runs)
     except (ToolError, ValueError) as e:
-        print(f"ablate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        config.fail(e, prog="ablate.py")
     mode = next(k for k in ("flops", "steps", "hours") if getattr(args, k) is not None)
     report = dict(command="python scripts/ablate.py " + shlex.join(argv), argv=argv, out=args.out,
                   date=datetime.date.today().isoformat(), budget=dict(mode=mode, value=getattr(args, mode)),

@@ -16,8 +16,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import ablate
-import data as datalib
 import train
+from encoders import load_text_encoder
 from model import DiT, DiTConfig
 
 TINY = ("--vae none --text_encoder tiny --resolution 16 --model DiT-S/2 --depth 1 --width 32 --heads 2 --patch 4 "
@@ -51,6 +51,7 @@ def row(report, name):
     return next(r for r in report["rows"] if r["name"] == name)
 
 
+@pytest.mark.slow  # the ablation fixture: 4 trainings and 4 probes (~50 s)
 def test_table_and_json_give_mean_and_stderr_over_seeds(ablation):
     report, md, out = ablation["report"], ablation["md"], ablation["out"]
     assert ablation["rc"] == 1  # a failed run: reported, the others went on
@@ -85,6 +86,7 @@ def test_table_and_json_give_mean_and_stderr_over_seeds(ablation):
     assert str(out / "broken-s*" / "train.log") in line and "/nonexistent/folder" in line
 
 
+@pytest.mark.slow  # the ablation fixture: 4 trainings and 4 probes (~50 s)
 def test_equal_flops_rows_differ_in_steps_and_match_train_py(ablation):
     report, out = ablation["report"], ablation["out"]
     narrow, wide = row(report, "narrow"), row(report, "wide")
@@ -105,6 +107,7 @@ def test_equal_flops_rows_differ_in_steps_and_match_train_py(ablation):
     assert not any(run.get("note") for r in (narrow, wide) for run in r["runs"])
 
 
+@pytest.mark.slow  # the ablation fixture: 4 trainings and 4 probes (~50 s)
 def test_rerun_skips_finished_runs_and_refuses_changed_ones(ablation, capsys):
     out = ablation["out"]
     files = [out / f"{n}-s{s}" / f for n in ("narrow", "wide") for s in (0, 1)
@@ -139,7 +142,8 @@ def test_unknown_key_exits_2_before_any_run(tmp_path):
 @pytest.mark.parametrize("rows,needle", [
     ("a: --seed 3", "--seed is set by this tool"), ("a: --max_steps 9", "--max_steps is set by this tool"),
     ("a:\na: --lr 1", "unique: a"), ("no colon here", "expected `name: --key value"),
-    ("a: configs/shapes.py", "a config file goes in --base"), ("a: --adaln nope", "row a: --adaln 'nope'"),
+    ("a: configs/shapes.py", "a config file goes in --base"),
+    ("a: --adaln nope", "row a: adaln must be 'single' or 'zero'"),
     ("a: --patch 3", "not divisible by patch 3"),
 ])
 def test_bad_rows_exit_2(tmp_path, capsys, rows, needle):
@@ -150,6 +154,7 @@ def test_bad_rows_exit_2(tmp_path, capsys, rows, needle):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # the ablation fixture: 4 trainings and 4 probes (~50 s)
 def test_rows_budgets_and_the_cache_path(ablation, tmp_path):
     (tmp_path / "r.txt").write_text("# comment\n\nx: --sample_prompts 'a # b|c'  # trailing comment\n")
     assert ablate.read_rows([str(tmp_path / "r.txt")], ["y:"]) == [("x", ["--sample_prompts", "a # b|c"]), ("y", [])]
@@ -173,7 +178,7 @@ def test_an_unrouted_finish_is_planned_at_the_flops_train_py_spends():
     budget = 3e11
     plan = ablate.plan_row("x", [], base, ablate.parse_cli(["--row", "x:", "--flops", str(budget)])[0])
     C = SimpleNamespace(**plan["config"])
-    tiny = datalib.load_text_encoder("tiny")
+    tiny = load_text_encoder("tiny")
     with torch.device("meta"):  # the model train.py builds for 16 px pixel space, routed and not
         routed = DiT(train.model_config(C, 3, 16, tiny.dim, tiny.pooled_dim)).estimate_flops()
         unrouted = DiT(train.model_config(SimpleNamespace(**{**vars(C), "route_frac": 0.0}), 3, 16, tiny.dim,
@@ -191,9 +196,9 @@ def test_an_unrouted_finish_is_planned_at_the_flops_train_py_spends():
 
 def test_metrics_are_read_generically():
     import evaluate
-    import scenes
+    import toys
     # evaluate.py's scenes record as it writes it (here from true renders: 1.0 by construction), at two CFG scales
-    record = evaluate.probe_scenes(None, n_per_prompt=1, resolution=scenes.MIN_RESOLUTION)
+    record = evaluate.probe_scenes(None, n_per_prompt=1, resolution=toys.MIN_RESOLUTION)
     report = {"probe_scenes": [dict(record, cfg=3.0, truth=False), dict(record, cfg=5.0, truth=False)]}
     metrics = ablate.PROBES["scenes"][1].split(",") + ["held_out.single_object", "held_out.counting"]
     cols = [dict(metric=m, cfg=c, label=f"{m} {c:g}") for m in metrics for c in (3.0, 5.0)]

@@ -2,14 +2,17 @@
 The model must follow its prompts' colours far better than chance (1/6) after a minute of CPU training."""
 import os
 
+import pytest
+
 import train
-from data import SHAPE_COLORS
 from evaluate import probe_shapes
 from sample import load_pipeline
+from toys import SHAPE_COLORS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_shortened_demo_follows_prompts(tmp_path):
     out = train.main([os.path.join(ROOT, "configs", "shapes.py"), f"--out_dir={tmp_path / 'run'}",
                       f"--cache_dir={tmp_path / 'cache'}", "--data=shapes:2000", "--resolution=16", "--patch=2",

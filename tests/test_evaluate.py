@@ -1,22 +1,20 @@
-"""evaluate.py: FID / IS / CLIP score against references, the offline end-to-end run, the shapes probe."""
+"""evaluate.py: FID / IS / CLIP score against references, the offline end-to-end run, the shapes and scenes
+probes (the networks themselves: test_encoders.py)."""
 import json
 import math
-import pickle
 import random
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 from scipy import linalg
 
-import data
 import evaluate
 import sample
-import scenes
-from ckpt_utils import make_tiny_checkpoint
+import toys
+from ckpt_utils import make_tiny_checkpoint, tiny_clip_scorer
 
 #################################################################################
 #                                  FID / IS                                     #
@@ -107,82 +105,6 @@ def test_inception_score_matches_torch_fidelity():
     assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-10)
     assert std == pytest.approx(ref["inception_score_std"], rel=1e-8)
 
-class PicklePayload:
-    """Any class outside torch's weights-only allow-list stands for code a pickle could run."""
-
-
-def test_inception_wrapper_feeds_torch_fidelity(tmp_path, monkeypatch):
-    """The real extractor's wiring, offline: randomly initialised TF-Inception weights saved to a local file, loaded
-    the way --inception_weights loads them, must give torch-fidelity's own outputs for the same images."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-    with monkeypatch.context() as m:  # build one network without downloading: skip its weight loading
-        m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: None)
-        m.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None)
-        net = tfi.FeatureExtractorInceptionV3("ref", ["2048", "logits_unbiased"])
-    torch.save(net.state_dict(), tmp_path / "inception.pth")
-    extractor = evaluate.InceptionV3(str(tmp_path / "inception.pth"))
-    (tmp_path / "inception.pth").unlink()  # 92 MB: pytest keeps the tmp dirs of its last 3 runs
-    images = torch.randint(0, 256, (1, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    pool, logits = extractor(images)
-    ref_pool, ref_logits = net(images.permute(0, 3, 1, 2).contiguous())  # torch-fidelity takes uint8 (B, 3, H, W)
-    assert pool.shape == (1, 2048) and logits.shape == (1, 1008)
-    torch.testing.assert_close(pool, ref_pool, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(logits, ref_logits.double(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(FileNotFoundError):
-        evaluate.InceptionV3(str(tmp_path / "missing.pth"))
-    # a weights file that is more than tensors (a pickle can run code) is refused, not unpickled
-    torch.save({"fc.weight": torch.zeros(1), "payload": PicklePayload()}, tmp_path / "pickled.pth")
-    with pytest.raises(pickle.UnpicklingError):
-        evaluate.InceptionV3(str(tmp_path / "pickled.pth"))
-
-#################################################################################
-#                                  CLIP score                                   #
-#################################################################################
-
-@pytest.fixture(scope="module")
-def tiny_clip():
-    torch.manual_seed(1)  # a seed whose cosines on these tests' pictures have both signs
-    model = open_clip.CLIP(embed_dim=16,
-                           vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
-                           text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    preprocess = open_clip.image_transform(32, is_train=False)
-    return evaluate.ClipScorer(model, preprocess, open_clip.get_tokenizer("ViT-B-32"), name="tiny-random-clip")
-
-
-def test_clip_score_equals_direct_cosine(tiny_clip):
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (8, 24, 40, 3), generator=g, dtype=torch.uint8)
-    captions = [f"a {c} {k}" for c, k in zip(["red", "green", "blue", "gray"] * 2, ["fox", "car"] * 4)]
-    got = tiny_clip(images, captions)
-    model, tok = tiny_clip.model, open_clip.tokenize
-    raw = []
-    with torch.no_grad():
-        for im, cap in zip(images, captions):  # one pair at a time, cosine from unnormalized embeddings
-            x = tiny_clip.preprocess(Image.fromarray(im.numpy()))[None]
-            raw.append(torch.nn.functional.cosine_similarity(model.encode_image(x), model.encode_text(tok([cap]))))
-    raw = torch.cat(raw).double()
-    torch.testing.assert_close(got, 100 * raw.clamp(min=0), rtol=1e-5, atol=1e-4)
-    assert (raw < 0).any() and (raw > 0).any()  # both sides of the floor are exercised
-
-@pytest.mark.parametrize("tag, oracle_arch, other_arch", [("openai", "ViT-B-32-quickgelu", "ViT-B-32"),
-                                                          ("laion2b_s34b_b79k", "ViT-B-32", "ViT-B-32-quickgelu")])
-def test_clip_load_takes_the_activation_from_the_tag(tmp_path, tag, oracle_arch, other_arch):
-    """OpenAI's CLIP weights were trained with QuickGELU, LAION's with GELU. ClipScorer.load('ViT-B-32/TAG') with a
-    local weights file must build what open_clip's own config for those weights builds (the oracle), not the
-    bare ARCH's activation (open_clip's default, which only warns)."""
-    torch.manual_seed(0)
-    oracle = open_clip.create_model(oracle_arch).eval()
-    path = tmp_path / "weights.pt"
-    torch.save(oracle.state_dict(), path)
-    got = evaluate.ClipScorer.load(f"ViT-B-32/{tag}", weights=str(path))
-    other = open_clip.create_model(other_arch, pretrained=str(path)).eval()  # same weights, the wrong activation
-    path.unlink()  # 600 MB: pytest keeps the tmp dirs of its last 3 runs
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = oracle.encode_image(x)
-        torch.testing.assert_close(got.model.encode_image(x), want)
-        assert (other.encode_image(x) - want).abs().max() > 1e-3  # the activation is visible in the output
-
 #################################################################################
 #                    End to end, offline, injected feature networks             #
 #################################################################################
@@ -204,6 +126,11 @@ class TinyFeatures(nn.Module):
         x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
         f = torch.relu(self.conv(x)).mean(dim=(2, 3))
         return f.double(), self.head(f).double()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return tiny_clip_scorer()
 
 
 @pytest.fixture(scope="module")
@@ -276,12 +203,8 @@ def test_read_prompts_txt(tmp_path):
 #                                  Shapes probe                                 #
 #################################################################################
 
-def test_kind_fill_covers_every_shape_kind():
-    assert set(evaluate.KIND_FILL) == set(data.SHAPE_KINDS)
-
-
 def all_combos(copies):
-    return [(c, k, b) for c in data.SHAPE_COLORS for k in data.SHAPE_KINDS for b in data.SHAPE_BACKGROUNDS
+    return [(c, k, b) for c in toys.SHAPE_COLORS for k in toys.SHAPE_KINDS for b in toys.SHAPE_BACKGROUNDS
             for _ in range(copies)]
 
 
@@ -289,7 +212,7 @@ def all_combos(copies):
 def test_probe_scores_ground_truth_renders(resolution):
     combos = all_combos(4)
     rng = random.Random(resolution)
-    images = np.stack([np.asarray(data.render_shape(c, k, b, resolution, rng)) for c, k, b in combos])
+    images = np.stack([np.asarray(toys.render_shape(c, k, b, resolution, rng)) for c, k, b in combos])
     acc = evaluate.probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos])
     assert acc["n"] == len(combos)
     assert acc["color_acc"] >= 0.95 and acc["shape_acc"] >= 0.95 and acc["both_acc"] >= 0.95, acc
@@ -303,16 +226,16 @@ def test_probe_scores_noise_near_chance():
     combos = all_combos(2)
     noise = np.random.default_rng(0).integers(0, 256, (len(combos), 32, 32, 3), dtype=np.uint8)
     acc = evaluate.probe_accuracy(noise, [c for c, _, _ in combos], [k for _, k, _ in combos])
-    assert acc["color_acc"] <= 1 / len(data.SHAPE_COLORS) + 0.1, acc
-    assert acc["shape_acc"] <= 1 / len(data.SHAPE_KINDS) + 0.1, acc
-    assert acc["both_acc"] <= 1 / (len(data.SHAPE_COLORS) * len(data.SHAPE_KINDS)) + 0.05, acc
+    assert acc["color_acc"] <= 1 / len(toys.SHAPE_COLORS) + 0.1, acc
+    assert acc["shape_acc"] <= 1 / len(toys.SHAPE_KINDS) + 0.1, acc
+    assert acc["both_acc"] <= 1 / (len(toys.SHAPE_COLORS) * len(toys.SHAPE_KINDS)) + 0.05, acc
 
 
 def test_probe_shapes_on_a_pipeline(ckpt):
     pipe = sample.load_pipeline(str(ckpt), "cpu")
     got = evaluate.probe_shapes(pipe, cfg=2.0, n_per_prompt=1, steps=2, seed=3, batch_size=27)
     combos = all_combos(1)
-    images = sample.generate(pipe, [data.shapes_caption(*c) for c in combos], [3 + i for i in range(len(combos))],
+    images = sample.generate(pipe, [toys.shapes_caption(*c) for c in combos], [3 + i for i in range(len(combos))],
                              cfg=2.0, steps=2, batch_size=27)
     want = evaluate.probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos])
     assert got == dict(cfg=2.0, t_start=None, **want) and got["n"] == 54
@@ -371,14 +294,14 @@ def test_scenes_truth_cli_scores_true_renders(tmp_path, capsys):
     evaluate.main(["--probe", "scenes", "--truth", "--probe_n", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     row = json.loads(out.read_text())["probe_scenes"]
-    assert len(row) == 1 and row[0]["truth"] and row[0]["resolution"] == scenes.MIN_RESOLUTION
+    assert len(row) == 1 and row[0]["truth"] and row[0]["resolution"] == toys.MIN_RESOLUTION
     seen, held = row[0]["in_distribution"], row[0]["held_out"]
     assert seen["overall"] >= 0.99 and held["overall"] >= 0.99
-    assert seen["n"] == 2 * len(scenes.in_distribution_prompts()) and held["single_object"] is None
+    assert seen["n"] == 2 * len(toys.in_distribution_prompts()) and held["single_object"] is None
     assert f"| in-distribution | {seen['n']} | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in printed
     assert f"| held-out | {held['n']} | - | 1.000 | - | 1.000 | 1.000 | 1.000 | 1.000 |" in printed
     prompts = json.loads(out.read_text())["probe_scenes_prompts"]
-    assert prompts["held_out"] == [p.text for p in scenes.held_out_prompts()]
+    assert prompts["held_out"] == [p.text for p in toys.held_out_prompts()]
 
 
 def test_scenes_probe_on_a_checkpoint_of_another_set(tmp_path, capsys):
@@ -392,9 +315,9 @@ def test_scenes_probe_on_a_checkpoint_of_another_set(tmp_path, capsys):
     assert row["cfg"] == 1.0 and not row["truth"] and row["resolution"] == 32
     assert row["in_distribution"]["overall"] <= 0.1 and row["held_out"]["overall"] <= 0.1
     assert "scenes probe, cfg 1 at 32 px" in capsys.readouterr().out
-    texts, specs, seeds = scenes.probe_plan(scenes.held_out_prompts(), 1, 4)
+    texts, specs, seeds = toys.probe_plan(toys.held_out_prompts(), 1, 4)
     images = sample.generate(sample.load_pipeline(str(ckpt), "cpu"), texts, seeds, cfg=1.0, steps=1, batch_size=64)
-    assert row["held_out"] == scenes.evaluate_images(images.numpy(), specs)
+    assert row["held_out"] == toys.evaluate_images(images.numpy(), specs)
 
 
 @pytest.mark.parametrize("args, want", [

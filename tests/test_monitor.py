@@ -13,6 +13,7 @@ from PIL import Image
 import monitor
 import sample
 import train
+from ckpt_utils import make_tiny_checkpoint
 from run_utils import ROOT, args, load, log_records
 
 
@@ -50,7 +51,7 @@ def test_checkpoints_redraw_curves_and_loggers_mirror_the_log(cache, tmp_path, m
         assert d["loss"] == r["loss"] and d["lr"] == r["lr"] and d["loss_by_t/0"] == r["loss_by_t"][0]
 
 
-def test_eval_every_logs_probe_records_and_a_failing_eval_only_warns(cache, tmp_path, capsys):
+def test_eval_every_logs_probe_records_and_a_failing_eval_only_warns(cache, tmp_path, capsys, monkeypatch):
     """Built-in data: the shapes probe on the EMA weights every eval_every steps (and at the end), into log.jsonl
     and curves.png; the record equals evaluate.py's probe on the checkpoint of that step."""
     train.main(args(cache, tmp_path / "o", max_steps=4, ckpt_every=2, eval_every=2, sample_cfg=3.0))
@@ -63,10 +64,33 @@ def test_eval_every_logs_probe_records_and_a_failing_eval_only_warns(cache, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     probe = json.load(open(tmp_path / "e.json"))["probe_shapes"][0]
     assert (probe["shape_acc"], probe["color_acc"]) == (evals[-1]["shape_acc"], evals[-1]["color_acc"])
-    # another data kind with the tiny text tower has no CLIP image tower: one warning, training goes on
-    C = SimpleNamespace(**parse(args(cache, tmp_path / "x", eval_every=2, sample_prompts="a", sample_cfg=3.0)))
-    watcher = monitor.Watcher(C, "folder", None, None, None, str(tmp_path / "x" / "ckpt.pt"))
-    assert watcher.evaluate(2) is None and not watcher.evaluating and "no image tower" in capsys.readouterr().err
+    # an eval that fails (here: the probe raises) is one warning and no more evals; training goes on
+    import evaluate
+    calls = []
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(evaluate, "probe_shapes", broken)
+    out = train.main(args(cache, tmp_path / "p", max_steps=4, ckpt_every=2, eval_every=2, sample_cfg=3.0))
+    assert out["step"] == 4 and len(calls) == 1 and "eval at step 2 failed" in capsys.readouterr().err
+    assert not [r for r in log_records(tmp_path / "p") if r.get("event") == "eval"]
+
+
+def test_the_clip_eval_reuses_the_text_towers_model(cache, tmp_path):
+    """Data other than the built-in sets: the eval is the CLIP score of sample_prompts, with the image tower of the
+    open_clip model the text tower comes from: one CLIP load (train.open_data keeps the tower for it)."""
+    import encoders
+    C = SimpleNamespace(**parse(args(cache, tmp_path / "x", eval_every=2, sample_prompts="a red circle",
+                                     sample_cfg=3.0)))
+    te = encoders.load_text_encoder("tiny", image_tower=True)
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt.pt")
+    pipe = sample.load_pipeline(str(ckpt))
+    watcher = monitor.Watcher(C, "folder", pipe.model, pipe.diffusion, te, str(ckpt))
+    rec = watcher.evaluate(2)
+    assert watcher.clip.model is te.model and rec["event"] == "eval" and rec["step"] == 2
+    images = sample.generate(watcher.pipe, ["a red circle"] * 4, [0, 1, 2, 3], cfg=3.0, steps=25)
+    reference = encoders.ClipScorer.load("tiny")  # loaded on its own: the same scores
+    assert rec["clip_score"] == float(reference(images, ["a red circle"] * 4).mean())
 
 
 def test_a_failing_sample_grid_costs_no_checkpoint(cache, tmp_path, monkeypatch, capsys):

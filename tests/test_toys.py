@@ -1,4 +1,5 @@
-"""scenes.py: the compositional set and its reader, checked against each other and against GenEval's rules."""
+"""toys.py: the shapes and scenes sets and the reader, checked against each other and against GenEval's rules (the
+shapes reader on true renders and noise: test_evaluate.py's shapes probe tests)."""
 import collections
 import hashlib
 
@@ -6,28 +7,54 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import scenes
-from scenes import SceneObject
+import toys
+from toys import SceneObject
 
 #################################################################################
-#                                  The set                                      #
+#                                  The sets                                     #
 #################################################################################
+
+def test_shapes_are_deterministic_and_match_their_captions():
+    for i in range(30):
+        caption, img = toys.shape_sample(i, 7, 32)
+        caption2, img2 = toys.shape_sample(i, 7, 32)
+        assert caption == caption2 and np.array_equal(np.asarray(img), np.asarray(img2))
+        article, color, kind, _, _, background, _ = caption.split()
+        assert article == ("an" if color == "orange" else "a"), caption
+        assert caption == toys.shapes_caption(color, kind, background) and kind in toys.SHAPE_KINDS
+        a = np.asarray(img)
+        bg = (a == toys.SHAPE_BACKGROUNDS[background]).all(-1)
+        fg = (a == toys.SHAPE_COLORS[color]).all(-1)
+        assert (bg | fg).all()  # flat colours: shape_attributes reads them back
+        ys, xs = np.nonzero(fg)
+        w, h = np.ptp(xs) + 1, np.ptp(ys) + 1
+        # square bounding box: not clipped by the border
+        assert abs(w - h) <= 1 and 0.35 * 32 - 1 <= w <= 0.70 * 32 + 1, (w, h)
+    assert [toys.shape_sample(i, 0, 16)[0] for i in range(10)] != [toys.shape_sample(i, 1, 16)[0] for i in range(10)]
+    assert toys.parse_name("shapes") == ("shapes", toys.SHAPES_DEFAULT_COUNT, 0)
+    assert toys.parse_name("shapes:5000") == ("shapes", 5000, 0) and toys.parse_name("shapes:-1") is None
+    assert toys.parse_name("scenes:7:2") == ("scenes", 7, 2) and toys.parse_name("scene") is None
+
+
+def test_kind_fill_covers_every_shape_kind():
+    assert set(toys.KIND_FILL) == set(toys.SHAPE_KINDS)
+
 
 def test_scene_sample_is_a_function_of_i_seed_and_resolution():
     for i in range(20):
-        caption, image = scenes.scene_sample(i, 7, 32)
-        again = scenes.scene_sample(i, 7, 32)
+        caption, image = toys.scene_sample(i, 7, 32)
+        again = toys.scene_sample(i, 7, 32)
         assert caption == again[0] and image.tobytes() == again[1].tobytes()
-    other = [scenes.scene_sample(i, 8, 32) for i in range(20)]
-    assert [c for c, _ in other] != [scenes.scene_sample(i, 7, 32)[0] for i in range(20)]
-    assert sum(im.tobytes() != scenes.scene_sample(i, 7, 32)[1].tobytes() for i, (_, im) in enumerate(other)) >= 18
-    assert scenes.scene_sample(3, 7, 64)[0] == scenes.scene_sample(3, 7, 32)[0]  # the scene does not depend on R
+    other = [toys.scene_sample(i, 8, 32) for i in range(20)]
+    assert [c for c, _ in other] != [toys.scene_sample(i, 7, 32)[0] for i in range(20)]
+    assert sum(im.tobytes() != toys.scene_sample(i, 7, 32)[1].tobytes() for i, (_, im) in enumerate(other)) >= 18
+    assert toys.scene_sample(3, 7, 64)[0] == toys.scene_sample(3, 7, 32)[0]  # the scene does not depend on R
 
 
 def cell_of(obj, resolution):
     """The grid cell a read object's centroid falls in."""
     x, y = obj.centroid
-    return int(y * scenes.GRID // resolution), int(x * scenes.GRID // resolution)
+    return int(y * toys.GRID // resolution), int(x * toys.GRID // resolution)
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -36,24 +63,24 @@ def test_captions_parse_back_to_the_rendered_scene(resolution):
     drawn objects (kind, colour, size and cell), and so every category scores 1.0 against its caption."""
     images, specs = [], []
     for i in range(300):
-        text, image = scenes.scene_sample(i, 0, resolution)
-        spec, placed = scenes.draw_scene(i, 0)
-        assert scenes.parse_caption(text) == spec and scenes.caption(spec) == text
-        read = scenes.read_objects(np.asarray(image))
+        text, image = toys.scene_sample(i, 0, resolution)
+        spec, placed = toys.draw_scene(i, 0)
+        assert toys.parse_caption(text) == spec and toys.caption(spec) == text
+        read = toys.read_objects(np.asarray(image))
         assert sorted((o.kind, o.colour, o.size, cell_of(o, resolution)) for o in read) == \
             sorted((p.kind, p.colour, p.size, (p.row, p.col)) for p in placed), text
         images.append(np.asarray(image))
         specs.append(spec)
-    result = scenes.evaluate_images(np.stack(images), specs)
-    assert all(result["n_per_category"][c] >= 30 for c in scenes.CATEGORIES), result["n_per_category"]
-    assert {c: result[c] for c in scenes.CATEGORIES} == dict.fromkeys(scenes.CATEGORIES, 1.0)
+    result = toys.evaluate_images(np.stack(images), specs)
+    assert all(result["n_per_category"][c] >= 30 for c in toys.CATEGORIES), result["n_per_category"]
+    assert {c: result[c] for c in toys.CATEGORIES} == dict.fromkeys(toys.CATEGORIES, 1.0)
     assert result["overall"] == 1.0 and result["n"] == 300
 
 
 def test_parse_caption_refuses_text_outside_the_grammar():
     for text in ["a red circle and a square", "five squares", "a pink circle", "a circle near a square", ""]:
         with pytest.raises(ValueError, match="not a scenes caption"):
-            scenes.parse_caption(text)
+            toys.parse_caption(text)
 
 
 def test_held_out_pairs_never_appear_in_training_renders():
@@ -61,27 +88,27 @@ def test_held_out_pairs_never_appear_in_training_renders():
     hold a held-out (colour, kind) pair, or a held-out kind pairing together; every other pair does appear."""
     drawn, read_back = collections.Counter(), collections.Counter()
     for i in range(2000):
-        _, placed = scenes.draw_scene(i, 0)
-        read = scenes.read_objects(np.asarray(scenes.scene_sample(i, 0, 32)[1]))
+        _, placed = toys.draw_scene(i, 0)
+        read = toys.read_objects(np.asarray(toys.scene_sample(i, 0, 32)[1]))
         for objects, seen in ((placed, drawn), (read, read_back)):
             seen.update((o.colour, o.kind) for o in objects)
-            assert not any(frozenset({o.kind, p.kind}) in scenes.HELD_OUT_KINDS for o in objects for p in objects)
-    assert set(drawn) == set(read_back) == scenes.ALL_PAIRS - scenes.HELD_OUT_PAIRS
-    assert len(scenes.HELD_OUT_PAIRS) == 3 and len(scenes.ALL_PAIRS) == 18
+            assert not any(frozenset({o.kind, p.kind}) in toys.HELD_OUT_KINDS for o in objects for p in objects)
+    assert set(drawn) == set(read_back) == toys.ALL_PAIRS - toys.HELD_OUT_PAIRS
+    assert len(toys.HELD_OUT_PAIRS) == 3 and len(toys.ALL_PAIRS) == 18
 
 
 def test_probe_prompt_sets_are_fixed_and_split_by_the_held_out_pairs():
-    held, seen = scenes.held_out_prompts(), scenes.in_distribution_prompts()
+    held, seen = toys.held_out_prompts(), toys.in_distribution_prompts()
     for prompts, want in ((held, True), (seen, False)):
         for p in prompts:
-            assert scenes.parse_caption(p.text) == p.spec and p.spec["category"] == p.category
-            assert scenes.is_held_out(p.spec) == want, p.text
+            assert toys.parse_caption(p.text) == p.spec and p.spec["category"] == p.category
+            assert toys.is_held_out(p.spec) == want, p.text
     count = lambda prompts: collections.Counter(p.category for p in prompts)
-    assert count(seen) == dict.fromkeys(scenes.CATEGORIES, scenes.SLOTS)
-    assert count(held) == dict.fromkeys(["two_objects", "colours", "position", "colour_attribution"], scenes.SLOTS)
+    assert count(seen) == dict.fromkeys(toys.CATEGORIES, toys.SLOTS)
+    assert count(held) == dict.fromkeys(["two_objects", "colours", "position", "colour_attribution"], toys.SLOTS)
     # every held-out pair and the held-out pairing is asked for
-    assert {(o["colour"], o["kind"]) for p in held for o in p.spec["objects"]} >= scenes.HELD_OUT_PAIRS
-    assert {frozenset(o["kind"] for o in p.spec["objects"]) for p in held} >= scenes.HELD_OUT_KINDS
+    assert {(o["colour"], o["kind"]) for p in held for o in p.spec["objects"]} >= toys.HELD_OUT_PAIRS
+    assert {frozenset(o["kind"] for o in p.spec["objects"]) for p in held} >= toys.HELD_OUT_KINDS
     # the lists are part of the instrument: a change makes earlier probe numbers incomparable, so it is pinned
     digest = hashlib.sha1("\n".join(p.text for p in seen + held).encode()).hexdigest()[:12]
     assert digest == "be8c393e937e", digest
@@ -89,9 +116,9 @@ def test_probe_prompt_sets_are_fixed_and_split_by_the_held_out_pairs():
 
 @pytest.mark.parametrize("resolution", [31, 16])
 def test_a_resolution_below_the_reader_is_one_line_value_error(resolution):
-    for call in (lambda: scenes.scene_sample(0, 0, resolution),
-                 lambda: scenes.read_objects(np.full((resolution, resolution, 3), 255, np.uint8))):
-        with pytest.raises(ValueError, match=f">= {scenes.MIN_RESOLUTION} px") as e:
+    for call in (lambda: toys.scene_sample(0, 0, resolution),
+                 lambda: toys.read_objects(np.full((resolution, resolution, 3), 255, np.uint8))):
+        with pytest.raises(ValueError, match=f">= {toys.MIN_RESOLUTION} px") as e:
             call()
         assert "\n" not in str(e.value)
 
@@ -100,8 +127,8 @@ def test_a_resolution_below_the_reader_is_one_line_value_error(resolution):
 #################################################################################
 
 def training_renders(n, resolution, seed=1):
-    pairs = [scenes.draw_scene(i, seed) for i in range(n)]
-    return np.stack([np.asarray(scenes.render(p, resolution)) for _, p in pairs]), [s for s, _ in pairs]
+    pairs = [toys.draw_scene(i, seed) for i in range(n)]
+    return np.stack([np.asarray(toys.render(p, resolution)) for _, p in pairs]), [s for s, _ in pairs]
 
 
 def test_reader_tolerates_sampling_like_noise_and_specks():
@@ -115,9 +142,9 @@ def test_reader_tolerates_sampling_like_noise_and_specks():
     for im in specked:  # 6 single pixels of palette colours, none touching an object
         free = np.argwhere(~ndimage.binary_dilation((im != 255).any(-1), np.ones((3, 3), bool)))
         ys, xs = free[rng.choice(len(free), 6, replace=False)].T
-        im[ys, xs] = np.array(list(scenes.COLOURS.values()))[rng.integers(0, 6, 6)]
+        im[ys, xs] = np.array(list(toys.COLOURS.values()))[rng.integers(0, 6, 6)]
     for degraded in (noisy, specked):
-        assert scenes.evaluate_images(degraded, specs)["overall"] == 1.0
+        assert toys.evaluate_images(degraded, specs)["overall"] == 1.0
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -127,28 +154,28 @@ def test_noise_and_blank_images_score_zero_or_chance(resolution):
     Smoothed noise (sigma 2 px) has blobs, which read as about one object per image: the chance of a reader that
     sees one random object is 1/3 on single object, 1/18 on colours, 0 on the four categories that need two or
     more, (1/3 + 1/18) / 6 = 0.065 overall: the bound asserted is 0.15, about twice that."""
-    prompts = scenes.in_distribution_prompts() + scenes.held_out_prompts()
-    _, specs, _ = scenes.probe_plan(prompts, 2, 0)
+    prompts = toys.in_distribution_prompts() + toys.held_out_prompts()
+    _, specs, _ = toys.probe_plan(prompts, 2, 0)
     rng = np.random.default_rng(resolution)
     shape = (len(specs), resolution, resolution, 3)
     for grey in (255, 128, 0):
-        result = scenes.evaluate_images(np.full(shape, grey, np.uint8), specs)
+        result = toys.evaluate_images(np.full(shape, grey, np.uint8), specs)
         assert result["overall"] == 0.0 and result["n"] == 240
     for noise in (rng.integers(0, 256, shape), rng.normal(128, 60, shape)):
         noise = np.clip(noise, 0, 255).astype(np.uint8)
-        assert sum(len(scenes.read_objects(im)) for im in noise) < len(noise) / 50
-        assert scenes.evaluate_images(noise, specs)["overall"] <= 0.02
+        assert sum(len(toys.read_objects(im)) for im in noise) < len(noise) / 50
+        assert toys.evaluate_images(noise, specs)["overall"] <= 0.02
     smooth = ndimage.gaussian_filter(rng.normal(0, 1, shape), sigma=(0, 2, 2, 0))
     smooth = np.clip(128 + 70 * smooth / smooth.std(), 0, 255).astype(np.uint8)
-    assert scenes.evaluate_images(smooth, specs)["overall"] <= 0.15
+    assert toys.evaluate_images(smooth, specs)["overall"] <= 0.15
 
 
 def test_render_spec_reads_back_for_every_probe_prompt():
     """The --truth path: true renders of every probe prompt (held-out ones included) score 1.0."""
-    prompts = scenes.in_distribution_prompts() + scenes.held_out_prompts()
-    _, specs, seeds = scenes.probe_plan(prompts, 2, 5)
-    images = np.stack([np.asarray(scenes.render_spec(s, k, 32)) for s, k in zip(specs, seeds)])
-    assert scenes.evaluate_images(images, specs)["overall"] == 1.0
+    prompts = toys.in_distribution_prompts() + toys.held_out_prompts()
+    _, specs, seeds = toys.probe_plan(prompts, 2, 5)
+    images = np.stack([np.asarray(toys.render_spec(s, k, 32)) for s, k in zip(specs, seeds)])
+    assert toys.evaluate_images(images, specs)["overall"] == 1.0
 
 #################################################################################
 #                                  Scoring                                      #
@@ -173,7 +200,7 @@ def geneval_relative_position(a, b, threshold=0.1):
 
 
 def test_relations_match_genevals_relative_position():
-    """Objects whose centroid is their box centre: scenes.relations must equal GenEval's function. (GenEval's
+    """Objects whose centroid is their box centre: toys.relations must equal GenEval's function. (GenEval's
     boxes have side x1 - x0; the reader's are inclusive pixel boxes, side x1 - x0 + 1.)"""
     rng = np.random.default_rng(0)
     kinds = collections.Counter()
@@ -184,13 +211,13 @@ def test_relations_match_genevals_relative_position():
         pixel_box = lambda x, y, s: (x - s / 2, y - s / 2, x + s / 2 - 1, y + s / 2 - 1)  # inclusive: side s
         a = SceneObject("circle", "red", "large", (xa, ya), pixel_box(xa, ya, sa))
         b = SceneObject("square", "blue", "large", (xb, yb), pixel_box(xb, yb, sb))
-        assert scenes.relations(a, b) == want
+        assert toys.relations(a, b) == want
         kinds[len(want)] += 1
     assert kinds[0] and kinds[1] and kinds[2]  # none, one, and two (diagonal) relations all occur
 
 
 def spec_of(text):
-    return scenes.parse_caption(text)
+    return toys.parse_caption(text)
 
 
 @pytest.mark.parametrize("text, objects, want", [
@@ -216,14 +243,14 @@ def spec_of(text):
     ("a red circle and a blue square", [obj("circle", "red", 5, 5)], False),
 ])
 def test_score_by_category_on_hand_made_objects(text, objects, want):
-    assert scenes.score(spec_of(text), objects) is want
+    assert toys.score(spec_of(text), objects) is want
 
 
 def test_evaluate_images_overall_is_the_mean_over_present_categories():
     """Two categories (one right, one wrong twice over): accuracies 1 and 0, overall 0.5, others None."""
     blank = np.full((32, 32, 3), 255, np.uint8)
-    circle = np.asarray(scenes.render([scenes.Placed("circle", "red", "large", 1, 1)], 32))
-    result = scenes.evaluate_images([circle, blank, circle], [spec_of("a circle"), spec_of("two squares"),
+    circle = np.asarray(toys.render([toys.Placed("circle", "red", "large", 1, 1)], 32))
+    result = toys.evaluate_images([circle, blank, circle], [spec_of("a circle"), spec_of("two squares"),
                                                               spec_of("two circles")])
     assert result["single_object"] == 1.0 and result["counting"] == 0.0 and result["overall"] == 0.5
     assert result["colours"] is None and result["n"] == 3 and result["n_per_category"]["counting"] == 2

@@ -20,6 +20,7 @@ import data as datalib
 import optim
 import train
 from diffusion import Diffusion
+from loader import Loader
 from run_utils import ROOT, args, keep_checkpoints, load, log_records, tensors_equal
 
 
@@ -27,9 +28,10 @@ def parse(argv):
     return config.parse_args(argv, train.DEFAULTS)
 
 
+@pytest.mark.slow
 def test_overfits_four_examples(tmp_path):
     c4 = datalib.ensure_cache("shapes:4", 16, "none", "tiny", cache_dir=str(tmp_path / "c4"), device="cpu")
-    out = train.main(args(c4, tmp_path / "o", prediction="eps", min_snr_gamma=0, cond_drop=0, flip=False,
+    out = train.main(args(c4, tmp_path / "o", prediction="eps", optimizer="adamw", cond_drop=0, flip=False,
                           lr=2e-3, warmup=20, max_steps=300, log_every=20, lr_schedule="constant", width=96))
     recs = log_records(tmp_path / "o")
     assert out["step"] == 300 and out["skipped"] == 0
@@ -73,6 +75,7 @@ def test_accumulation_is_exact(cache, tmp_path, optimizer, steps):
         torch.testing.assert_close(p, q, atol=atol.get(name, 1e-6), rtol=0, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,steps", [("adamw", 3), ("muon", 1)])
 def test_ddp_equals_one_process(cache, tmp_path, optimizer, steps):
     """2 gloo ranks x micro-batch 4 give the weights of 1 process x micro-batch 8."""
@@ -90,6 +93,7 @@ def test_ddp_equals_one_process(cache, tmp_path, optimizer, steps):
         torch.testing.assert_close(ddp["model"][name], p, atol=max(atol.get(name, 0), 1e-5), rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(cache, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "train.py", *args(cache, out, max_steps=100000, log_every=1)]
@@ -108,6 +112,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(cache, tmp_path):
     assert res["step"] == ck["step"] + 2
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_saves_between_log_steps(cache, tmp_path):
     """torchrun SIGKILLs its workers 30 s after SIGTERM: the ranks must agree on the stop at the next optimizer step,
     not at the next log step (here never: log_every is huge), and rank 0 must save that step."""
@@ -128,6 +133,7 @@ def test_sigterm_under_torchrun_saves_between_log_steps(cache, tmp_path):
     assert "forcefully exiting via 9" not in err
 
 
+@pytest.mark.slow
 def test_nan_step_is_skipped_and_counted(cache, tmp_path):
     poisoned = tmp_path / "poisoned"
     shutil.copytree(cache, poisoned)
@@ -136,7 +142,7 @@ def test_nan_step_is_skipped_and_counted(cache, tmp_path):
     lat.flush()
     steps = 12
     # how many of the run's optimizer steps see the poisoned sample (the loader order is deterministic)
-    loader = datalib.Loader(datalib.LatentCache(str(poisoned)), 4, seed=1, cond_drop=0.2)
+    loader = Loader(datalib.LatentCache(str(poisoned)), 4, seed=1, cond_drop=0.2)
     expected = sum(bool(torch.isnan(next(loader)["latents"]).any()) for _ in range(steps))
     assert expected >= 1
     out = train.main(args(str(poisoned), tmp_path / "o", max_steps=steps))
@@ -165,6 +171,7 @@ def test_a_streak_of_bad_steps_stops_the_run_even_if_it_ends_before_the_log_step
     assert train.main(args(cache, tmp_path / "p", max_steps=6, log_every=5, max_bad_steps=4))["step"] == 6
 
 
+@pytest.mark.slow
 def test_ddp_ranks_follow_rank_0s_clock_under_max_hours(cache, tmp_path):
     """max_hours plans the horizon from measured time; rank 1's clock here runs 1.5x fast. The ranks must still take
     the same horizon, LR and stop step (else they hang in a collective or diverge), and the run must end with a
@@ -192,6 +199,7 @@ with open(os.path.join({str(tmp_path)!r}, "final" + os.environ["RANK"]), "w") as
     assert load(tmp_path / "o" / "ckpt.pt")["step"] == finals[0][0] > 3
 
 
+@pytest.mark.slow
 def test_ddp_cache_error_on_rank_0_reaches_every_rank(cache, tmp_path):
     """Only rank 0 builds the cache; when it refuses (here: a cache_dir holding a cache of other settings), every rank
     exits 2 with its message instead of the others dying on a closed connection."""
@@ -263,6 +271,7 @@ def test_an_fp8_model_trains_and_its_checkpoint_loads_without_torchao(tmp_path, 
     plain.load_state_dict(ck["ema"])
 
 
+@pytest.mark.slow
 def test_max_hours_ends_annealed_on_time_across_a_resume(cache, tmp_path, monkeypatch):
     """A virtual clock: every step takes 1 s, the first step of each process 120 s (a compile). The run is stopped by
     SIGTERM at a step between two log steps and resumed, so the resumed process's first interval is short and holds
@@ -290,6 +299,7 @@ def test_max_hours_ends_annealed_on_time_across_a_resume(cache, tmp_path, monkey
     assert out["optimizer"].param_groups[0]["lr"] < 0.05 * 1e-3     # and the LR ends annealed
 
 
+@pytest.mark.slow
 def test_an_encoder_that_cannot_be_loaded_is_a_clear_error(tmp_path):
     (tmp_path / "empty_vae").mkdir()
     r = subprocess.run([sys.executable, "train.py", "--data=shapes:8", f"--cache_dir={tmp_path / 'c'}",
@@ -304,7 +314,8 @@ def test_an_encoder_that_cannot_be_loaded_is_a_clear_error(tmp_path):
 def test_timesteps_follow_uniform_or_logit_normal(mean, std):
     """step_noise's t against the exact CDF in float64: uniform on 0..T-1, or floor(T * sigmoid(N(mean, std)))."""
     from scipy.stats import norm
-    C = SimpleNamespace(**parse(["--t_logit_mean", str(mean), "--t_logit_std", str(std), "--device", "cpu"]))
+    C = SimpleNamespace(**parse(["--t_logit_mean", str(mean), "--t_logit_std", str(std), "--device", "cpu",
+                                 "--prediction", "v"]))  # (flow's law: tests/test_diffusion.py)
     T, d = 1000, Diffusion.from_config(vars(C))
     t = torch.cat([train.step_noise(s, 4096, (1, 1, 1), "cpu", C, d)[0] for s in range(50)]).numpy()
     assert t.min() >= 0 and t.max() <= T - 1

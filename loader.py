@@ -1,0 +1,152 @@
+"""
+loader.py: a latent cache (data.py) -> training batches: infinite, deterministic per epoch from the seed, sharded
+across DDP ranks, resumable mid-epoch (the position is the checkpoint's loader_state), prefetched in a background
+thread. Caption dropout and flips are drawn per sample from (seed, epoch, index), so they do not depend on how a
+global batch is split; a flipped sample takes the mirrored image's cached latent and its caption's "left" and
+"right" swapped (data.MIRROR_WORDS).
+"""
+import functools
+import queue
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+from data import MIRROR_WORDS, LatentCache
+
+_WARNED = set()  # cache paths whose text-states flip warning was given (once per process)
+
+@functools.lru_cache(maxsize=4)
+def epoch_plan(n, seed, epoch, cond_drop):
+    """(perm, flip, drop) of one epoch; flip/drop are indexed by sample, so they depend on (seed, epoch, index) only."""
+    perm = np.random.default_rng([seed, epoch, 0]).permutation(n)
+    flip = np.random.default_rng([seed, epoch, 1]).random(n) < 0.5
+    drop = np.random.default_rng([seed, epoch, 2]).random(n) < cond_drop
+    for a in (perm, flip, drop):
+        a.flags.writeable = False
+    return perm, flip, drop
+
+def mirror_tokens(tokens, flip, pairs):
+    """tokens (B, L) int64, flip (B,) bool, pairs (P, 2) int64 -> tokens where, in the flipped rows, each id of a
+    pair is replaced by the other one (no loop over samples)."""
+    is_a, is_b = tokens[..., None] == pairs[:, 0], tokens[..., None] == pairs[:, 1]  # (B, L, P)
+    other = (is_a * pairs[:, 1] + is_b * pairs[:, 0]).sum(-1)  # (B, L): a mirrored id's partner, 0 elsewhere
+    return torch.where(flip[:, None] & (is_a | is_b).any(-1), other, tokens)
+
+class Loader:
+    """Infinite deterministic batches from a cache. Per epoch e: perm from (seed, e), global batches of
+    batch_size * world_size in order (tail dropped), rank r takes slice [r*B, (r+1)*B)."""
+    def __init__(self, cache, batch_size, seed=0, rank=0, world_size=1, cond_drop=0.0, flip=True, device="cpu",
+                 prefetch=2):
+        self._thread = None
+        self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.cond_drop, self.flip, self.device, self.prefetch = cond_drop, flip, torch.device(device), prefetch
+        self.batches_per_epoch = len(self.cache) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"cache has {len(self.cache)} samples, fewer than one global batch "
+                             f"({batch_size} x {world_size})")
+        self.step = 0  # batches consumed by the caller (prefetched ones do not count)
+        self._mirror = self._mirror_pairs() if flip else None
+        self._start()
+
+    def _mirror_pairs(self):
+        """The (P, 2) token ids a flip swaps, None when there is nothing to swap: a cache built before the manifest
+        kept them (read as before), or one with cached text states (which say the unflipped words: a warning)."""
+        m = self.cache.manifest
+        if not m.get("mirror_tokens"):
+            return None
+        if self.cache.states is None:
+            return torch.tensor(m["mirror_tokens"], dtype=torch.long)
+        if m.get("mirror_captions") and self.cache.path not in _WARNED:
+            _WARNED.add(self.cache.path)
+            warnings.warn(f"{self.cache.path}: {m['mirror_captions']} captions hold "
+                          f"{'/'.join(w for p in MIRROR_WORDS for w in p)}, but cached text states cannot be "
+                          "mirrored: flipped samples keep the unflipped words (rebuild without --text_states, or "
+                          "flip = False)", stacklevel=3)
+        return None
+
+    def plan(self, step):
+        """This rank's batch number `step`: (sample indices, flip flags, drop flags)."""
+        epoch, k = divmod(step, self.batches_per_epoch)
+        perm, flip, drop = epoch_plan(len(self.cache), self.seed, epoch, self.cond_drop)
+        start = (k * self.world_size + self.rank) * self.batch_size
+        idx = perm[start:start + self.batch_size]
+        return idx, (flip[idx] if self.flip else np.zeros(len(idx), bool)), drop[idx]
+
+    def gather(self, step):
+        """Batch `step` as stored (float16 latents/states): rows, flips and caption drops applied."""
+        idx, flip, drop = self.plan(step)
+        c = self.cache
+        tokens = c.tokens[idx].astype(np.int64)  # (B, 77)
+        if self._mirror is not None:  # a mirrored image's caption says "right" where the image's said "left"
+            tokens = mirror_tokens(torch.from_numpy(tokens), torch.from_numpy(flip), self._mirror).numpy()
+        tokens[drop] = c.empty_tokens
+        batch = {"latents": c.latents[idx, flip.astype(np.int64)], "tokens": tokens}  # (B, C, h, w) float16, (B, 77)
+        if c.states is not None:
+            states, pooled = c.states[idx], c.pooled[idx]  # (B, 77, dim), (B, pooled_dim) float16 copies
+            states[drop], pooled[drop] = c.empty_states, c.empty_pooled
+            batch["states"], batch["pooled"] = states, pooled
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _batch(self, step):
+        batch = self.gather(step)
+        if self.device.type == "cuda":  # pinned float16: the copy in __next__ is asynchronous and half the bytes
+            return {k: v.pin_memory() for k, v in batch.items()}
+        # fp16 -> fp32 here, in the thread
+        return {k: v.float() if v.dtype == torch.float16 else v for k, v in batch.items()}
+
+    def _work(self, step, q, stop):
+        """Background thread: batches step, step + 1, ... into the bounded queue until stopped."""
+        while not stop.is_set():
+            try:
+                batch = self._batch(step)
+            except Exception as e:  # handed to the caller, raised by __next__
+                batch = e
+            while not stop.is_set():
+                try:
+                    q.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(batch, Exception):
+                return  # nothing is produced after an error
+            step += 1
+
+    def _start(self):
+        if self.prefetch > 0:
+            self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
+            self._thread = threading.Thread(target=self._work, args=(self.step, self._queue, self._stop), daemon=True)
+            self._thread.start()
+
+    def close(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self._queue.get() if self._thread is not None else self._batch(self.step)
+        if isinstance(batch, Exception):
+            raise batch
+        self.step += 1
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.float() if v.dtype == torch.float16 else v for k, v in batch.items()}  # on the GPU: fp16 -> fp32
+
+    def state_dict(self):
+        return {"step": self.step, "seed": self.seed, "global_batch": self.batch_size * self.world_size}
+
+    def load_state_dict(self, sd):
+        self.close()
+        global_batch = self.batch_size * self.world_size  # another world size: continue from the same sample count
+        same = sd["global_batch"] == global_batch
+        self.step = sd["step"] if same else sd["step"] * sd["global_batch"] // global_batch
+        self._start()
+
+    def __del__(self):
+        self.close()
+
