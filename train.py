@@ -6,10 +6,9 @@ Train a text-conditioned DiT on cached VAE latents.
     python train.py --batch 64 --accum 12             # micro-batch 64, 12 micro-steps per optimizer step
     torchrun --standalone --nproc_per_node=8 train.py configs/rtx5090_week.py --accum 1   # 32 x 1 x 8 = 256/step
 
-Every global below is a command-line key (`--key value` or `--key=value`, config.py reads them) and can be set by
-a config file (a Python file that assigns some of them). Rerunning the same command after a crash or preemption
-continues from out_dir/ckpt.pt (resume = "auto"). The file reads top to bottom: the keys, the pieces of a step
-(bench.py and the tests call these very functions), the setup, then main() with the loop.
+Every global below is a key (`--key value`, `--key=value`, or a config file that assigns some; config.py reads
+them). Rerunning the same command after a crash continues from out_dir/ckpt.pt (resume = "auto"). The file reads
+top to bottom: the keys, the pieces of a step (bench.py and the tests call these), the setup, main() and its loop.
 """
 import contextlib
 import os
@@ -118,8 +117,7 @@ beta_end = 0.012           # last beta (linear schedules)
 zero_terminal_snr = False  # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0
 noise_offset = 0.0         # offset noise strength (per-channel constant added to the noise)
 input_perturbation = 0.0   # input perturbation strength (arXiv 2301.11706)
-# -----------------------------------------------------------------------------
-DEFAULTS = config.keys_of(globals())
+DEFAULTS = config.keys_of(globals())  # -----------------------------------------------------------------------
 
 #################################################################################
 #            The pieces of a step (bench.py and the tests call these)           #

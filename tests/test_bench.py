@@ -40,6 +40,7 @@ def positive(rec, *keys):
         assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{rec['model']}: {k} = {v!r}"
 
 
+@pytest.mark.slow  # the `bench.py --tiny` subprocess (~10 s)
 def test_tiny_run_reports_every_case(tiny_run):
     stdout, recs = tiny_run
     assert [r["kind"] for r in recs] == ["train", "train", "loader", "text_encoder", "sampling", "sampling"]
@@ -60,7 +61,7 @@ def test_tiny_run_reports_every_case(tiny_run):
     assert text["model"] == "tiny" and text["batch"] == ours["batch"] * ours["accum"]
     for r in (sampling, peer_sampling):
         positive(r, "s_per_batch", "img_s", "ms_per_step")
-        assert (r["batch"], r["steps"], r["sampler"], r["compile"]) == (16, 50, "ddim", False) and r["cfg"] > 1
+        assert (r["batch"], r["steps"], r["sampler"], r["compile"]) == (16, 50, "euler", False) and r["cfg"] > 1
     assert (sampling["model"], peer_sampling["model"]) == ("ours tiny", "pixart tiny")
     assert sampling["ratio_vs_peer"] == pytest.approx(sampling["img_s"] / peer_sampling["img_s"], rel=1e-9)
     assert (ours["fp8"], ours["grad_ckpt"], ours["ckpt_blocks"]) == (False, False, 0)
@@ -75,6 +76,7 @@ def test_tiny_run_reports_every_case(tiny_run):
     assert sum(l.startswith("{") for l in stdout.splitlines()) == len(recs)  # the same JSON lines on stdout
 
 
+@pytest.mark.slow  # the `bench.py --tiny` subprocess (~10 s)
 def test_tiny_numbers_match_their_references(tiny_run):
     """FLOPs and parameter counts are those of the two networks at the tiny shape, rebuilt here independently."""
     import bench
@@ -103,9 +105,10 @@ def test_oom_with_both_resident_falls_back_to_one_at_a_time(monkeypatch, one_thr
     import contextlib
     from types import SimpleNamespace
     import bench
+    import config
     import train
     from diffusion import Diffusion
-    C = SimpleNamespace(**train.parse_args(["--batch", "2", "--device", "cpu"]))
+    C = SimpleNamespace(**config.parse_args(["--batch", "2", "--device", "cpu"], train.DEFAULTS))
     device, ctx, diffusion = torch.device("cpu"), contextlib.nullcontext(), Diffusion()
     real_build_case, calls = bench.build_case, []
     def build_case(impl, *a, **k):  # the peer "does not fit" beside ours; alone it does once, then never again
@@ -115,7 +118,7 @@ def test_oom_with_both_resident_falls_back_to_one_at_a_time(monkeypatch, one_thr
         return real_build_case(impl, *a, **k)
     monkeypatch.setattr(bench, "build_case", build_case)
     run = lambda: bench.bench_training("tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, ctx, diffusion,
-                                       steps=1, rounds=1, warmup=1, log=lambda s: None)
+                                       steps=1, rounds=1, warmup=1)
     (ours, peer), mode = run()
     assert calls == ["ours", "pixart", "ours", "pixart"] and mode == "sequential"
     assert not ours.error and not peer.error and ours.img_s > 0 and peer.img_s > 0
@@ -126,22 +129,49 @@ def test_oom_with_both_resident_falls_back_to_one_at_a_time(monkeypatch, one_thr
     assert "ratio_vs_peer" not in rows[0] and rows[0]["img_s"] > 0 and rows[1]["error"].startswith("OOM alone")
 
 
+def test_our_case_is_built_and_stepped_by_train_py(monkeypatch, one_thread):
+    """Ours is train.build_model's model, optimizer and EMA, stepped by train.py's own step_noise, routed_tokens,
+    train_step and ema_update (the EMA warm-up with the step), not copies of them: each is seen being called."""
+    import contextlib
+    from types import SimpleNamespace
+    import bench
+    import config
+    import train
+    from diffusion import Diffusion
+    calls = []
+    for name in ("build_model", "step_noise", "routed_tokens", "train_step", "ema_update"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k: calls.append((_name, a)) or
+                            _real(*a, **k))
+    C = SimpleNamespace(**config.parse_args(["--batch", "2", "--device", "cpu"], train.DEFAULTS))
+    case = bench.build_case("ours", "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, torch.device("cpu"),
+                            Diffusion(), contextlib.nullcontext())
+    [(_, (K, latent_shape, text))] = [c for c in calls if c[0] == "build_model"]
+    assert (K.model, K.depth, K.width, K.device, latent_shape) == ("DiT-S/2", 2, 64, "cpu", (4, 8, 8))
+    assert (text.dim, text.pooled_dim) == (768, 768)
+    case.work(2)
+    ema = [c[1] for c in calls if c[0] == "ema_update"]
+    assert [c[0] for c in calls[1:]] == ["routed_tokens", "step_noise", "train_step", "ema_update"] * 2
+    assert [a[2] for a in ema] == [0, 1] and ema[0][3] == C.ema_decay  # (ema_params, params, step, decay)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_in_a_training_step_on_cuda():
     """train.py's step (step_noise, train_step, ema_update), run through bench.py, should not synchronise the host."""
     from types import SimpleNamespace
     import bench
+    import config
     import train
     from diffusion import Diffusion
-    C = SimpleNamespace(**train.parse_args(["--batch", "4", "--compile", "false"]))
+    C = SimpleNamespace(**config.parse_args(["--batch", "4", "--compile", "false"], train.DEFAULTS))
     device, ctx = torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
     diffusion = Diffusion()
     case = bench.build_case("ours", "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, diffusion, ctx)
     case.work(2)
-    n, sites = bench.count_syncs(lambda: case.work(1), device)
+    n, sites = bench.count_syncs(lambda: case.work(1))
     assert n == 0, f"{n} host syncs per step at {sites}"
     # the detector sees a real one
-    assert bench.count_syncs(lambda: torch.ones(1, device=device).item(), device)[0] == 1
+    assert bench.count_syncs(lambda: torch.ones(1, device=device).item())[0] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -152,13 +182,14 @@ def test_fp8_training_step_on_cuda_has_no_host_sync():
     pytest.importorskip("torchao.float8")
     from types import SimpleNamespace
     import bench
+    import config
     import train
     from diffusion import Diffusion
-    C = SimpleNamespace(**train.parse_args(["--batch", "4", "--compile", "false", "--fp8", "true"]))
+    C = SimpleNamespace(**config.parse_args(["--batch", "4", "--compile", "false", "--fp8", "true"], train.DEFAULTS))
     device, ctx = torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
     case = bench.build_case("ours", "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, Diffusion(), ctx)
     case.work(2)
-    n, sites = bench.count_syncs(lambda: case.work(1), device)
+    n, sites = bench.count_syncs(lambda: case.work(1))
     assert n == 0, f"{n} host syncs per step at {sites}"
 
 
@@ -166,7 +197,6 @@ def test_count_syncs_counts_syncs_not_the_debug_mode_notice(monkeypatch):
     """set_sync_debug_mode warns once that the mode is a prototype; that notice is not a sync (it was counted as
     one on an H100, failing the CUDA test on its first call). Both warnings are emitted here as torch emits them."""
     import warnings
-    from types import SimpleNamespace
     import bench
     def set_mode(mode):
         if mode != "default":
@@ -176,9 +206,9 @@ def test_count_syncs_counts_syncs_not_the_debug_mode_notice(monkeypatch):
     def two_syncs():
         for _ in range(2):
             warnings.warn("called a synchronizing CUDA operation")
-    n, sites = bench.count_syncs(two_syncs, SimpleNamespace(type="cuda"))
+    n, sites = bench.count_syncs(two_syncs)
     assert n == 2 and len(sites) == 1 and sites[0].startswith("test_bench.py:")
-    assert bench.count_syncs(lambda: None, SimpleNamespace(type="cuda")) == (0, [])
+    assert bench.count_syncs(lambda: None) == (0, [])
 
 
 def test_models_none_runs_only_the_loader_and_text_encoder_rows(one_thread, capsys):
@@ -198,11 +228,12 @@ def test_sampling_rows_run_sample_latents_on_ours_and_the_peer(one_thread):
     around a DiT, and around the peer, with the same seeded weights."""
     from types import SimpleNamespace
     import bench
+    import config
     import sample
     import train
     from diffusion import Diffusion
     from model import DiT
-    C = SimpleNamespace(**train.parse_args(["--device", "cpu"]))
+    C = SimpleNamespace(**config.parse_args(["--device", "cpu"], train.DEFAULTS))
     device, diffusion = torch.device("cpu"), Diffusion()
     cases, recs = bench.bench_sampling("tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, device, diffusion,
                                        batch=3, steps=4, cfg=3.0)
@@ -247,6 +278,7 @@ def test_command_lines_reach_the_train_config():
         bench.parse(["--models", "Q/2"])
 
 
+@pytest.mark.slow  # the `bench.py --tiny` subprocess (~10 s)
 def test_report_prints_one_table_of_every_row(tiny_run, tmp_path, capsys):
     """--report: the train and sampling rows of a JSON-lines file that several runs appended to (scripts/gpu_check.sh)
     in one table, each with its settings, and the same rows in one JSON list; a bad file is one line, exit 2."""
@@ -262,10 +294,10 @@ def test_report_prints_one_table_of_every_row(tiny_run, tmp_path, capsys):
     table = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")][1:]
     cells = [[c.strip() for c in l.split("|")[1:-1]] for l in table]
     assert [c[0] for c in cells] == ["ours tiny", "pixart tiny"] * 3
-    assert [c[2] for c in cells] == ["fp32", "fp32", "sample ddim 50 steps cfg 7.5", "sample ddim 50 steps cfg 7.5",
-                                     "fp8 ckpt 14 no qk_norm/rope/cross_norm", "fp32"]
-    assert float(cells[0][4]) == pytest.approx(recs[0]["img_s"], abs=0.05) and cells[1][7] == "ref"
-    assert cells[5][7].startswith("OOM alone")
+    assert [c[2] for c in cells] == ["fp32 muon", "fp32", "sample euler 50 steps cfg 7.5", "sample euler 50 steps "
+                                     "cfg 7.5", "fp8 muon ckpt 14 no qk_norm/rope/cross_norm", "fp32"]
+    assert float(cells[0][6]) == pytest.approx(recs[0]["img_s"], abs=0.05) and cells[1][9] == "ref"
+    assert cells[0][9] == f"{recs[0]['ratio_vs_peer']:.2f}x" and cells[5][-1].startswith("OOM alone")
     path.write_text("{not json\n")
     with pytest.raises(SystemExit) as e:
         bench.main(["--report", str(path)])
@@ -303,17 +335,21 @@ def test_fp8_swaps_the_same_block_linears_in_ours_and_the_peer(one_thread, monke
     import contextlib
     from types import SimpleNamespace
     import bench
+    import config
     import train
     from diffusion import Diffusion
+    from model import fp8_linear_filter
     peer = bench.PixArtPeer(**bench.TINY, grid=bench.TINY_GRID)
     linears = {n: m for n, m in peer.named_modules() if isinstance(m, torch.nn.Linear)}
     picked = [n for n, m in linears.items() if bench.peer_fp8_filter(m, n)]
     assert picked == [n for n in linears if n.startswith("net.transformer_blocks.")] and len(picked) == 10 * 2
     assert len(linears) > len(picked)  # its caption projection, timestep embedder and output stay as they are
     pytest.importorskip("torchao.float8")
-    C = SimpleNamespace(**train.parse_args(["--batch", "2", "--device", "cpu", "--fp8", "true"]))  # parsed, unchecked
-    converted, real = [], bench.convert_to_fp8
-    monkeypatch.setattr(bench, "convert_to_fp8", lambda module, keep: converted.append(real(module, keep)) or module)
+    C = SimpleNamespace(**config.parse_args(["--batch", "2", "--device", "cpu", "--fp8", "true"], train.DEFAULTS))
+    converted, real = [], bench.convert_to_fp8  # ours converts in train.build_model, the peer in bench.build_case
+    spy = lambda module, keep=fp8_linear_filter: converted.append(real(module, keep)) or module
+    monkeypatch.setattr(bench, "convert_to_fp8", spy)
+    monkeypatch.setattr(train, "convert_to_fp8", spy)
     for impl, n in (("ours", 7 * bench.TINY["depth"]), ("pixart", 10 * bench.TINY["depth"])):
         torch.manual_seed(0)
         case = bench.build_case(impl, "tiny", "DiT-S/2", bench.TINY, bench.TINY_GRID, C, torch.device("cpu"),

@@ -36,6 +36,7 @@ def test_the_writer_refuses_a_layout_it_does_not_know(tmp_path):
     assert load(tmp_path / "c.pt") == ck and os.listdir(tmp_path) == ["c.pt"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_an_earlier_version_resumes_and_samples(cache, tmp_path):
     """The fixture (2 steps, old code) equals 2 steps of this code; resumed to 4 it equals 4 steps in one run; and
     it samples the images that this code's own 2-step checkpoint samples."""
@@ -106,6 +107,7 @@ def test_resume_with_another_optimizer_is_a_clear_error(cache, tmp_path, capsys)
     assert e.value.code == 2 and "trained with --optimizer adamw" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_another_resolutions_weights(cache, cache32, tmp_path):
     """A 16 px run, then a 32 px run --init_from it (architecture keys left at their defaults: taken from the
     checkpoint): its first loss is clearly below a from-scratch 32 px run's, it starts at step 0 with a fresh

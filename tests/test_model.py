@@ -242,6 +242,7 @@ def test_peak_flops_table_and_mfu(monkeypatch):
 #                          torch.compile and checkpointing                      #
 #################################################################################
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     """Dynamo capture + inductor lowering give the eager numbers. Cold (empty inductor cache) this is the slow test:
     ~20 s of CPU time with vectorised C++ codegen off (~35 s with it on; a CPU-only codegen detail, the GPU path is

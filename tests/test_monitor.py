@@ -7,6 +7,7 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -51,6 +52,7 @@ def test_checkpoints_redraw_curves_and_loggers_mirror_the_log(cache, tmp_path, m
         assert d["loss"] == r["loss"] and d["lr"] == r["lr"] and d["loss_by_t/0"] == r["loss_by_t"][0]
 
 
+@pytest.mark.slow
 def test_eval_every_logs_probe_records_and_a_failing_eval_only_warns(cache, tmp_path, capsys, monkeypatch):
     """Built-in data: the shapes probe on the EMA weights every eval_every steps (and at the end), into log.jsonl
     and curves.png; the record equals evaluate.py's probe on the checkpoint of that step."""
