@@ -29,13 +29,12 @@ from checkpoint import atomic_write
 from diffusion import Diffusion
 from encoders import load_text_encoder
 from loader import Loader
-from model import PRESETS, DiT, convert_to_fp8, fp8_aligned, peak_flops
+from model import PRESETS, DiT, config_from_keys, convert_to_fp8, fp8_aligned, peak_flops
 from optim import configure_optimizer, lr_at
 
 TEXT_LEN, TEXT_DIM = 77, 768  # CLIP ViT-L/14 token states, the shape the peer's caption_channels expects
 TEXT_WIDTHS = SimpleNamespace(dim=TEXT_DIM, pooled_dim=TEXT_DIM)  # what train.build_model reads of a text encoder
-TINY = dict(depth=2, width=64, heads=4, patch=2)  # --tiny: ours and the peer at this shape, 8x8 latents
-TINY_GRID, TINY_BATCH = 8, 4
+TINY, TINY_GRID, TINY_BATCH = dict(depth=2, width=64, heads=4, patch=2), 8, 4  # --tiny: both nets, 8x8 latents, 4
 IMPLS = ("ours", "pixart")  # the two networks of a training or sampling row; --no_peer: ours alone
 PARTS = ("train", "loader", "text_encoder", "sampling")  # --parts: the kinds of rows, in the order they run
 SYNC_WARNING = "called a synchronizing CUDA operation"  # c10/cuda/CUDAFunctions.cpp warn_or_error_on_sync
@@ -153,7 +152,8 @@ def case_keys(preset, shape, C, device):
 
 def our_config(preset, shape, grid, C):
     """Our DiT at the bench shape with train.py's model keys (grad_ckpt acts in training only)."""
-    return train.model_config(case_keys(preset, shape, C, C.device), 4, grid, TEXT_DIM, TEXT_DIM)
+    return config_from_keys(case_keys(preset, shape, C, C.device), in_channels=4, input_size=grid, text_dim=TEXT_DIM,
+                            pooled_dim=TEXT_DIM)
 
 def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
     """Ours by train.build_model, the peer built alike, each with a device batch; case.work(n) runs n optimizer

@@ -14,6 +14,8 @@ import sys
 import torch
 
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion
+from encoders import CONTEXT_LENGTH
+from model import CHOICES as MODEL_CHOICES
 from model import PRESETS, config_from_keys
 
 
@@ -119,9 +121,9 @@ def prompt_list(text):
 #                     Values that would fail later: fail now                    #
 #################################################################################
 
-# the choices the model and the schedule check themselves (DiTConfig, Diffusion) are checked there, below
+# checked here with a did-you-mean; the model's own (model.CHOICES) are the lists DiTConfig checks too
 CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "muon"), dtype=("bfloat16", "float32"),
-               prediction=PREDICTIONS, schedule=SCHEDULES, model=tuple(PRESETS))
+               prediction=PREDICTIONS, schedule=SCHEDULES, model=tuple(PRESETS), **MODEL_CHOICES)
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, eval_every=0, warmup=0,
                 max_hours=0, depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0,
                 min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8, ckpt_blocks=0)
@@ -130,7 +132,6 @@ UNIT = ("cond_drop", "decay_frac", "ema_decay", "route_until")  # in [0, 1]
 
 def check(C):
     """Values that would fail later (after an hours-long cache build, or after the first step): ConfigError now."""
-    from encoders import CONTEXT_LENGTH
     for key, options in CHOICES.items():
         if getattr(C, key) not in options:
             close = difflib.get_close_matches(str(getattr(C, key)), options, n=1)

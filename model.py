@@ -14,6 +14,9 @@ from torch.utils.checkpoint import checkpoint
 #                                  Config                                       #
 #################################################################################
 
+CHOICES = dict(adaln=("single", "zero"), text_proj=("mlp", "linear"), weight_init=("dit", "torch"))  # (config.py's too)
+
+
 @dataclass
 class DiTConfig:
     in_channels: int = 4        # 4 for sd-vae latents, 3 for pixel space
@@ -41,12 +44,9 @@ class DiTConfig:
     route_to: int = -2          # route_to counts from the end) and rejoins unchanged; 0 = off
 
     def __post_init__(self):  # ValueError, not assert: train.py turns it into a one-line error before any work
-        if self.adaln not in ("single", "zero"):
-            raise ValueError(f"adaln must be 'single' or 'zero', got {self.adaln!r}")
-        if self.text_proj not in ("mlp", "linear"):
-            raise ValueError(f"text_proj must be 'mlp' or 'linear', got {self.text_proj!r}")
-        if self.weight_init not in ("dit", "torch"):
-            raise ValueError(f"weight_init must be 'dit' or 'torch', got {self.weight_init!r}")
+        for key, options in CHOICES.items():
+            if getattr(self, key) not in options:
+                raise ValueError(f"{key} must be one of {', '.join(options)}, got {getattr(self, key)!r}")
         if not 0 <= self.ckpt_blocks <= self.depth:
             raise ValueError(f"ckpt_blocks {self.ckpt_blocks}: must be in 0..depth {self.depth} (0 = every block)")
         if not 0 <= self.route_frac < 1:
@@ -72,7 +72,7 @@ class DiTConfig:
         """Modulation vectors per block: shift, scale, gate of attention and MLP (+ the cross-attention's gate)."""
         return 7 if self.cross_gate else 6
 
-# DiTConfig's fields that train.py has as keys are the architecture keys (one list: train.model_config, init_from's
+# DiTConfig's fields that train.py has as keys are the architecture keys (one list: config_from_keys, init_from's
 # inheritance and resume's check all read it); of those, these shape neither the weights nor what they compute
 TRAINING_ONLY = ("grad_ckpt", "ckpt_blocks", "route_frac", "route_from", "route_to", "weight_init")
 

@@ -208,7 +208,9 @@ class Watcher:
                 metrics = {"scenes_in": r["in_distribution"]["overall"], "scenes_held_out": r["held_out"]["overall"]}
             else:
                 if self.clip is None:
-                    from encoders import ClipScorer
+                    if C.text_encoder == "tiny":  # its image tower is random: a score of it says nothing
+                        raise ValueError("the tiny text tower has no trained image tower to score with")
+                    from encoders import ClipScorer  # here: only a CLIP-scored run needs it
                     self.clip = ClipScorer.load(C.text_encoder, device=C.device, text_encoder=self.text_encoder)
                 prompts = prompt_list(C.sample_prompts) * 4
                 images = generate(pipe, prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=25)

@@ -68,8 +68,8 @@ wandb_project = ""         # also log to this Weights & Biases project ("" = off
 # the recipe: each line chosen by measurement at equal training FLOPs (docs/log.md); a config leaves these alone
 prediction = "flow"        # rectified flow, SD3: (1 - sigma) x0 + sigma eps -> eps - x0 (+0.08 shape acc over v with
                            # Muon; docs/log.md 2026-11-29 "Muon and rectified flow") | v | eps | x0
-t_logit_mean = 0.0         # training sigma = sigmoid(N(mean, std)), SD3's logit-normal (0, 1) (shape acc 0.59 -> 0.83
-t_logit_std = 1.0          # over uniform at equal time; docs/log.md 2026-11-26 11:44); std 0 = uniform t
+t_logit_mean = 0.0         # training sigma = sigmoid(N(mean, std)): SD3's logit-normal (0, 1); over uniform t it lifted
+t_logit_std = 1.0          # shape acc 0.59 -> 0.83 (mean 0.5, docs/log.md 2026-11-26 11:44); std 0 = uniform t
 optimizer = "muon"         # torch.optim.Muon on the blocks' weight matrices, AdamW on the rest (shape acc 0.42 ->
                            # 0.67, scenes 0.06 -> 0.18; docs/log.md 2026-11-29) | adamw
 muon_lr = 0.02             # Muon's peak LR (its schedule is lr's, scaled by muon_lr / lr); Keller Jordan's value
@@ -258,15 +258,11 @@ def open_data(C, D):
         if error:
             raise LoadError(error)
         cache = datalib.LatentCache(cache_path)
-        clip_eval = C.eval_every > 0 and monitor.eval_kind(cache.manifest.get("source_kind")) == "clip"
+        clip_eval = (C.eval_every > 0 and C.text_encoder != "tiny"
+                     and monitor.eval_kind(cache.manifest.get("source_kind")) == "clip")
         return cache, load_text_encoder(C.text_encoder, device=C.device, image_tower=clip_eval)
     except LoadError as e:
         fail(e)
-
-
-def model_config(C, channels, side, text_dim, pooled_dim):
-    """The DiTConfig of the run's keys on (channels, side, side) latents (bench.py and scripts/ablate.py too)."""
-    return config_from_keys(C, in_channels=channels, input_size=side, text_dim=text_dim, pooled_dim=pooled_dim)
 
 
 def build_model(C, latent_shape, text_encoder, init=None, base_grid=None):
@@ -274,7 +270,8 @@ def build_model(C, latent_shape, text_encoder, init=None, base_grid=None):
     EMA weights start both. base_grid (init_from's training grid): the model's position grid, so that a new
     resolution interpolates the positions the weights learnt, as sampling at another resolution does."""
     torch.manual_seed(C.seed)
-    mcfg = model_config(C, latent_shape[0], base_grid or latent_shape[1], text_encoder.dim, text_encoder.pooled_dim)
+    mcfg = config_from_keys(C, in_channels=latent_shape[0], input_size=base_grid or latent_shape[1],
+                            text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim)
     if latent_shape[1] % mcfg.patch:
         fail(f"{latent_shape[1]} x {latent_shape[2]} latents are not divisible by patch {mcfg.patch}: "
              "change --resolution or --patch")

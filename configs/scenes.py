@@ -30,3 +30,4 @@ sample_every = 0                     # no preview grids: evaluate.py --probe sce
 sample_prompts = ("a red circle to the left of a blue square|three squares|a green triangle"
                   "|a purple circle above an orange square")
 sample_cfg = 3.0
+device = "cpu"                       # a CPU demo on any machine: its numbers (docs/log.md) are CPU numbers

@@ -29,3 +29,4 @@ sample_every = 0                     # no preview grids: evaluate.py --probe sha
 sample_prompts = ("a red circle on a white background|a blue square on a black background"
                   "|a yellow triangle on a gray background|a green circle on a black background")
 sample_cfg = 4.0
+device = "cpu"                       # a CPU demo on any machine: its numbers (docs/log.md) are CPU numbers

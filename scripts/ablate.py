@@ -32,7 +32,7 @@ import data as datalib
 import train
 from checkpoint import atomic_write
 from encoders import load_text_encoder
-from model import DiT
+from model import DiT, config_from_keys
 from optim import fit_warmup
 
 TRAIN, EVALUATE = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "evaluate.py")
@@ -204,7 +204,7 @@ def flops_per_image(keys, name="?"):
     else:
         (channels, factor), (text_dim, pooled_dim) = vae_geometry(C.vae), text_dims(C.text_encoder)
         side = C.resolution // factor
-    mcfg = train.model_config(C, channels, side, text_dim, pooled_dim)
+    mcfg = config_from_keys(C, in_channels=channels, input_size=side, text_dim=text_dim, pooled_dim=pooled_dim)
     if side % mcfg.patch:
         raise ToolError(f"row {name}: {side} x {side} latents are not divisible by patch {mcfg.patch}")
     with torch.device("meta"):  # no memory, whatever the size: estimate_flops reads the config only

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import ablate
 import train
 from encoders import load_text_encoder
-from model import DiT, DiTConfig
+from model import DiT, DiTConfig, config_from_keys
 
 TINY = ("--vae none --text_encoder tiny --resolution 16 --model DiT-S/2 --depth 1 --width 32 --heads 2 --patch 4 "
         "--batch 4 --compile false --device cpu --sample_every 0 --data shapes:32")
@@ -143,7 +143,7 @@ def test_unknown_key_exits_2_before_any_run(tmp_path):
     ("a: --seed 3", "--seed is set by this tool"), ("a: --max_steps 9", "--max_steps is set by this tool"),
     ("a:\na: --lr 1", "unique: a"), ("no colon here", "expected `name: --key value"),
     ("a: configs/shapes.py", "a config file goes in --base"),
-    ("a: --adaln nope", "row a: adaln must be 'single' or 'zero'"),
+    ("a: --adaln nope", "row a: --adaln 'nope': one of single, zero"),
     ("a: --patch 3", "not divisible by patch 3"),
 ])
 def test_bad_rows_exit_2(tmp_path, capsys, rows, needle):
@@ -180,9 +180,9 @@ def test_an_unrouted_finish_is_planned_at_the_flops_train_py_spends():
     C = SimpleNamespace(**plan["config"])
     tiny = load_text_encoder("tiny")
     with torch.device("meta"):  # the model train.py builds for 16 px pixel space, routed and not
-        routed = DiT(train.model_config(C, 3, 16, tiny.dim, tiny.pooled_dim)).estimate_flops()
-        unrouted = DiT(train.model_config(SimpleNamespace(**{**vars(C), "route_frac": 0.0}), 3, 16, tiny.dim,
-                                          tiny.pooled_dim)).estimate_flops()
+        data = dict(in_channels=3, input_size=16, text_dim=tiny.dim, pooled_dim=tiny.pooled_dim)
+        routed = DiT(config_from_keys(C, **data)).estimate_flops()
+        unrouted = DiT(config_from_keys(SimpleNamespace(**{**vars(C), "route_frac": 0.0}), **data)).estimate_flops()
     assert routed < unrouted
     assert (plan["routed_flops_per_image"], plan["unrouted_flops_per_image"]) == (routed, unrouted)
     steps = plan["max_steps"]

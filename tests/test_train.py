@@ -107,7 +107,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(cache, tmp_path):
     assert p.returncode == 0, err[-2000:]
     ck = load(out / "ckpt.pt")  # weights_only=True
     assert 3 <= ck["step"] < 100000
-    assert not os.path.exists(str(out / "ckpt.pt") + ".tmp")
+    assert not os.path.exists(str(out / "ckpt.pt") + ".part")  # checkpoint.atomic_write's temporary name
     res = train.main(args(cache, out, max_steps=ck["step"] + 2))
     assert res["step"] == ck["step"] + 2
 
