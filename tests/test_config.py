@@ -1,5 +1,6 @@
 """config.py: the command line and config files, the checks that fail before any work, --help; the configs hold
 only what differs from train.py's defaults, and those defaults are the recipe."""
+import ast
 import os
 import re
 import subprocess
@@ -149,8 +150,16 @@ def test_every_config_file_parses_and_checks(path):
 
 
 def own_keys(path):
-    """The keys a config file assigns itself (configs/rtx5090_week_512.py also runs stage 1's file first)."""
-    return config.read_config_file(path, train.DEFAULTS)
+    """The keys a config file assigns, with their values once it has run (configs/rtx5090_week_512.py and
+    configs/scenes.py run the config they build on first), and that base's keys (train.py's defaults for none)."""
+    text = open(path).read()
+    base = re.search(r'exec\(open\(.*"(\w+\.py)"', text)
+    base = own_keys(os.path.join(os.path.dirname(path), base[1]))[0] if base else {}
+    tree = ast.parse(text)
+    names = {t.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+             for t in ast.walk(target) if isinstance(t, ast.Name) and not t.id.startswith("_")}
+    values = config.read_config_file(path, train.DEFAULTS)
+    return {k: values[k] for k in names}, {**train.DEFAULTS, **base}
 
 
 RECIPE_BLOCK = re.search(r"^# the recipe:.*?\n(.*?)^# -{20}", open(os.path.join(ROOT, "train.py")).read(),
@@ -160,16 +169,18 @@ RECIPE_KEYS = re.findall(r"^(\w+) = ", RECIPE_BLOCK, flags=re.M)
 
 @pytest.mark.parametrize("path", sorted(os.listdir(os.path.join(ROOT, "configs"))))
 def test_configs_hold_only_what_differs_from_the_defaults(path):
-    """A config is a diff against train.py's defaults: no line sets a key to its default value."""
-    same = {k: v for k, v in own_keys(os.path.join(ROOT, "configs", path)).items() if v == train.DEFAULTS[k]}
-    assert not same, f"configs/{path} repeats defaults: {same}"
+    """A config is a diff against train.py's defaults (or against the config it builds on): no line sets a key to
+    the value it has already."""
+    own, base = own_keys(os.path.join(ROOT, "configs", path))
+    same = {k: v for k, v in own.items() if v == base[k]}
+    assert own and not same, f"configs/{path} repeats what it builds on: {same}"
 
 
 def test_the_weeks_recipe_is_the_defaults():
     """The week's run changes data, size, batch, hours and cadence, not the recipe; and the recipe is the measured
     one: rectified flow, logit-normal (0, 1) t, Muon, wsd, caption dropout, no min-SNR, no flips."""
     assert len(RECIPE_KEYS) >= 15 and "prediction" in RECIPE_KEYS and "optimizer" in RECIPE_KEYS
-    week = own_keys(os.path.join(ROOT, "configs", "rtx5090_week.py"))
+    week, _ = own_keys(os.path.join(ROOT, "configs", "rtx5090_week.py"))
     assert not set(week) & set(RECIPE_KEYS), set(week) & set(RECIPE_KEYS)
     D = train.DEFAULTS
     assert (D["prediction"], D["t_logit_mean"], D["t_logit_std"], D["optimizer"], D["lr_schedule"]) == \
