@@ -107,7 +107,15 @@ def parse_args(argv, defaults):
 
 def usage(doc, path, defaults):
     """The script's docstring, then every key with its default and the comment it has at the top of `path`."""
-    notes = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", open(path).read(), flags=re.M))
+    notes, key = {}, None
+    for line in open(path).read().splitlines():  # a key's comment, with its continuation lines (only a comment)
+        m = re.match(r"^(\w+) = .*?#\s*(.*)$", line)
+        if m:
+            key, notes[m[1]] = m[1], m[2]
+        elif key and re.match(r"^\s+#\s*(.*)$", line):
+            notes[key] += " " + line.split("#", 1)[1].strip()
+        else:
+            key = None
     width = max(map(len, defaults))
     lines = [f"  --{k:<{width}}  {v!r:<12}  {notes.get(k, '')}" for k, v in defaults.items()]
     return doc.strip() + "\n\nkeys (--key value or --key=value; defaults shown):\n" + "\n".join(lines)

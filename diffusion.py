@@ -8,8 +8,8 @@ Flow (SD3, arXiv 2403.03206; SiT, arXiv 2401.08740): x_sigma = (1 - sigma) x0 + 
 model predicts the velocity eps - x0 and is called with the float t = T * sigma, as diffusers does.
 The numbers agree with diffusers' DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler
 (clip_sample=False, set_alpha_to_one=True, steps_offset=0), FlowMatchEulerDiscreteScheduler and
-FlowMatchHeunDiscreteScheduler, and diffusers.training_utils.compute_snr; tests/test_diffusion.py and
-tests/test_flow.py are the proof. Schedule tensors are float64 on the CPU; every coefficient is cast to the dtype
+FlowMatchHeunDiscreteScheduler, and diffusers.training_utils.compute_snr; tests/test_diffusion.py is the
+proof. Schedule tensors are float64 on the CPU; every coefficient is cast to the dtype
 and device of the tensor it multiplies.
 """
 import math

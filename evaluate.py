@@ -132,8 +132,8 @@ def reference_stats(ref: str, extractor, resolution: int, cache_dir="cache/fid_s
         feats.append(extractor(batch)[0])
     mu, sigma = feature_stats(torch.cat(feats).numpy())
     os.makedirs(cache_dir, exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(files), extractor=extractor.name,
-                                          source=os.path.abspath(ref)))  # an interrupted run leaves no half-written file
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(files), extractor=extractor.name,  # whole or
+                                          source=os.path.abspath(ref)))  # not at all, if the run is interrupted
     return dict(mu=mu, sigma=sigma, n=len(files), source=ref, cache=path, cached=False)
 
 #################################################################################

@@ -108,17 +108,22 @@ def lr_at(step, horizon, C):
     return C.lr * (1 - progress)
 
 
-def fit_warmup(C):
-    """A warmup that fits the run: one that would run past the step where the LR starts to decay (a run shorter than
-    the recipe's warmup was set for) becomes a tenth of the run's steps, in C. -> the note to print, or None. A time
-    budget's horizon is planned later: its warmup is left as it is."""
+def fit_warmup(C, recipe_warmup):
+    """A warmup that runs past the step where the LR starts to decay eats the decay. Left at the recipe's value
+    (recipe_warmup: a run shorter than it was set for), it becomes a tenth of the run's steps, in C; set otherwise,
+    it stays, with a warning (docs/log.md's older rows ran so). -> the note to print, or None. A time budget's
+    horizon is planned later: its warmup is left as it is (also used by scripts/ablate.py, on a copy)."""
     decay_from = C.max_steps - 1 if C.lr_schedule == "cosine" else lr_decay_start(C.max_steps, C)
-    if C.max_hours == 0 and C.lr_schedule != "constant" and C.warmup > decay_from:
-        fitted = max(1, C.max_steps // 10)
-        note = (f"warmup {C.warmup} does not fit {C.max_steps} steps (the LR decays from step {decay_from}): "
-                f"warmup {fitted}, a tenth of the run")
-        C.warmup = fitted
-        return note
+    if C.max_hours > 0 or C.lr_schedule == "constant" or C.warmup <= decay_from:
+        return None
+    if C.warmup != recipe_warmup:
+        return (f"warning: warmup {C.warmup} runs past step {decay_from} of {C.max_steps}, where the LR should be "
+                "decaying: the LR will not follow its schedule (lower --warmup)")
+    fitted = max(1, C.max_steps // 10)
+    note = (f"warmup {C.warmup} does not fit {C.max_steps} steps (the LR decays from step {decay_from}): "
+            f"warmup {fitted}, a tenth of the run")
+    C.warmup = fitted
+    return note
 
 
 class Horizon:

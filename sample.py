@@ -2,7 +2,7 @@
 Prompts in, PNGs out: loads a checkpoint's EMA weights and everything needed to rebuild the sampler.
 
     python sample.py --cfg 7.5 "a red fox" "a blue car"            # out/samples/0000.png ... + grid.png
-    python sample.py --ckpt out/ckpt.pt --n 8 --seed 1 --steps 30 --sampler dpmpp_2m --negative "blurry" "a red fox"
+    python sample.py --ckpt out/ckpt.pt --n 8 --seed 1 --steps 30 --sampler heun --negative "blurry" "a red fox"
     python sample.py --compile false "a red fox"                    # eager (the default on the CPU; CUDA compiles)
 
 Image k (prompt k // n) is sampled from its own torch.Generator seeded `seed + k`, so it is the same picture

@@ -58,7 +58,7 @@ max_hours = 0.0            # wall-clock budget; > 0 plans the LR decay to end on
 log_every = 50             # optimizer steps between log lines (the only host syncs of the loop)
 ckpt_every = 1000          # optimizer steps between checkpoints (also at the end and on SIGTERM/SIGINT)
 sample_every = 5000        # optimizer steps between sample grids with the EMA weights (0 = never)
-sample_prompts = _PROMPTS    # '|'-separated prompts of the sample grids (and of the CLIP-score eval)
+sample_prompts = _PROMPTS  # '|'-separated prompts of the sample grids (and of the CLIP-score eval)
 sample_cfg = 5.0           # classifier-free guidance scale of the sample grids and evals
 eval_every = 0             # optimizer steps between evals of the EMA weights (0 = never): the shapes / scenes probe
                            # on built-in data, else CLIP score (the text encoder's own CLIP) of sample_prompts
@@ -72,10 +72,10 @@ t_logit_mean = 0.0         # training sigma = sigmoid(N(mean, std)): SD3's logit
 t_logit_std = 1.0          # shape acc 0.59 -> 0.83 (mean 0.5, docs/log.md 2026-11-26 11:44); std 0 = uniform t
 optimizer = "muon"         # torch.optim.Muon on the blocks' weight matrices, AdamW on the rest (shape acc 0.42 ->
                            # 0.67, scenes 0.06 -> 0.18; docs/log.md 2026-11-29) | adamw
-muon_lr = 0.02             # Muon's peak LR (its schedule is lr's, scaled by muon_lr / lr); Keller Jordan's value
+muon_lr = 0.02             # Muon's peak LR (lr's schedule, scaled): best of 0.01 / 0.02 / 0.04 (docs/log.md 2026-11-29)
 lr = 1e-4                  # AdamW's peak LR (embedders, final layer, norms, modulation): DiT's and PixArt's
 lr_schedule = "wsd"        # warmup-stable-decay: annealed whenever a time budget ends the run | cosine | constant
-warmup = 2000              # optimizer steps of linear LR warmup; a run too short for it gets a tenth of its steps
+warmup = 2000              # optimizer steps of linear LR warmup (a step budget too short for it: a tenth of it)
 decay_frac = 0.2           # wsd: share of the run spent decaying the LR linearly to 0
 weight_decay = 0.0         # decoupled weight decay, on parameters of >= 2 dims (linear and conv weights)
 adam_beta1 = 0.9           # AdamW beta1
@@ -300,7 +300,7 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
         init.clear()  # its tensors freed now (the caller holds this same dict)
     try:
         loader = Loader(cache, C.batch, seed=C.seed, rank=D.rank, world_size=D.world, cond_drop=C.cond_drop,
-                                flip=C.flip, device=C.device)
+                        flip=C.flip, device=C.device)
     except ValueError as e:  # fewer samples than one global batch
         fail(f"{e}: lower --batch")
     step, elapsed, horizon = 0, 0.0, Horizon(C, C.max_steps)
@@ -317,7 +317,7 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
         ck.clear()  # its tensors freed now (the caller holds this same dict)
     elif C.init_from:
         print0(f"EMA weights of {C.init_from} start a new run: step 0, fresh optimizer")
-    note = fit_warmup(C)
+    note = fit_warmup(C, DEFAULTS["warmup"])
     if note:
         print0(note)
     model = torch.compile(raw_model) if C.compile and D.cuda else raw_model

@@ -17,7 +17,7 @@ text_len = 16                        # the captions are 9 tokens: cross-attend t
 batch = 32                           # small batches win at equal FLOPs on the probes (docs/log.md 2026-12-02)
 lr = 1e-3                            # AdamW's share (embedders, norms) at the toy scale: Muon's configs at their best
                                      # LR of three (docs/log.md 2026-12-02, flow shift and AdamW's LR)
-warmup = 100                         # a few % of the ~2,000 steps the budget buys
+warmup = 100                         # a few % of the ~4,000 steps the budget buys on 2 cores (docs/log.md 2026-12-04)
 max_steps = 100_000                  # effectively unbounded: max_hours ends the run
 max_hours = 0.155                    # ~9.3 minutes of training; the LR decay is planned to end on time
 decay_frac = 0.3

@@ -136,7 +136,7 @@ def plan_row(name, row_argv, base, args):
     elif args.steps is not None:
         max_steps = args.steps
     if max_steps is not None:
-        note = fit_warmup(SimpleNamespace(**{**keys, "max_steps": max_steps, "max_hours": 0}))  # (on a copy)
+        note = fit_warmup(SimpleNamespace(**{**keys, "max_steps": max_steps, "max_hours": 0}), train.DEFAULTS["warmup"])
         if note:  # train.py prints it into the run's log only
             print(f"row {name}: {note}", file=sys.stderr)
     return dict(name=name, args=row_argv, train_argv=argv + budget_args(args, max_steps), flops_per_image=fpi,

@@ -185,7 +185,8 @@ def test_the_weeks_recipe_is_the_defaults():
     D = train.DEFAULTS
     assert (D["prediction"], D["t_logit_mean"], D["t_logit_std"], D["optimizer"], D["lr_schedule"]) == \
         ("flow", 0.0, 1.0, "muon", "wsd")
-    assert (D["min_snr_gamma"], D["flip"], D["cond_drop"], D["resolution"], D["model"]) == (0.0, False, 0.1, 256, "DiT-B/2")
+    assert (D["min_snr_gamma"], D["flip"], D["cond_drop"], D["resolution"], D["model"]) == \
+        (0.0, False, 0.1, 256, "DiT-B/2")
 
 
 def test_help_shows_the_recipe_as_defaults(capsys):

@@ -72,11 +72,15 @@ def test_muon_non_finite_step_changes_nothing():
 
 
 def test_a_warmup_that_does_not_fit_becomes_a_tenth_of_the_run(cache, tmp_path, capsys):
-    """A warmup that fits is left alone; one that runs past the decay's start (a run shorter than the recipe's 2,000
-    warmup steps was set for) is a tenth of the run, said once, and the LR then follows its schedule."""
+    """A warmup that fits is left alone; the recipe's 2,000 steps in a run too short for them (they would run past the
+    decay's start) become a tenth of the run, said once, and the LR then follows its schedule; a warmup set to
+    another value that does not fit stays, with a warning (older commands rerun as they ran)."""
     train.main(args(cache, tmp_path / "a", lr_schedule="cosine", warmup=3, max_steps=6))
     train.main(args(cache, tmp_path / "b", lr_schedule="wsd", warmup=3, max_steps=6, decay_frac=0.5))
-    assert "does not fit" not in capsys.readouterr().out
+    assert "warmup" not in capsys.readouterr().out
+    train.main(args(cache, tmp_path / "w", lr_schedule="wsd", warmup=5, max_steps=6, decay_frac=0.5))
+    assert "warning: warmup 5 runs past step 3 of 6" in capsys.readouterr().out
+    assert load(tmp_path / "w" / "ckpt.pt")["config"]["warmup"] == 5
     train.main(args(cache, tmp_path / "c", lr_schedule="wsd", warmup=2000, max_steps=40, decay_frac=0.5,
                log_every=1))
     assert "warmup 2000 does not fit 40 steps (the LR decays from step 20): warmup 4" in capsys.readouterr().out

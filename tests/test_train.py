@@ -359,7 +359,8 @@ def test_same_command_same_checkpoint_and_images(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
     import make_behaviour as fixture
     made = json.load(open(os.path.join(fixture.OUT, "made_with.json")))
-    same_kernels = made["torch"] == torch.__version__ and made["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    same_kernels = (made["torch"] == torch.__version__
+                    and made["cpu_capability"] == torch.backends.cpu.get_cpu_capability())
     atol = 0.0 if same_kernels else 1e-5
     train.main(fixture.argv(str(tmp_path)))
     ckpt = os.path.join(tmp_path, "run", "ckpt.pt")
