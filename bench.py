@@ -25,7 +25,7 @@ import config
 import data as datalib
 import sample
 import train
-from checkpoint import atomic_write
+from checkpoint import write_json
 from diffusion import Diffusion
 from encoders import load_text_encoder
 from loader import Loader
@@ -395,7 +395,7 @@ def report(path, out):
     print(f"# {path}: {len(rows)} rows | " + " | ".join(sorted({f"{r['card']}, torch {r['torch']}" for r in rows})))
     print("\n".join(table(rows)))
     if out:
-        atomic_write(out, lambda f: f.write(json.dumps(rows, indent=1).encode()))
+        write_json(out, rows)
     return rows
 
 def parse(argv):

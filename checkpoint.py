@@ -3,6 +3,7 @@ The one checkpoint reader and writer (out_dir/ckpt.pt), and what a run does with
 resume from, take init_from's architecture, restore a run's state. Also the project's one atomic file write.
 """
 import dataclasses
+import json
 import os
 
 import torch
@@ -36,6 +37,11 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path, obj, indent=1):
+    """A JSON file (a manifest, a report, a run's status), written atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def save_checkpoint(path, state):

@@ -47,7 +47,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import toys
-from checkpoint import atomic_write
+from checkpoint import write_json
 from config import fail, resolve_device
 from encoders import CONTEXT_LENGTH, LoadError, load_text_encoder, load_vae
 
@@ -278,10 +278,6 @@ def _caption_text(caption, fixed):
 #                                  The cache                                    #
 #################################################################################
 
-def _write_json(path, obj):
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
 def _read_json(path):
     try:
         with open(path) as f:
@@ -418,7 +414,7 @@ def _commit_chunk(out, files, prog, n_items, parts, skipped, fixed):
     prog["skipped"] = dict(collections.Counter(prog["skipped"]) + skipped)
     prog["fixed"] = dict(collections.Counter(prog["fixed"]) + fixed)
     prog["sizes"] = {n: f.tell() for n, f in files.items()}
-    _write_json(os.path.join(out, "progress.json"), prog)
+    write_json(os.path.join(out, "progress.json"), prog)
 
 def _encode_chunks(data, out, items, total, rows, prog, encode, batch_size, chunk_size, workers):
     """Encode the items after the committed ones, chunk by chunk; prog is updated at each commit."""
@@ -476,7 +472,7 @@ def _write_manifest(data, kind, out, settings, prog, rows, vae, te):
                     text_dim=te.dim, pooled_dim=te.pooled_dim, context_length=CONTEXT_LENGTH,
                     empty_tokens=empty[0].tolist(), files=list(rows), mirror_tokens=mirror_token_pairs(te))
     manifest["mirror_captions"] = _count_mirrored(os.path.join(out, "tokens.npy"), manifest["mirror_tokens"])
-    _write_json(os.path.join(out, "manifest.json"), manifest)
+    write_json(os.path.join(out, "manifest.json"), manifest)
     os.remove(os.path.join(out, "progress.json"))
     print(f"cache {out}: {manifest['count']} images from {manifest['items']} items; "
           f"skipped {manifest['skipped'] or 'none'}; fixed {manifest['fixed'] or 'none'}")

@@ -28,7 +28,7 @@ from scipy import linalg
 from tqdm import tqdm
 
 import toys
-from checkpoint import atomic_write
+from checkpoint import atomic_write, write_json
 from config import fail, resolve_device
 from data import IMAGE_EXTS, to_pixels
 from diffusion import SAMPLERS
@@ -421,7 +421,7 @@ def run_probe(args, pipe, cfgs, t_starts, report):
 def write_report(report, out, ckpt):
     """JSON to `out` (default eval.json beside the checkpoint), a fresh name if taken, written atomically."""
     out = fresh_path(out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "eval.json"))
-    atomic_write(out, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    write_json(out, report, indent=2)
     print(f"\nwrote {out}")
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from checkpoint import atomic_write
 from config import prompt_list
+from encoders import ClipScorer, load_vae
 from model import fp8_split
 from sample import Pipeline, generate, make_grid, save_png
 
@@ -125,9 +126,9 @@ class Progress:
         self.t_log, self.step_log = time.time(), step
 
 
-def describe(C, model, latent_shape, images, G, world):
+def describe(C, model, latent_shape, tokens, images, G, world):
     """The run in two lines, printed at its start."""
-    c, tokens = model.config, (latent_shape[1] // model.config.patch) * (latent_shape[2] // model.config.patch)
+    c = model.config
     params = sum(p.numel() for p in model.parameters())
     budget = f", {C.max_hours} h budget" if C.max_hours > 0 else ""
     first, end = c.routed_blocks
@@ -175,7 +176,6 @@ class Watcher:
 
     def pipeline(self, step):
         if self.pipe is None:
-            from encoders import load_vae
             C = self.C
             self.pipe = Pipeline(self.ema, self.diffusion, load_vae(C.vae, device=C.device), self.text_encoder,
                                  dict(vars(C)), step, torch.device(C.device), self.ckpt_path)
@@ -210,7 +210,6 @@ class Watcher:
                 if self.clip is None:
                     if C.text_encoder == "tiny":  # its image tower is random: a score of it says nothing
                         raise ValueError("the tiny text tower has no trained image tower to score with")
-                    from encoders import ClipScorer  # here: only a CLIP-scored run needs it
                     self.clip = ClipScorer.load(C.text_encoder, device=C.device, text_encoder=self.text_encoder)
                 prompts = prompt_list(C.sample_prompts) * 4
                 images = generate(pipe, prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=25)

@@ -328,7 +328,7 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
 
     G = C.batch * C.accum * D.world  # images per optimizer step
     tokens = (latent_shape[1] // raw_model.config.patch) * (latent_shape[2] // raw_model.config.patch)
-    print0(monitor.describe(C, raw_model, latent_shape, len(cache), G, D.world))
+    print0(monitor.describe(C, raw_model, latent_shape, tokens, len(cache), G, D.world))
     # stop on SIGTERM/SIGINT after the current step, with a checkpoint
     stop = {"signal": None}
     previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))

@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import config
 import data as datalib
 import train
-from checkpoint import atomic_write
+from checkpoint import atomic_write, write_json
 from encoders import load_text_encoder
 from model import DiT, config_from_keys
 from optim import fit_warmup
@@ -261,7 +261,7 @@ def read_status(run):
 
 def write_status(run, status):
     os.makedirs(run["dir"], exist_ok=True)
-    atomic_write(os.path.join(run["dir"], "run.json"), lambda f: f.write(json.dumps(status, indent=1).encode()))
+    write_json(os.path.join(run["dir"], "run.json"), status)
 
 
 def check_resumable(runs):

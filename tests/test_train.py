@@ -249,7 +249,7 @@ def test_an_fp8_model_trains_and_its_checkpoint_loads_without_torchao(tmp_path, 
     te = SimpleNamespace(dim=32, pooled_dim=24)
     model, ema, optimizer, diffusion = train.build_model(C, (3, 16, 16), te)
     assert sum(type(m).__name__ == "Float8Linear" for m in model.modules()) == 7 * 2
-    assert "14 block linears in fp8" in monitor.describe(C, model, (3, 16, 16), 32, 2, 1)
+    assert "14 block linears in fp8" in monitor.describe(C, model, (3, 16, 16), 16, 32, 2, 1)
     g = torch.Generator().manual_seed(0)
     loader = itertools.repeat({"latents": torch.randn(2, 3, 16, 16, generator=g),
                                "states": torch.randn(2, 77, 32, generator=g),
