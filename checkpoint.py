@@ -108,9 +108,10 @@ def inherit_architecture(C, init, path, defaults):
             setattr(C, key, have)
         elif getattr(C, key) != have:
             raise ValueError(f"--{key} {getattr(C, key)}: the weights of {path} have {key} {have}")
-    if C.text_len == defaults["text_len"]:
+    same_chunks = C.text_chunks == saved.get("text_chunks", 1)  # other chunks: a new text length (0 = all of it)
+    if C.text_len == defaults["text_len"] and same_chunks:
         C.text_len = mc["text_len"]
-    if C.text_len > mc["text_len"]:
+    if C.text_len > mc["text_len"] and same_chunks:
         raise ValueError(f"--text_len {C.text_len}: {path} was trained on {mc['text_len']} text tokens")
 
 

@@ -167,8 +167,10 @@ def check(C):
                           "length from routed steps, and the slower unrouted finish would end before its LR decay")
     if C.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"--optimizer muon: this torch ({torch.__version__}) has no torch.optim.Muon (2.9 and later)")
-    if not 1 <= C.text_len <= CONTEXT_LENGTH:
-        raise ConfigError(f"--text_len {C.text_len}: must be 1..{CONTEXT_LENGTH} (the encoder's tokens)")
+    check_layout(C.aspect_buckets, C.max_aspect, C.text_chunks)
+    if not 0 <= C.text_len <= CONTEXT_LENGTH * C.text_chunks:
+        raise ConfigError(f"--text_len {C.text_len}: must be 0 (all) .. {CONTEXT_LENGTH * C.text_chunks} (the "
+                          f"encoder's 77 tokens x text_chunks {C.text_chunks})")
     if C.sample_every > 0 and not prompt_list(C.sample_prompts):
         raise ConfigError("--sample_prompts has no prompt ('|'-separated); or --sample_every 0")
     if C.device != "auto":
@@ -180,6 +182,16 @@ def check(C):
             raise ConfigError(f"--device {C.device}: torch sees no CUDA device here (use --device cpu)")
     check_speed_keys(C)
     check_trackers(C)
+
+
+def check_layout(aspect_buckets, max_aspect, text_chunks):
+    """The data layout keys (train.py's and data.py's): ConfigError."""
+    if aspect_buckets < 0 or aspect_buckets == 1:
+        raise ConfigError(f"--aspect_buckets {aspect_buckets}: 0 (square centre crops) or N >= 2 buckets")
+    if not max_aspect >= 1:
+        raise ConfigError(f"--max_aspect {max_aspect}: must be >= 1 (the widest bucket's width / height)")
+    if text_chunks not in (1, 2, 3):
+        raise ConfigError(f"--text_chunks {text_chunks}: 1, 2 or 3 chunks of 75 caption tokens")
 
 
 def check_speed_keys(C):

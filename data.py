@@ -2,26 +2,33 @@
 data.py: the user's images and captions in, a latent cache out, through the frozen VAE and text tower of
 encoders.py.
 
-  sources     folder with metadata.jsonl (file_name, text) | images + same-named .txt |
-              webdataset .tar shards (folder or glob) | an existing cache | "shapes[:N[:SEED]]" |
-              "scenes[:N[:SEED]]" (toys.py: compositional captions, GenEval's six categories)
-  preprocess  any PIL mode -> RGB (alpha over white, 16-bit rescaled, CMYK converted, EXIF rotation),
-              short side resized to `resolution` (antialiased LANCZOS), centre crop, [-1, 1]
-  cache       .npy files, opened as memmaps: latents (N, 2, C, h, w) float16 | tokens (N, 77) int32 |
-              [states (N, 77, dim), pooled (N, pooled_dim) float16] | captions.jsonl | manifest.json (last)
+  sources     folder with metadata.jsonl (file_name, text: a string or a list) | images + same-named .txt (one
+              caption a line) | webdataset .tar shards, folder or glob (KEY.txt lines, or KEY.json's text) | an
+              existing cache | the built-in sets of toys.py: "shapes", "scenes", "scenes_wide", "scenes_wide2"[:N[:SEED]]
+  preprocess  any PIL mode -> RGB (alpha over white, 16-bit rescaled, CMYK converted, EXIF rotation), resized to
+              cover its bucket (antialiased LANCZOS), centre crop, [-1, 1]; no buckets: a `resolution` square
+  cache       .npy files, opened as memmaps: latents (N, 2, C, h, w) float16, one file per bucket | bucket (N,) |
+              ncaptions (N,) | tokens (M, 77 x text_chunks) int32, M captions | [states, pooled per caption] |
+              captions.jsonl | manifest.json (last)
   (loader.py turns a cache into training batches)
 
 Choices:
+- Aspect-ratio buckets (aspect_buckets N > 0): N sizes of about resolution^2 pixels, aspect ratios evenly in log
+  from 1:max_aspect to max_aspect:1, sides multiples of `multiple` (the VAE factor x the DiT patch), as SD XL and
+  PixArt train. An image goes to the bucket nearest its aspect ratio; a first pass over the image headers counts
+  them, and a bucket with fewer than `min_bucket` images (the global micro-batch) joins its nearest neighbour,
+  so no image is silently unused (OneTrainer #816).
 - Flips: both horizontal flips are encoded and cached (latents[:, 1] = the mirrored image's latent).
   The VAE is not flip-equivariant, so mirroring a cached latent would give latents the decoder never
   saw. Cost: 2x encode time and 2x latent disk (16 KB/image at 256 px with sd-vae). A mirrored image's
   caption says "right" where the image's said "left": the manifest keeps the token ids of MIRROR_WORDS and
   the loader swaps them in flipped samples' tokens (cached text states cannot be swapped: a warning).
-- Small images: short side < resolution / 2 is skipped ("too_small": upscaling more than 2x teaches
-  the model blur); a short side between resolution / 2 and resolution is upscaled.
-- Captions: a missing or empty caption skips the item (caption dropout provides the unconditional
-  samples). Non-UTF-8 bytes are decoded with errors="replace" and kept; captions over 77 tokens are
-  truncated keeping the end-of-text token and kept; both are counted in manifest["fixed"].
+- Small images: an image that would be upscaled more than 2x to cover its bucket is skipped ("too_small":
+  upscaling teaches the model blur); one between 1x and 2x is upscaled.
+- Captions: a missing or empty caption skips the item (caption dropout provides the unconditional samples);
+  several captions of an image are all cached, the loader draws one per epoch. Non-UTF-8 bytes are decoded with
+  errors="replace" and kept; captions over the text tower's 75 x text_chunks tokens are truncated (the last chunk
+  keeps its end-of-text token) and kept; both are counted in manifest["fixed"].
 - Bad input never stops a build: it is skipped and counted by reason in manifest["skipped"]
   (empty_file, not_an_image, decode_error, too_small, missing_caption, empty_caption, missing_file,
   missing_image, read_error, bad_metadata, unreadable_shard, truncated_shard). An empty, missing or
@@ -30,7 +37,7 @@ Choices:
 - ensure_cache() puts a cache in cache/<source>-<res>px-<vae>-<text encoder>[-states]-<hash of all
   settings> unless told where, reuses it while the manifest matches (settings + source fingerprint).
 """
-import argparse, collections, contextlib, functools, glob, hashlib, io, json, os, re, struct, sys, tarfile
+import argparse, collections, contextlib, functools, glob, hashlib, io, json, math, os, re, struct, sys, tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -48,8 +55,8 @@ from tqdm import tqdm
 
 import toys
 from checkpoint import write_json
-from config import fail, resolve_device
-from encoders import CONTEXT_LENGTH, LoadError, load_text_encoder, load_vae
+from config import ConfigError, check_layout, fail, resolve_device
+from encoders import LoadError, load_text_encoder, load_vae
 
 CACHE_FORMAT = 1     # bump when the cache layout changes: an old cache is then refused (with a message), not misread
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # the project's one list
@@ -63,16 +70,17 @@ class DataError(LoadError):
 #                                  Readers                                      #
 #################################################################################
 
-# Each source yields Items in a fixed order; read() returns (image bytes | PIL image, caption).
+# Each source yields Items in a fixed order; read() returns (image bytes | PIL image, caption) where the caption is
+# a str (one caption), a list of str (several), bytes (a .txt file: one caption a non-empty line) or None.
 
 class Item(NamedTuple):
     key: str
-    read: object = None  # () -> (bytes | PIL.Image, bytes | str | None)
+    read: object = None  # () -> (bytes | PIL.Image, str | list | bytes | None)
     error: str = ""      # a skip reason known without reading
 
 def source_kind(data):
     if builtin := _builtin(data):
-        return builtin[0]  # "shapes" | "scenes"
+        return builtin[0]  # "shapes" | "scenes" | "scenes_wide" | "scenes_wide2"
     if os.path.isdir(data):
         if all(os.path.exists(os.path.join(data, f)) for f in ("manifest.json", "latents.npy")):
             return "cache"  # a data folder that merely holds some manifest.json is read as data
@@ -87,7 +95,7 @@ def source_kind(data):
 def source_items(data, resolution):
     """(iterator of Items in a fixed order, item count or None when unknown before reading)."""
     kind = source_kind(data)
-    if kind in ("shapes", "scenes"):
+    if kind in toys.VERSIONS:
         return _builtin_items(data, resolution)
     if kind == "imagefolder":
         return _imagefolder_items(data)
@@ -108,9 +116,9 @@ def _files(data):
     return out
 
 def source_fingerprint(data):
-    """sha1 over (relative path, size, mtime) of every file; for shapes and scenes, over (count, seed, renderer)."""
+    """sha1 over (relative path, size, mtime) of every file; for a built-in set, over (renderer, count, seed)."""
     h, kind = hashlib.sha1(), source_kind(data)
-    if kind in ("shapes", "scenes"):
+    if kind in toys.VERSIONS:
         h.update(("%s:%d:%d" % (toys.VERSIONS[kind], *_builtin(data)[1:])).encode())
     else:
         for p in _files(data):
@@ -141,9 +149,10 @@ def _metadata_item(root, line):
         path = os.path.join(root, name)
     except (ValueError, KeyError, TypeError, AttributeError):
         return Item(line[:80].decode("utf-8", "replace"), error="bad_metadata")
-    return Item(name, lambda: (_read_file(path), None if text is None else str(text)))
+    several = isinstance(text, list)
+    return Item(name, lambda: (_read_file(path), [str(t) for t in text] if several else text and str(text)))
 
-# A folder of images, each captioned by the same-named .txt file beside it.
+# A folder of images, each captioned by the same-named .txt file beside it (several lines: several captions).
 
 def _captioned_items(data):
     paths = [p for p in _files(data) if p.lower().endswith(IMAGE_EXTS)]
@@ -155,7 +164,8 @@ def _captioned_image(path):
     txt = os.path.splitext(path)[0] + ".txt"
     return _read_file(path), (_read_file(txt) if os.path.exists(txt) else None)
 
-# Webdataset .tar shards: the files KEY.EXT with the same KEY form one sample (an image, KEY.txt its caption).
+# Webdataset .tar shards: the files KEY.EXT with the same KEY form one sample (an image, KEY.txt its captions a line,
+# or KEY.json's "text", a string or a list, when there is no KEY.txt).
 
 def _tar_items(shards):
     for shard in shards:
@@ -181,13 +191,20 @@ def _tar_items(shards):
                 if img is None:
                     yield Item(f"{os.path.basename(shard)}/{key}", error="missing_image")
                     continue
-                cap = files.get("txt")
-                read = lambda img=img, cap=cap: (tf.extractfile(img).read(), cap and tf.extractfile(cap).read())
+                cap = files.get("txt") or files.get("json")
+                read = lambda img=img, cap=cap: (tf.extractfile(img).read(), cap and _tar_caption(tf, cap))
                 yield Item(f"{os.path.basename(shard)}/{key}", read)  # read() runs while this shard is open
             if broken:
                 yield Item(os.path.basename(shard), error="truncated_shard")
 
-# The built-in sets "shapes[:N[:SEED]]" and "scenes[:N[:SEED]]": toys.py draws them (and reads them back for
+def _tar_caption(tf, member):
+    raw = tf.extractfile(member).read()
+    if not member.name.endswith(".json"):
+        return raw
+    text = json.loads(raw).get("text")  # a bad .json is a read_error
+    return [str(t) for t in text] if isinstance(text, list) else text and str(text)
+
+# The built-in sets "shapes[:N[:SEED]]", "scenes[:N[:SEED]]" and the rest of toys.VERSIONS: toys.py draws them (and reads them back for
 # evaluate.py's probes); sample i is a function of (i, SEED, resolution) only.
 
 def _builtin(data):
@@ -199,14 +216,17 @@ def _builtin(data):
 
 def _builtin_items(data, resolution):
     kind, n, seed = _builtin(data)
-    if kind == "scenes":
+    if kind != "shapes":
         try:
             toys.check_resolution(resolution)
         except ValueError as e:
             raise DataError(str(e)) from None
-    sample = toys.shape_sample if kind == "shapes" else toys.scene_sample
-    read = lambda i: sample(i, seed, resolution)[::-1]  # (image, caption)
-    return (Item(f"{kind[:-1]}{i}", functools.partial(read, i)) for i in range(n)), n
+    read = {"shapes": lambda i: toys.shape_sample(i, seed, resolution)[::-1],  # (image, caption)
+            "scenes": lambda i: toys.scene_sample(i, seed, resolution)[::-1],
+            "scenes_wide": lambda i: toys.wide_scene_sample(i, seed, resolution),  # 2:1 and 1:2 images
+            "scenes_wide2": lambda i: toys.wide_scene_sample(i, seed, resolution, captions=2)}[kind]  # [short, long]
+    name = {"shapes": "shape", "scenes": "scene"}.get(kind, "wide")
+    return (Item(f"{name}{i}", functools.partial(read, i)) for i in range(n)), n
 
 #################################################################################
 #                                  Preprocessing                                #
@@ -226,53 +246,67 @@ def to_rgb(img):
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")  # also CMYK, P, L, 1, YCbCr
 
-def preprocess(img, resolution):
-    """PIL image -> (resolution, resolution, 3) uint8: short side resized, centre crop. None when too small."""
-    if img.format == "JPEG" and min(img.size) >= 2 * resolution:
-        # JPEG DCT scaling: decode at 1/2..1/8 size, the short side stays >= resolution
-        img.draft(None, (resolution, resolution))
+def preprocess(img, size):
+    """PIL image -> (H, W, 3) uint8 for a bucket size (W, H) (an int R: R x R): resized to cover it, the rest
+    centre-cropped. None when covering it would upscale more than 2x."""
+    W, H = (size, size) if isinstance(size, int) else size
+    if img.format == "JPEG" and min(img.size) >= 2 * max(W, H):
+        # JPEG DCT scaling: decode at 1/2..1/8 size, both sides stay >= max(W, H) (so in either orientation)
+        img.draft(None, (max(W, H), max(W, H)))
     img.load()
     if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: phones store portraits rotated
         img = ImageOps.exif_transpose(img)
     img = to_rgb(img)
     w, h = img.size
-    if min(w, h) < resolution / 2:
+    scale = max(W / w, H / h)
+    if scale > 2:
         return None
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    size = (max(W, round(w * scale)), max(H, round(h * scale)))
     if size != img.size:  # LANCZOS is antialiased when reducing; reducing_gap box-reduces huge images first (speed)
         img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+    left, top = (size[0] - W) // 2, (size[1] - H) // 2
+    return np.asarray(img.crop((left, top, left + W, top + H)))
+
+def oriented_size(img):
+    """(width, height) as the image is shown: EXIF orientations 5-8 store it rotated by 90 degrees."""
+    return img.size[::-1] if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else img.size
 
 def to_pixels(arrays):
     """uint8 (N, H, W, 3) images -> float (N, 3, H, W) in [-1, 1], what VAE.encode takes."""
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
-def _decode(raw, resolution):
-    """Image bytes or PIL image -> uint8 array, or the reason it is skipped (runs in worker threads)."""
+def _open(raw):
+    return raw if isinstance(raw, Image.Image) else Image.open(io.BytesIO(raw))
+
+def _decode(raw, buckets):
+    """Image bytes or PIL image -> (bucket index, uint8 array), or the reason it is skipped (runs in worker
+    threads). buckets: a Buckets."""
     if not isinstance(raw, Image.Image) and len(raw) == 0:
         return "empty_file"
     try:
-        arr = preprocess(raw if isinstance(raw, Image.Image) else Image.open(io.BytesIO(raw)), resolution)
+        img = _open(raw)
+        b = buckets.index(*oriented_size(img))
+        arr = preprocess(img, buckets.sizes[b])
     except Image.UnidentifiedImageError:
         return "not_an_image"
     except Exception:  # truncated data, bad headers, decompression bombs, ...
         return "decode_error"
-    return "too_small" if arr is None else arr
+    return "too_small" if arr is None else (b, arr)
 
-def _caption_text(caption, fixed):
-    """Caption bytes/str -> (text, None) or (None, skip reason)."""
+def _caption_texts(caption, fixed):
+    """A reader's caption (see Item) -> (list of captions, None) or (None, skip reason)."""
     if caption is None:
         return None, "missing_caption"
-    if isinstance(caption, bytes):
+    if isinstance(caption, bytes):  # a .txt file: one caption a non-empty line
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError:
             caption = caption.decode("utf-8", errors="replace")
             fixed["non_utf8_caption"] += 1
-    caption = caption.strip().lstrip("\ufeff").strip()
-    return (caption, None) if caption else (None, "empty_caption")
+        caption = caption.lstrip("\ufeff").splitlines()
+    texts = [t.strip().lstrip("\ufeff").strip() for t in ([caption] if isinstance(caption, str) else caption)]
+    texts = [t for t in texts if t]
+    return (texts, None) if texts else (None, "empty_caption")
 
 #################################################################################
 #                                  The cache                                    #
@@ -307,75 +341,161 @@ def _load_item(item):
     except Exception:
         return "read_error"
 
-def _encode_group(group, resolution, vae, te, text_states, pool, skipped, fixed):
-    """A list of (key, loaded item) -> dict of arrays to append (or None), counting what is skipped/fixed."""
+def _encode_group(group, buckets, files, vae, te, text_states, pool, skipped, fixed):
+    """A list of (key, loaded item) -> dict of arrays to append (or None), counting what is skipped/fixed.
+    files: the latent file of each bucket."""
     good = []
     for key, loaded in group:
         if isinstance(loaded, str):
             skipped[loaded] += 1
             continue
-        text, reason = _caption_text(loaded[1], fixed)
+        texts, reason = _caption_texts(loaded[1], fixed)
         if reason:
             skipped[reason] += 1
         else:
-            good.append((key, text, loaded[0]))
+            good.append((key, texts, loaded[0]))
     keep = []
-    arrays = pool.map(functools.partial(_decode, resolution=resolution), [g[2] for g in good])
-    for (key, text, _), arr in zip(good, arrays):
-        if isinstance(arr, str):
-            skipped[arr] += 1
+    decoded = pool.map(functools.partial(_decode, buckets=buckets), [g[2] for g in good])
+    for (key, texts, _), d in zip(good, decoded):
+        if isinstance(d, str):
+            skipped[d] += 1
         else:
-            keep.append((key, text, arr))
+            keep.append((key, texts, *d))
     if not keep:
         return None
-    x = to_pixels([a for _, _, a in keep])  # (n, 3, R, R) in [-1, 1]
-    lat = vae.encode(torch.cat([x, x.flip(-1)])).float().cpu()  # (2n, C, h, w): images, then their mirror images
-    ids = [te.token_ids(text) for _, text, _ in keep]
-    fixed["caption_truncated"] += sum(len(i) > CONTEXT_LENGTH for i in ids)
-    tokens = te.pack(ids)
-    out = {"latents.npy": torch.stack(lat.chunk(2), 1).half().numpy(),  # (n, 2, C, h, w)
-           "tokens.npy": tokens.int().numpy(),
-           "captions.jsonl": "".join(json.dumps({"key": k, "text": t}) + "\n" for k, t, _ in keep).encode()}
+    bucket = np.array([b for _, _, b, _ in keep], np.int16)  # (n,)
+    out = {}
+    for b in np.unique(bucket):  # one VAE batch per bucket shape, rows in the group's order
+        x = to_pixels([a for _, _, bb, a in keep if bb == b])  # (n_b, 3, H, W) in [-1, 1]
+        lat = vae.encode(torch.cat([x, x.flip(-1)])).float().cpu()  # (2n_b, C, h, w): images, then their mirrors
+        out[files[b]] = torch.stack(lat.chunk(2), 1).half().numpy()  # (n_b, 2, C, h, w)
+    ids = [te.token_ids(t) for _, texts, _, _ in keep for t in texts]  # every caption of every image, in order
+    fixed["caption_truncated"] += sum(map(te.truncated, ids))
+    tokens = te.pack(ids)  # (M, 77 x chunks)
+    out.update({"bucket.npy": bucket, "ncaptions.npy": np.array([len(k[1]) for k in keep], np.int16),
+                "tokens.npy": tokens.int().numpy(),
+                "captions.jsonl": "".join(json.dumps({"key": k, "text": t if len(t) > 1 else t[0]}) + "\n"
+                                          for k, t, _, _ in keep).encode()})
     if text_states:
         states, pooled = te.encode(tokens)
         out["states.npy"], out["pooled.npy"] = states.half().cpu().numpy(), pooled.half().cpu().numpy()
     return out
 
+#################################################################################
+#                                  Buckets                                      #
+#################################################################################
+
+class Buckets:
+    """Bucket sizes (W, H) and the rule that puts an image in one: the size nearest its aspect ratio (in log),
+    then `into` (bucket -> the bucket its images join: the small ones merged). sizes: the kept ones, in order."""
+    def __init__(self, all_sizes, into=None, square=False):
+        self.all, self.square = [tuple(s) for s in all_sizes], square
+        self.into = list(into or range(len(self.all)))
+        kept = sorted(set(self.into))
+        self.sizes, self._kept = [self.all[k] for k in kept], {k: i for i, k in enumerate(kept)}
+        self.files = ["latents.npy"] if square else [f"latents_{W}x{H}.npy" for W, H in self.sizes]
+
+    def nearest(self, w, h):
+        """The bucket (of all) nearest the aspect ratio w / h in log; ties go to the lower index."""
+        return min(range(len(self.all)), key=lambda b: (abs(math.log(w / h * self.all[b][1] / self.all[b][0])), b))
+
+    def index(self, w, h):
+        return self._kept[self.into[self.nearest(w, h)]]
+
+def bucket_sizes(resolution, n, max_aspect, multiple):
+    """n sizes (W, H) of about resolution^2 pixels, aspect ratios W / H evenly spaced in log from 1 / max_aspect to
+    max_aspect, sides multiples of `multiple` (toys.bucket_size); a size two ratios round to is kept once."""
+    sizes = []
+    for k in range(n):
+        size = toys.bucket_size(resolution, max_aspect ** (2 * k / (n - 1) - 1), multiple)
+        sizes += [size] if size not in sizes else []
+    return sizes
+
+def merge_small(sizes, counts, min_bucket):
+    """bucket -> the bucket its images go to: while the smallest non-empty bucket holds fewer than min_bucket
+    images it joins its nearest neighbour in log aspect (a bucket smaller than a batch would never make one);
+    a bucket no image chose points at the nearest kept one."""
+    logs, counts, into = [math.log(W / H) for W, H in sizes], list(counts), list(range(len(sizes)))
+    alive = [b for b, c in enumerate(counts) if c > 0]
+    nearest = lambda b: min((a for a in alive if a != b), key=lambda a: (abs(logs[a] - logs[b]), a))
+    while len(alive) > 1 and min(counts[b] for b in alive) < min_bucket:
+        small = min(alive, key=lambda b: (counts[b], b))
+        to = nearest(small)
+        alive.remove(small)
+        counts[to] += counts[small]
+        into = [to if t == small else t for t in into]
+    return [t if t in alive or not alive else nearest(t) for t in into]
+
+def plan_buckets(items, total, sizes, min_bucket):
+    """The first pass of a bucketed build: each image's header (size and EXIF orientation; the bytes are read,
+    nothing is decoded) -> its nearest bucket, counted when covering it upscales at most 2x -> Buckets with the
+    small ones merged, and the counts."""
+    rule, counts = Buckets(sizes), [0] * len(sizes)
+    for item in tqdm(items, total=total, unit="img", desc="sizing", smoothing=0.1):
+        loaded = _load_item(item)
+        try:
+            w, h = oriented_size(_open(loaded[0]))
+        except Exception:  # unreadable: the encoding pass counts why
+            continue
+        b = rule.nearest(w, h)
+        counts[b] += max(sizes[b][0] / w, sizes[b][1] / h) <= 2
+    return Buckets(sizes, merge_small(sizes, counts, min_bucket)), counts
+
 # build_cache's steps, in the order it runs them
 
-def _cache_settings(data, resolution, vae, text_encoder, text_states):
-    """What a cache is a function of: a finished cache is reused only while its manifest holds these values."""
-    return dict(format=CACHE_FORMAT, fingerprint=source_fingerprint(data), resolution=resolution, vae=_name(vae),
-                text_encoder=_name(text_encoder), text_states=bool(text_states), min_side=resolution / 2)
+def _cache_settings(data, resolution, vae, text_encoder, text_states, layout):
+    """What a cache is a function of: a finished cache is reused only while its manifest holds these values. The
+    layout's keys are there when they differ from OPTIONAL (so caches built before them keep matching)."""
+    settings = dict(format=CACHE_FORMAT, fingerprint=source_fingerprint(data), resolution=resolution, vae=_name(vae),
+                    text_encoder=_name(text_encoder), text_states=bool(text_states), min_side=resolution / 2)
+    if layout["aspect_buckets"]:
+        settings.update({k: layout[k] for k in ("aspect_buckets", "max_aspect", "patch")})
+    if layout["text_chunks"] > 1:
+        settings["text_chunks"] = layout["text_chunks"]
+    return settings
+
+# the layout's keys and their values in a manifest that does not name them
+OPTIONAL = dict(aspect_buckets=0, max_aspect=None, patch=None, text_chunks=1)
+# build defaults; bucket sides are multiples of the VAE's factor x the DiT's patch, so that every bucket patchifies
+LAYOUT = dict(aspect_buckets=0, max_aspect=2.0, patch=2, min_bucket=1, text_chunks=1)
+
+def _same(built, settings):
+    return all(built.get(k, OPTIONAL.get(k)) == settings.get(k, OPTIONAL.get(k)) for k in {*settings, *OPTIONAL})
 
 def _check_out_folder(out, settings):
     """(done, progress): done when `out` holds a finished cache of these settings; else the progress.json of a
     partial build of them, or None. A finished or partial cache of other settings there raises DataError."""
     manifest_path = os.path.join(out, "manifest.json")
     manifest, prog = _read_json(manifest_path), _read_json(os.path.join(out, "progress.json"))
-    if manifest and all(manifest.get(k) == v for k, v in settings.items()):
+    if manifest and _same(manifest, settings):
         return True, prog
     built = manifest or (prog or {}).get("settings")
-    if os.path.exists(manifest_path) or (built and built != settings):  # hours of encoding: never thrown away here
-        differ = [k for k in settings if (built or {}).get(k) != settings[k]]
+    if os.path.exists(manifest_path) or (built and not _same(built, settings)):  # hours of encoding: never lost here
+        differ = [k for k in {*settings, *OPTIONAL} if not _same({k: (built or {}).get(k, OPTIONAL.get(k))},
+                                                                  {k: settings.get(k, OPTIONAL.get(k))})]
         raise DataError(f"{out} holds a {'finished' if manifest else 'partly built'} cache with other settings "
                         f"({', '.join(differ) or 'unreadable manifest'}; 'fingerprint' = the source's files changed); "
                         "it is left as it is: give another cache_dir, or delete that folder to rebuild")
     return False, prog
 
-def _open_encoders(vae, text_encoder, device):
-    """Names are loaded; loaded encoders are used as they are."""
+def _open_encoders(vae, text_encoder, device, text_chunks):
+    """Names are loaded; loaded encoders are used as they are (a text encoder with other chunks is refused)."""
     vae = load_vae(vae, device) if isinstance(vae, str) else vae
-    te = load_text_encoder(text_encoder, device) if isinstance(text_encoder, str) else text_encoder
+    te = (load_text_encoder(text_encoder, device, chunks=text_chunks) if isinstance(text_encoder, str)
+          else text_encoder)
+    if te.chunks != text_chunks:
+        raise DataError(f"the text encoder encodes {te.chunks} chunks, the cache asks for text_chunks {text_chunks}")
     return vae, te
 
-def _cache_files(resolution, vae, te, text_states):
-    """The cache's files in write order: .npy name -> (dtype, shape of one row); captions.jsonl -> None."""
-    h = resolution // vae.factor
-    rows = {"latents.npy": (np.float16, (2, vae.channels, h, h)), "tokens.npy": (np.int32, (CONTEXT_LENGTH,)),
-            "captions.jsonl": None}
+def _cache_files(buckets, vae, te, text_states):
+    """The cache's files in write order: .npy name -> (dtype, shape of one row); captions.jsonl -> None. Images
+    have a latent row in their bucket's file, a bucket index and a caption count; captions a token row (and states)."""
+    f, L = vae.factor, te.context_length
+    rows = {name: (np.float16, (2, vae.channels, H // f, W // f)) for name, (W, H) in zip(buckets.files, buckets.sizes)}
+    rows.update({"bucket.npy": (np.int16, ()), "ncaptions.npy": (np.int16, ()), "tokens.npy": (np.int32, (L,)),
+                 "captions.jsonl": None})
     if text_states:
-        rows["states.npy"], rows["pooled.npy"] = (np.float16, (CONTEXT_LENGTH, te.dim)), (np.float16, (te.pooled_dim,))
+        rows["states.npy"], rows["pooled.npy"] = (np.float16, (L, te.dim)), (np.float16, (te.pooled_dim,))
     return rows
 
 def _open_progress(out, rows, settings, prog):
@@ -406,11 +526,11 @@ def _next_chunk(loaded, encode, pbar, batch_size, chunk_size):
 def _commit_chunk(out, files, prog, n_items, parts, skipped, fixed):
     """Append a chunk's rows to every file and fsync them, then rewrite progress.json: the commit point."""
     for n, f in files.items():
-        for p in parts:
-            _append(f, p[n] if isinstance(p[n], bytes) else p[n].tobytes())
+        for p in (p[n] for p in parts if n in p):  # a group without images of a bucket has no rows for its file
+            _append(f, p if isinstance(p, bytes) else p.tobytes())
         f.flush(), os.fsync(f.fileno())
     prog["items"] += n_items
-    prog["count"] += sum(len(p["tokens.npy"]) for p in parts)
+    prog["count"] += sum(len(p["bucket.npy"]) for p in parts)
     prog["skipped"] = dict(collections.Counter(prog["skipped"]) + skipped)
     prog["fixed"] = dict(collections.Counter(prog["fixed"]) + fixed)
     prog["sizes"] = {n: f.tell() for n, f in files.items()}
@@ -434,13 +554,16 @@ def _encode_chunks(data, out, items, total, rows, prog, encode, batch_size, chun
     for f in files.values():
         f.close()
 
-def _write_headers(out, rows, count):
-    """Each .npy header gets the final row count, in place."""
+def _write_headers(out, rows, sizes):
+    """Each .npy header gets its final row count (from its committed byte size), in place -> {name: rows}."""
+    counts = {}
     for n, row in rows.items():
         if row:
+            counts[n] = (sizes[n] - 128) // (np.dtype(row[0]).itemsize * math.prod(row[1]))  # 128: the header
             with open(os.path.join(out, n), "r+b") as f:
-                f.write(_npy_header(row[0], (count, *row[1])))
+                f.write(_npy_header(row[0], (counts[n], *row[1])))
                 f.flush(), os.fsync(f.fileno())
+    return counts
 
 # Words a horizontal flip swaps in a caption, wherever they stand as a whole BPE token (CLIP's "left</w>"): in
 # "left-hand" too, and in non-spatial uses ("all right"), which a mirror makes no falser; "leftmost" is another
@@ -458,7 +581,7 @@ def _count_mirrored(path, pairs, chunk=1 << 16):
     tokens, ids = np.load(path, mmap_mode="r"), np.array(pairs, np.int64).ravel()
     return int(sum(np.isin(tokens[i:i + chunk], ids).any(1).sum() for i in range(0, len(tokens), chunk)))
 
-def _write_manifest(data, kind, out, settings, prog, rows, vae, te):
+def _write_manifest(data, kind, out, settings, prog, rows, counts, buckets, vae, te):
     """The empty caption's tokens (and states), then manifest.json, the file that marks the cache finished."""
     empty = te.tokenize([""])
     if settings["text_states"]:
@@ -468,25 +591,36 @@ def _write_manifest(data, kind, out, settings, prog, rows, vae, te):
     manifest = dict(settings, source=data, source_kind=kind, count=prog["count"], items=prog["items"],
                     skipped=dict(sorted(prog["skipped"].items())), fixed=dict(sorted(prog["fixed"].items())),
                     scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, vae_factor=vae.factor,
-                    latent_shape=list(rows["latents.npy"][1][1:]), flips=2,
-                    text_dim=te.dim, pooled_dim=te.pooled_dim, context_length=CONTEXT_LENGTH,
-                    empty_tokens=empty[0].tolist(), files=list(rows), mirror_tokens=mirror_token_pairs(te))
+                    latent_shape=[vae.channels] + [settings["resolution"] // vae.factor] * 2, flips=2,
+                    text_dim=te.dim, pooled_dim=te.pooled_dim, context_length=te.context_length,
+                    captions=counts["tokens.npy"], empty_tokens=empty[0].tolist(), files=list(rows),
+                    mirror_tokens=mirror_token_pairs(te), min_bucket=prog.get("min_bucket", 1),
+                    buckets=[dict(size=list(size), file=name, count=counts[name], latent_shape=list(rows[name][1][1:]))
+                             for size, name in zip(buckets.sizes, buckets.files)],
+                    merged={"%dx%d" % buckets.all[b]: "%dx%d" % buckets.all[t] for b, t in enumerate(buckets.into)
+                            if t != b and prog.get("sized", [1] * len(buckets.all))[b]})
     manifest["mirror_captions"] = _count_mirrored(os.path.join(out, "tokens.npy"), manifest["mirror_tokens"])
     write_json(os.path.join(out, "manifest.json"), manifest)
     os.remove(os.path.join(out, "progress.json"))
-    print(f"cache {out}: {manifest['count']} images from {manifest['items']} items; "
+    print(f"cache {out}: {manifest['count']} images from {manifest['items']} items, {manifest['captions']} captions; "
           f"skipped {manifest['skipped'] or 'none'}; fixed {manifest['fixed'] or 'none'}")
+    if not buckets.square:
+        print("buckets: " + ", ".join(f"{W}x{H} {b['count']}" for (W, H), b in zip(buckets.sizes, manifest["buckets"]))
+              + "".join(f"; {a} merged into {b} (fewer than {manifest['min_bucket']} images)"
+                        for a, b in manifest["merged"].items()))
 
 def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_states=False, batch_size=32,
-                chunk_size=512, workers=0):
-    """Encode `data` into the folder `out`; returns `out`. vae / text_encoder: names or loaded objects.
-    Resumable: rows are appended chunk by chunk and progress.json (items, rows, byte sizes) is committed
+                chunk_size=512, workers=0, **layout):
+    """Encode `data` into the folder `out`; returns `out`. vae / text_encoder: names or loaded objects. layout: any
+    of LAYOUT's keys (aspect_buckets, max_aspect, bucket_multiple, min_bucket, text_chunks).
+    Resumable: rows are appended chunk by chunk and progress.json (items, rows, byte sizes, the buckets) is committed
     after each chunk's data is fsynced; a rerun truncates the files to the last commit and continues.
     The .npy headers get the final row count at the end, then manifest.json is written, last."""
     kind = source_kind(data)
     if kind == "cache":
         raise DataError(f"{data} is already a cache: pass it to LatentCache / Loader directly")
-    settings = _cache_settings(data, resolution, vae, text_encoder, text_states)
+    layout = {**LAYOUT, **layout}
+    settings = _cache_settings(data, resolution, vae, text_encoder, text_states, layout)
     done, _ = _check_out_folder(out, settings)
     if done:
         return out
@@ -494,7 +628,7 @@ def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_sta
         done, prog = _check_out_folder(out, settings)
         if not done:
             _build_locked(data, out, resolution, vae, text_encoder, device, text_states, batch_size, chunk_size,
-                          workers, settings, prog)
+                          workers, settings, prog, layout)
     return out
 
 @contextlib.contextmanager
@@ -522,68 +656,106 @@ def _build_lock(out):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 def _build_locked(data, out, resolution, vae, text_encoder, device, text_states, batch_size, chunk_size, workers,
-                  settings, prog):
+                  settings, prog, layout):
     kind = source_kind(data)
     items, total = source_items(data, resolution)
-    vae, te = _open_encoders(vae, text_encoder, device)
-    rows = _cache_files(resolution, vae, te, text_states)
+    vae, te = _open_encoders(vae, text_encoder, device, layout["text_chunks"])
+    buckets, sized = Buckets([(resolution, resolution)], square=True), None
+    if layout["aspect_buckets"]:  # the first pass (sizes only), unless a partial build already made it
+        sizes = bucket_sizes(resolution, layout["aspect_buckets"], layout["max_aspect"], vae.factor * layout["patch"])
+        if prog and "into" in prog:
+            buckets = Buckets(sizes, prog["into"])
+        else:
+            buckets, sized = plan_buckets(*source_items(data, resolution), sizes, layout["min_bucket"])
+    rows = _cache_files(buckets, vae, te, text_states)
     prog = _open_progress(out, rows, settings, prog)
+    if sized is not None:
+        prog.update(into=buckets.into, sized=sized, min_bucket=layout["min_bucket"])
     if text_states:
-        row = CONTEXT_LENGTH * te.dim * 2  # bytes of one caption's float16 states
-        print(f"text states: {CONTEXT_LENGTH} x {te.dim} x 2 bytes = {row / 1e3:.0f} KB per caption on disk"
+        row = te.context_length * te.dim * 2  # bytes of one caption's float16 states
+        print(f"text states: {te.context_length} x {te.dim} x 2 bytes = {row / 1e3:.0f} KB per caption on disk"
               + (f", {row * total / 1e9:.1f} GB for {total} items" if total else ""))
-    encode = functools.partial(_encode_group, resolution=resolution, vae=vae, te=te, text_states=text_states)
+    encode = functools.partial(_encode_group, buckets=buckets, files=buckets.files, vae=vae, te=te,
+                               text_states=text_states)
     _encode_chunks(data, out, items, total, rows, prog, encode, batch_size, chunk_size, workers)
     if prog["count"] == 0:
         raise DataError(f"no usable images in {data!r} ({prog['items']} items; skipped: {prog['skipped'] or 'none'})")
-    _write_headers(out, rows, prog["count"])
-    _write_manifest(data, kind, out, settings, prog, rows, vae, te)
+    counts = _write_headers(out, rows, prog["sizes"])
+    _write_manifest(data, kind, out, settings, prog, rows, counts, buckets, vae, te)
 
-def cache_slug(data, resolution, vae, text_encoder, text_states=False):
-    """A readable folder name for a source + settings, with a hash of the full settings."""
+def cache_slug(data, resolution, vae, text_encoder, text_states=False, **layout):
+    """A readable folder name for a source + settings, with a hash of the full settings (the layout's keys where
+    they differ from OPTIONAL, so older caches keep their names)."""
     clean = lambda s: re.sub(r"[^A-Za-z0-9._]+", "-", s).strip("-.")
     src = data if _builtin(data) else os.path.basename(os.path.normpath(data.split("*")[0] or ".")) or "data"
+    extra = {k: v for k, v in layout.items() if k in OPTIONAL and v != OPTIONAL[k]}
+    if not layout.get("aspect_buckets"):
+        extra = {k: v for k, v in extra.items() if k == "text_chunks"}
     key = json.dumps([data if _builtin(data) else os.path.abspath(data), resolution, vae, text_encoder,
-                      bool(text_states)])
+                      bool(text_states)] + ([extra] if extra else []), sort_keys=True)
     vae_short = "none" if vae == "none" else os.path.basename(os.path.normpath(vae))
     te_short = os.path.basename(os.path.normpath(text_encoder)) if os.path.exists(text_encoder) else text_encoder
     parts = [clean(src), f"{resolution}px", clean(vae_short), clean(te_short)]
     return "-".join(parts + (["states"] if text_states else []) + [hashlib.sha1(key.encode()).hexdigest()[:8]])
 
-def ensure_cache(data, resolution, vae, text_encoder, cache_dir="", device="cpu", text_states=False):
+def ensure_cache(data, resolution, vae, text_encoder, cache_dir="", device="cpu", text_states=False, **layout):
     """The path of a finished cache for `data` with these settings: `data` itself when it is a cache
     (its settings must match), else `cache_dir` or cache/<cache_slug(...)>, built or resumed if needed."""
     if source_kind(data) == "cache":
-        m = LatentCache(data).manifest
-        wanted = dict(resolution=resolution, vae=_name(vae), text_encoder=_name(text_encoder))
-        bad = {k: f"cache has {m[k]!r}, asked for {v!r}" for k, v in wanted.items() if m[k] != v}
+        m, lay = LatentCache(data).manifest, {**LAYOUT, **layout}
+        wanted = dict(resolution=resolution, vae=_name(vae), text_encoder=_name(text_encoder),
+                      aspect_buckets=lay["aspect_buckets"], text_chunks=lay["text_chunks"])
+        if lay["aspect_buckets"]:
+            wanted.update(max_aspect=lay["max_aspect"], patch=lay["patch"])
+        have = lambda k: m.get(k, OPTIONAL.get(k))
+        bad = {k: f"cache has {have(k)!r}, asked for {v!r}" for k, v in wanted.items() if have(k) != v}
         if text_states and not m["text_states"]:
             bad["text_states"] = "cache has no text states"
         if bad:
             raise DataError(f"cache {data} does not match the requested settings: {bad}")
         return data
-    out = cache_dir or os.path.join("cache", cache_slug(data, resolution, _name(vae), _name(text_encoder), text_states))
-    return build_cache(data, out, resolution, vae, text_encoder, device=device, text_states=text_states)
+    slug = cache_slug(data, resolution, _name(vae), _name(text_encoder), text_states, **layout)
+    return build_cache(data, cache_dir or os.path.join("cache", slug), resolution, vae, text_encoder, device=device,
+                       text_states=text_states, **layout)
 
 class LatentCache:
-    """A finished cache folder as read-only memmaps."""
+    """A finished cache folder as read-only memmaps. Images i = 0..N-1 and their captions c = 0..M-1: image i is row
+    row[i] of its bucket's latents, and has captions caption_start[i] .. + ncaptions[i] - 1."""
     def __init__(self, path):
         self.path, self.manifest = path, _read_json(os.path.join(path, "manifest.json"))
         if self.manifest is None:
             raise DataError(f"{path} is not a finished cache (no readable manifest.json)")
+        m, n, here = self.manifest, self.manifest["count"], lambda name: os.path.exists(os.path.join(path, name))
         load = lambda name: np.load(os.path.join(path, name), mmap_mode="r")
-        self.latents = load("latents.npy")  # (N, 2, C, h, w) float16; [:, 1] = latent of the mirrored image
-        self.tokens = load("tokens.npy")  # (N, 77) int32
-        self.empty_tokens = np.array(self.manifest["empty_tokens"], np.int32)  # (77,)
+        # caches from before buckets and several captions: one square bucket in latents.npy, one caption an image
+        buckets = m.get("buckets") or [dict(size=[m["resolution"]] * 2, file="latents.npy")]
+        self.sizes = [tuple(b["size"]) for b in buckets]  # (W, H) in pixels
+        self.bucket_latents = [load(b["file"]) for b in buckets]  # each (N_b, 2, C, h, w) float16; [:, 1] mirrored
+        self.latents = self.bucket_latents[0] if len(buckets) == 1 else None  # the one file of an unbucketed cache
+        self.bucket = load("bucket.npy") if here("bucket.npy") else np.zeros(n, np.int16)  # (N,)
+        self.members = [np.flatnonzero(self.bucket == b) for b in range(len(buckets))]  # image indices per bucket
+        self.row = np.zeros(n, np.int64)  # (N,): an image's row in its bucket's file (files keep the images' order)
+        for members in self.members:
+            self.row[members] = np.arange(len(members))
+        self.ncaptions = load("ncaptions.npy") if here("ncaptions.npy") else np.ones(n, np.int16)  # (N,)
+        self.caption_start = np.concatenate([[0], np.cumsum(self.ncaptions, dtype=np.int64)[:-1]])  # (N,)
+        self.tokens = load("tokens.npy")  # (M, 77 x text_chunks) int32
+        self.empty_tokens = np.array(m["empty_tokens"], np.int32)  # (77 x text_chunks,)
         self.states = self.pooled = self.empty_states = self.empty_pooled = None
-        if self.manifest["text_states"]:  # (N, 77, dim), (N, pooled_dim), (77, dim), (pooled_dim,) float16
+        if m["text_states"]:  # (M, L, dim), (M, pooled_dim), (L, dim), (pooled_dim,) float16
             names = ("states.npy", "pooled.npy", "empty_states.npy", "empty_pooled.npy")
             self.states, self.pooled, self.empty_states, self.empty_pooled = map(load, names)
 
     def __len__(self):
         return self.manifest["count"]
 
+    @property
+    def latent_shapes(self):
+        """(C, h, w) of each bucket."""
+        return [tuple(lat.shape[2:]) for lat in self.bucket_latents]
+
     def captions(self):
+        """Each image's caption (a str), or its captions (a list) where it has several."""
         with open(os.path.join(self.path, "captions.jsonl")) as f:
             return [json.loads(line)["text"] for line in f]
 
@@ -594,14 +766,20 @@ class LatentCache:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Encode a dataset into a latent cache (resumable: rerun after a kill).")
     p.add_argument("--data", required=True,
-                   help="folder (metadata.jsonl | images + .txt | .tar shards), .tar glob, shapes[:N[:SEED]] "
-                   "or scenes[:N[:SEED]]")
+                   help="folder (metadata.jsonl | images + .txt | .tar shards), .tar glob, or a built-in set: "
+                   "shapes | scenes | scenes_wide | scenes_wide2 [:N[:SEED]]")
     p.add_argument("--out", default="", help="cache folder (default: cache/<slug of source and settings>)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse")
     p.add_argument("--text_encoder", default="ViT-L-14/laion2b_s32b_b82k")
     p.add_argument("--text_states", action="store_true",
-                   help="also cache per-token text states (77 x dim fp16 per caption)")
+                   help="also cache per-token text states (77 x text_chunks x dim fp16 per caption)")
+    p.add_argument("--text_chunks", type=int, default=1, help="1..3 chunks of 75 caption tokens (train.py's key)")
+    p.add_argument("--aspect_buckets", type=int, default=0, help="0: square centre crops; N >= 2: aspect buckets")
+    p.add_argument("--max_aspect", type=float, default=2.0, help="the widest bucket's W / H (>= 1)")
+    p.add_argument("--patch", type=int, default=2, help="the DiT's patch: bucket sides are multiples of VAE factor x it")
+    p.add_argument("--min_bucket", type=int, default=64, help="a bucket with fewer images joins its neighbour "
+                   "(train.py passes its global micro-batch)")
     p.add_argument("--device", default="auto", help="auto: cuda when there is a GPU, else cpu")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--chunk_size", type=int, default=512, help="items per committed chunk")
@@ -609,12 +787,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.device = resolve_device(a.device)
     try:
+        check_layout(a.aspect_buckets, a.max_aspect, a.text_chunks)
+        layout = dict(aspect_buckets=a.aspect_buckets, max_aspect=a.max_aspect, text_chunks=a.text_chunks,
+                      patch=a.patch, min_bucket=a.min_bucket)
         if a.out and source_kind(a.data) != "cache":
             path = build_cache(a.data, a.out, a.resolution, a.vae, a.text_encoder, a.device, a.text_states,
-                               a.batch_size, a.chunk_size, a.workers)
+                               a.batch_size, a.chunk_size, a.workers, **layout)
         else:
-            path = ensure_cache(a.data, a.resolution, a.vae, a.text_encoder, device=a.device, text_states=a.text_states)
-    except LoadError as e:  # DataError, or an encoder that cannot be loaded
+            path = ensure_cache(a.data, a.resolution, a.vae, a.text_encoder, device=a.device, text_states=a.text_states,
+                                **layout)
+    except (ConfigError, LoadError) as e:  # bad keys, DataError, or an encoder that cannot be loaded
         fail(e, prog="data.py")
     print(path)
     return 0

@@ -1,6 +1,6 @@
 """
-Diffusion math: beta schedules, noising, targets, min-SNR weights, the training loss, samplers and CFG; and
-rectified flow (prediction "flow") beside eps / v / x0.
+Diffusion math: beta schedules, noising, targets, min-SNR weights, the training loss, samplers and guidance (CFG,
+its interval, APG, CFG-Zero*); and rectified flow (prediction "flow") beside eps / v / x0.
 
 Pure math on a fixed schedule; imports nothing from the project. Notation follows DDIM / diffusers:
 a_t = alphas_cumprod[t] (alpha-bar), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, t an integer in [0, T).
@@ -12,9 +12,11 @@ FlowMatchHeunDiscreteScheduler, and diffusers.training_utils.compute_snr; tests/
 proof. Schedule tensors are float64 on the CPU; every coefficient is cast to the dtype
 and device of the tensor it multiplies.
 """
+import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0", "flow")
@@ -55,6 +57,76 @@ def rescale_cfg(out, out_cond, guidance_rescale):
     dims = list(range(1, out.ndim))
     rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
     return guidance_rescale * rescaled + (1 - guidance_rescale) * out
+
+
+#################################################################################
+#                  Guidance: CFG, its interval, APG, CFG-Zero*                  #
+#################################################################################
+
+# APG's defaults (Sadat et al. 2024, arXiv 2410.02416): r and beta as its Algorithm 1 code is reproduced in public
+# implementations (norm_threshold 2.5, momentum -0.75; the paper uses negative momentum); eta has none (0 is its
+# main setting). r is a norm over a whole sample (C x H x W values), so it depends on the latent size: measure it.
+APG_NORM = 2.5
+APG_MOMENTUM = -0.75
+# CFG-Zero* (Fan et al. 2025, arXiv 2503.18886) zero-init: the authors' SD3 / Flux pipelines zero the velocity while
+# `i <= zero_steps` with zero_steps = 0 (github.com/WeichenFan/CFG-Zero-star, models/sd/sd3_pipeline.py): one step
+CFG_ZERO_INIT_STEPS = 1
+
+
+def parse_cfg_interval(text):
+    """"LO,HI" -> (lo, hi) floats, "" -> None (guide at every evaluation); ValueError otherwise. The one parser of
+    sample.py's / evaluate.py's --cfg_interval and train.py's sample_cfg_interval; check_guidance checks the range."""
+    if not text.strip():
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"cfg_interval must be LO,HI (two numbers in [0, 1]), got {text!r}") from None
+    return lo, hi
+
+
+def check_guidance(cfg_interval=None, apg=None, apg_norm=APG_NORM, apg_momentum=APG_MOMENTUM, cfg_zero_star=False,
+                   guidance_rescale=0.0, prediction=None):
+    """ValueError for guidance settings that no sampler takes; prediction None: not known yet (the CLIs check before
+    loading a checkpoint, Diffusion.sample again with its own kind)."""
+    if cfg_interval is not None:
+        lo, hi = cfg_interval if len(cfg_interval) == 2 else (math.nan, math.nan)
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"cfg_interval {tuple(cfg_interval)}: needs 0 <= LO <= HI <= 1 (s = sigma for flow, "
+                             "t / T otherwise)")
+    if apg is not None:
+        if not (math.isfinite(apg) and apg >= 0):
+            raise ValueError(f"apg (eta, the weight of the parallel component) must be >= 0, got {apg}")
+        if not apg_norm > 0:
+            raise ValueError(f"apg_norm (r, the norm threshold) must be > 0 (inf: no rescaling), got {apg_norm}")
+        if not math.isfinite(apg_momentum):
+            raise ValueError(f"apg_momentum must be a finite number, got {apg_momentum}")
+        if cfg_zero_star:
+            raise ValueError("APG and CFG-Zero* each replace the CFG update: choose one")
+        if guidance_rescale > 0:
+            raise ValueError("APG with guidance_rescale > 0 is refused: APG's norm threshold already bounds the "
+                             "update; use one of them")
+    if cfg_zero_star and prediction not in (None, "flow"):
+        raise ValueError(f"CFG-Zero* is for flow models (its scale and zero-init are derived for flow velocities); "
+                         f"this model predicts {prediction}")
+
+
+@dataclasses.dataclass
+class Guidance:
+    """How one sampling call combines the conditional and unconditional outputs (Diffusion.guide), and the state
+    that runs over its model evaluations (APG's momentum). Diffusion.sample makes one per call."""
+    cfg: float = 1.0                # w in out_u + w (out_c - out_u) (Ho & Salimans 2022 eq. 6 with their w + 1)
+    guidance_rescale: float = 0.0   # phi of Lin et al. 2023 sec. 3.4 (rescale_cfg)
+    cfg_interval: tuple = None      # (lo, hi): guide only where s is in [lo, hi] (Kynkaanniemi et al. 2024)
+    apg: float = None               # APG's eta; None: APG off (0 is the paper's main setting)
+    apg_norm: float = APG_NORM      # APG's r
+    apg_momentum: float = APG_MOMENTUM  # APG's beta
+    cfg_zero_star: bool = False     # CFG-Zero*'s optimised scale (and, in the flow loop, its zero-init)
+    running: torch.Tensor = None    # APG: the momentum average of D over this call's guided evaluations, (B, C, H, W)
+
+    def guides_at(self, s):
+        """Whether an evaluation at s (sigma for flow, t / T otherwise) is guided (arXiv 2404.07724: closed range)."""
+        return self.cfg_interval is None or self.cfg_interval[0] <= s <= self.cfg_interval[1]
 
 
 def _draw(generator, shape, device, dtype=torch.float32, high=None, uniform=False):
@@ -284,16 +356,53 @@ class Diffusion:
             return t.round().flip(0).long()
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
 
-    def _guided_output(self, model_fn, x, t, cond, uncond, cfg, guidance_rescale):
-        """Model output at (x, t); with uncond, classifier-free guidance from ONE batched call on [uncond; cond]."""
-        if uncond is None:
+    def _guided_output(self, model_fn, x, t, s, cond, uncond, g):
+        """Model output at (x, t). With uncond and s (sigma for flow, t / T otherwise) inside g's interval: guided
+        (self.guide) from ONE batched call on [uncond; cond]; else the conditional model alone, one call of batch B."""
+        if uncond is None or not g.guides_at(s):
             return model_fn(x, t, cond).to(x.dtype)
         out = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(uncond, cond)).to(x.dtype)  # (2B, C, H, W)
         out_uncond, out_cond = out.chunk(2)  # (B, C, H, W) each
-        out = out_uncond + cfg * (out_cond - out_uncond)  # Ho & Salimans 2022 eq. 6 (cfg = 1 + w), on every channel
-        if guidance_rescale > 0:  # applied to the raw output (eps or v), as diffusers' pipelines do
-            out = rescale_cfg(out, out_cond, guidance_rescale)
+        return self.guide(out_cond, out_uncond, x, t, g)
+
+    def guide(self, out_cond, out_uncond, x, t, g):
+        """The one place where the conditional and unconditional outputs (B, C, H, W) of the model at (x, t) become
+        one, for every sampler: CFG (+ guidance_rescale), with CFG-Zero*'s optimised scale, or APG (per sample)."""
+        if g.apg is not None:
+            return self._apg(out_cond, out_uncond, x, t, g)
+        if g.cfg_zero_star:  # CFG-Zero* sec. 4.1: s* = <v_c, v_u> / ||v_u||^2 per sample, v = s* v_u + w (v_c - s* v_u)
+            # in float32 with the authors' 1e-8 (their optimized_scale); (B, 1, 1, 1)
+            v_c, v_u = out_cond.flatten(1).float(), out_uncond.flatten(1).float()  # (B, C*H*W)
+            s_star = (v_c * v_u).sum(1) / ((v_u * v_u).sum(1) + 1e-8)  # (B,)
+            out_uncond = out_uncond * s_star.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        out = out_uncond + g.cfg * (out_cond - out_uncond)  # Ho & Salimans 2022 eq. 6 (cfg = 1 + w), on every channel
+        if g.guidance_rescale > 0:  # applied to the raw output (eps or v), as diffusers' pipelines do
+            out = rescale_cfg(out, out_cond, g.guidance_rescale)
         return out
+
+    def _apg(self, out_cond, out_uncond, x, t, g):
+        """Adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416; the order of its reference code) on the
+        x0 prediction, per sample: D = x0_c - x0_u; reverse momentum D <- D + beta D_prev (D_prev: this running sum
+        at the previous guided evaluation of the call; beta < 0 pushes away from it); rescaling D <- D min(1, r /
+        ||D||); projection D = D_par + D_orth w.r.t. x0_c; x0 = x0_c + (w - 1) (D_orth + eta D_par), which at eta 1,
+        r = inf, beta 0 is CFG. Returned as this model's kind of output for the sampler's update."""
+        dims = tuple(range(1, x.ndim))
+        x0_cond = self.convert(out_cond, x, t, "x0")  # (B, C, H, W)
+        diff = x0_cond - self.convert(out_uncond, x, t, "x0")  # D, the CFG update of x0 over w - 1
+        g.running = diff if g.running is None else diff + g.apg_momentum * g.running  # momentum over the call
+        diff = g.running * (g.apg_norm / g.running.norm(dim=dims, keepdim=True)).clamp(max=1.0)  # ||D|| <= r
+        unit = F.normalize(x0_cond.flatten(1), dim=1).view_as(x0_cond)  # x0_c / ||x0_c||
+        parallel = (diff * unit).sum(dim=dims, keepdim=True) * unit  # D_par, (B, C, H, W)
+        x0 = x0_cond + (g.cfg - 1) * (diff - parallel + g.apg * parallel)  # D_orth + eta D_par
+        return self._from_x0(x0, x, t)
+
+    def _from_x0(self, x0, x_t, t):
+        """An x0 prediction at (x_t, t) as the output of this model's kind: the inverse of convert(..., "x0")."""
+        if self.flow:
+            return (x_t - x0) / self._sigma(t, x_t)  # x0 = x - sigma v
+        a, s = self._gather(self.sqrt_ab, t, x_t), self._gather(self.sqrt_1m_ab, t, x_t)
+        eps = (x_t - a * x0) / s  # x_t = a x0 + s eps
+        return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[self.prediction]
 
     @property
     def default_sampler(self):
@@ -326,7 +435,8 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model_fn, x_T, cond, uncond=None, cfg=1.0, guidance_rescale=0.0, steps=50, sampler=None,
-               eta=0.0, spacing="trailing", generator=None, t_start=None):
+               eta=0.0, spacing="trailing", generator=None, t_start=None, *, cfg_interval=None, apg=None,
+               apg_norm=APG_NORM, apg_momentum=APG_MOMENTUM, cfg_zero_star=False):
         """Denoise x_T (B, C, H, W) over self.timesteps(steps, spacing) and return x0 in x_T's dtype.
         t_start: x_T is x_{t_start}, e.g. add_noise(x0, noise, t_start) of an image (SDEdit, arXiv 2108.01073):
         the steps are t_start, then the grid's timesteps below it.
@@ -334,12 +444,28 @@ class Diffusion:
         Every sampler steps from timesteps[i] to timesteps[i+1] and finally to a = 1 (set_alpha_to_one), so the
         last step returns the model's x0 estimate. (DDIMScheduler steps to t - T//steps instead: the same grid for
         "leading", and for "trailing" when steps divides T.) ddpm and ddim with eta > 0 draw noise from `generator`.
-        sampler None: ddim, or euler for flow. Flow steps over flow_sigmas(steps) (spacing unused), t = T * sigma."""
+        sampler None: ddim, or euler for flow. Flow steps over flow_sigmas(steps) (spacing unused), t = T * sigma.
+        Guidance (with uncond; self.guide combines the two outputs for every sampler; at cfg 1 the conditional model
+        alone, no unconditional forward, whatever the method):
+        cfg_interval (lo, hi): guide only the model evaluations whose s is in [lo, hi] (Kynkaanniemi et al. 2024,
+          arXiv 2404.07724), s = sigma for flow (after the shift; Heun's second evaluation by its own sigma), t / T
+          otherwise; the others call the conditional model alone (batch B). None: every evaluation.
+        apg: APG's eta (None: off), with apg_norm (r) and apg_momentum (beta, over this call's guided evaluations):
+          see _apg. Not with cfg_zero_star, nor with guidance_rescale > 0.
+        cfg_zero_star (flow only; Fan et al. 2025, arXiv 2503.18886): the optimised scale at every guided evaluation,
+          and zero-init (sec. 4.2): the first CFG_ZERO_INIT_STEPS = 1 step has velocity 0, as the authors' SD3 / Flux
+          code zeroes step 0 (zero_steps = 0): x stays, no model call (Heun: both evaluations of the step). The
+          interval does not move it: zero-init replaces the step, guided or not."""
         sampler = self.check_sampler(sampler, eta)
         if t_start is not None and not 0 <= t_start < self.T:
             raise ValueError(f"t_start must be in [0, {self.T - 1}], got {t_start}")
+        check_guidance(cfg_interval, apg, apg_norm, apg_momentum, cfg_zero_star, guidance_rescale, self.prediction)
+        if cfg == 1:  # scale 1 is the conditional model alone, for every method: skip the unconditional half
+            uncond = None
+        g = Guidance(cfg, guidance_rescale, None if cfg_interval is None else tuple(cfg_interval), apg, apg_norm,
+                     apg_momentum, cfg_zero_star)
         if self.flow:
-            return self._sample_flow(model_fn, x_T, cond, uncond, cfg, guidance_rescale, steps, sampler, t_start)
+            return self._sample_flow(model_fn, x_T, cond, uncond, g, steps, sampler, t_start)
         ts = self.timesteps(steps, spacing).tolist()
         if t_start is not None:
             ts = [t_start] + [t for t in ts if t < t_start]
@@ -352,7 +478,7 @@ class Diffusion:
             s = ts[i + 1] if i + 1 < len(ts) else -1  # the next, less noisy timestep; -1: clean data
             a_t, a_s = ab[t], (ab[s] if s >= 0 else 1.0)
             t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
-            out = self._guided_output(model_fn, x, t_batch, cond, uncond, cfg, guidance_rescale)
+            out = self._guided_output(model_fn, x, t_batch, t / self.T, cond, uncond, g)
             x0, eps = self._x0_eps(out, x, a_t ** 0.5, (1 - a_t) ** 0.5, self.prediction)
             if sampler == "ddim":
                 std = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) ** 0.5  # DDIM eq. 16: eta * posterior std
@@ -378,7 +504,7 @@ class Diffusion:
                 x0_prev, h_prev = x0, h
         return x
 
-    def _sample_flow(self, model_fn, x, cond, uncond, cfg, guidance_rescale, steps, sampler, t_start):
+    def _sample_flow(self, model_fn, x, cond, uncond, g, steps, sampler, t_start):
         """Euler (FlowMatchEulerDiscreteScheduler.step: x + (sigma_next - sigma) v) or Heun (its second-order
         correction, as FlowMatchHeunDiscreteScheduler: the last step, to sigma = 0, is Euler) over flow_sigmas."""
         sigmas = self.flow_sigmas(steps).tolist()
@@ -387,8 +513,10 @@ class Diffusion:
         B = x.shape[0]
         def velocity(x, sigma):
             t = torch.full((B,), self.T * sigma, dtype=torch.float32, device=x.device)
-            return self._guided_output(model_fn, x, t, cond, uncond, cfg, guidance_rescale)
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            return self._guided_output(model_fn, x, t, sigma, cond, uncond, g)
+        for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            if g.cfg_zero_star and uncond is not None and i < CFG_ZERO_INIT_STEPS:
+                continue  # CFG-Zero*'s zero-init (sec. 4.2): v = 0, so x + (sigma_next - sigma) * 0 = x
             v = velocity(x, sigma)
             x_next = x + (sigma_next - sigma) * v
             if sampler == "heun" and sigma_next > 0:  # trapezoid: the mean of the slopes at both ends

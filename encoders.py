@@ -3,7 +3,8 @@ encoders.py: every pretrained network of the project, the only place pretrained 
 the project.
 
   VAE          the frozen image autoencoder (diffusers AutoencoderKL, or "none": pixel space), load_vae
-  TextEncoder  a frozen open_clip text tower: 77 token ids -> per-token states + pooled embedding, load_text_encoder
+  TextEncoder  a frozen open_clip text tower: 77 token ids (x 1-3 chunks) -> per-token states + pooled embedding,
+               load_text_encoder
                ("ARCH/TAG", a local open_clip folder or checkpoint, or "tiny": random, for tests and the demos)
   ClipScorer   the CLIP score of evaluate.py (and train.py's in-run eval): open_clip's image and text towers
   InceptionV3  TF-Inception "2015-12-05" through torch-fidelity: FID and Inception Score features
@@ -19,7 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-CONTEXT_LENGTH = 77  # CLIP's token window
+CONTEXT_LENGTH = 77  # CLIP's token window: one chunk (start of text, 75 caption tokens, end of text)
+MAX_CHUNKS = 3       # text_chunks: 1 (CLIP's 77) to 3 (kohya's max_token_length 225)
+
+
+def check_chunks(chunks):
+    """Raise ValueError unless `chunks` (the text_chunks key) is an int in 1..MAX_CHUNKS."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= MAX_CHUNKS:
+        raise ValueError(f"text_chunks must be 1..{MAX_CHUNKS} (chunks of 75 caption tokens), got {chunks!r}")
 
 
 class LoadError(Exception):
@@ -114,55 +122,81 @@ def open_clip_model(name, weights=""):
 #################################################################################
 
 class TextEncoder:
-    """A frozen open_clip text tower: 77 token ids -> per-token states after ln_final + pooled EOT embedding.
-    `model` is the whole open_clip model; its image tower is kept only when asked for (ClipScorer.load reuses it)."""
-    def __init__(self, name, model, tokenizer, device="cpu"):
+    """A frozen open_clip text tower: token ids in chunks of 77 -> per-token states after ln_final + pooled EOT
+    embedding. `model` is the whole open_clip model; its image tower is kept only when asked for (ClipScorer.load
+    reuses it). chunks (text_chunks, 1..3): a caption is encoded as up to `chunks` windows of 75 BPE tokens, each with
+    its own start / end of text, and the states concatenated: 77 x chunks tokens. This is the usual remedy for
+    captions past CLIP's window, A1111's prompt chunks (modules/sd_hijack_clip.py) and kohya sd-scripts'
+    max_token_length 150 / 225; chunks=1 is the plain 77-token tower."""
+    def __init__(self, name, model, tokenizer, device="cpu", chunks=1):
+        check_chunks(chunks)
         self.name, self.model, self.tokenizer, self.device = name, model, tokenizer, torch.device(device)
         self.tower = getattr(model, "text", model)  # CLIP keeps the tower's parts on itself, CustomTextCLIP under .text
         assert getattr(self.tower, "cls_emb", None) is None, "text towers with a CLS token are not supported"
         proj = self.tower.text_projection
         self.dim = self.tower.ln_final.weight.shape[0]
         self.pooled_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
-        self.context_length = CONTEXT_LENGTH
+        self.chunks = chunks
+        self.context_length = CONTEXT_LENGTH * chunks  # tokens of the states encode() returns
         self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
 
     def token_ids(self, caption):
-        """A caption's token ids: start-of-text, its BPE ids, end-of-text; not truncated (pack() does that), so
-        len(ids) > CONTEXT_LENGTH tells a caption that does not fit."""
+        """A caption's token ids: start-of-text, its BPE ids, end-of-text; not truncated (pack() does that, and
+        truncated() tells a caption that does not fit)."""
         return [self.sot] + self.tokenizer.encode(caption) + [self.eot]
 
+    def truncated(self, ids):
+        """Whether pack() drops some of token_ids()' `ids`: more than 75 x chunks BPE ids."""
+        return len(ids) - 2 > (CONTEXT_LENGTH - 2) * self.chunks
+
     def pack(self, ids_list):
-        """token_ids() lists -> LongTensor (N, 77), padded with 0 as open_clip's tokenizer does; a list over 77 ids
-        keeps its first 76 and ends with the end-of-text token."""
-        tokens = torch.zeros(len(ids_list), CONTEXT_LENGTH, dtype=torch.long)
+        """token_ids() lists -> LongTensor (N, 77 x chunks). The BPE ids between start and end of text are cut into
+        up to `chunks` pieces of 75, each written as [SOT, piece, EOT] padded with 0 to 77 (open_clip's padding); a
+        chunk the caption does not reach is the empty caption's [SOT, EOT, 0, ...]; ids past 75 x chunks are dropped
+        (the last chunk still ends with EOT). chunks=1 is open_clip's tokenizer: the first 76 ids and EOT."""
+        body = CONTEXT_LENGTH - 2  # caption tokens per chunk
+        tokens = torch.zeros(len(ids_list), self.chunks, CONTEXT_LENGTH, dtype=torch.long)  # (N, chunks, 77)
         for i, ids in enumerate(ids_list):
-            ids = ids if len(ids) <= CONTEXT_LENGTH else ids[:CONTEXT_LENGTH - 1] + [self.eot]
-            tokens[i, :len(ids)] = torch.tensor(ids)
-        return tokens
+            bpe = ids[1:-1]
+            for k in range(self.chunks):
+                chunk = [self.sot] + bpe[k * body:(k + 1) * body] + [self.eot]
+                tokens[i, k, :len(chunk)] = torch.tensor(chunk)
+        return tokens.reshape(len(ids_list), -1)  # (N, 77 x chunks)
 
     def tokenize(self, captions):
         return self.pack([self.token_ids(c) for c in captions])
 
     @torch.no_grad()
     def encode(self, tokens):
+        """tokens (N, 77 k), k = 1..chunks, as pack() writes them -> states (N, 77 k, dim), pooled (N, pooled_dim),
+        float32. Every chunk goes through the tower on its own (one batched call over N k windows). pooled is the
+        first chunk's: for a caption of at most 75 tokens it is exactly the plain tower's, and it is what both
+        references give SDXL's pooled input: kohya sd-scripts with max_token_length 150 / 225
+        (library/strategy_sdxl.py, _get_hidden_states_sdxl: `pool2 = pool2[::n_size]`, "pool uses the first of n")
+        and A1111 (modules/sd_hijack_clip.py: `zs[0].pooled`). The later chunks reach the model through the states."""
         t, tokens = self.tower, tokens.to(self.device)
-        x = t.token_embedding(tokens) + t.positional_embedding  # (B, 77, dim)
-        x = t.transformer(x, attn_mask=t.attn_mask)  # (B, 77, dim): open_clip >= 2.26 takes batch-first input
-        states = t.ln_final(x)  # (B, 77, dim)
+        n, k = tokens.shape[0], tokens.shape[1] // CONTEXT_LENGTH
+        if tokens.shape[1] % CONTEXT_LENGTH or not 1 <= k <= self.chunks:
+            raise ValueError(f"tokens {tuple(tokens.shape)}: expected (N, 77 x k) with k in 1..{self.chunks}")
+        windows = tokens.reshape(n * k, CONTEXT_LENGTH)  # (N k, 77): chunk j of caption i is row i k + j
+        x = t.token_embedding(windows) + t.positional_embedding  # (N k, 77, dim)
+        x = t.transformer(x, attn_mask=t.attn_mask)  # (N k, 77, dim): open_clip >= 2.26 takes batch-first input
+        states = t.ln_final(x).reshape(n, k, CONTEXT_LENGTH, -1)  # (N, k, 77, dim)
         # the EOT token has the largest id: its state is the pooled one (open_clip's text_global_pool 'argmax')
-        eot = states[torch.arange(len(tokens), device=tokens.device), tokens.argmax(-1)]  # (B, dim)
+        eot = states[torch.arange(n, device=tokens.device), 0, tokens[:, :CONTEXT_LENGTH].argmax(-1)]  # (N, dim)
         proj = t.text_projection
-        pooled = proj(eot) if isinstance(proj, nn.Linear) else eot @ proj  # (B, pooled_dim)
-        return states.float(), pooled.float()
+        pooled = proj(eot) if isinstance(proj, nn.Linear) else eot @ proj  # (N, pooled_dim)
+        return states.reshape(n, k * CONTEXT_LENGTH, -1).float(), pooled.float()  # (N, 77 k, dim), (N, pooled_dim)
 
     def __call__(self, captions):
         return self.encode(self.tokenize(captions))
 
 
-def load_text_encoder(name, device="cpu", image_tower=False):
+def load_text_encoder(name, device="cpu", image_tower=False, chunks=1):
     """open_clip_model(name)'s text tower (see there for the names). image_tower: keep the image tower too, for a
     ClipScorer that reuses this model (train.py's in-run CLIP score: one load); otherwise it is dropped (~300M
-    parameters for ViT-L/14)."""
+    parameters for ViT-L/14). chunks: text_chunks, see TextEncoder (ValueError outside 1..3, before any loading)."""
+    check_chunks(chunks)
     try:
         model, tokenizer = open_clip_model(name)
     except (OSError, RuntimeError, ValueError) as e:
@@ -170,7 +204,7 @@ def load_text_encoder(name, device="cpu", image_tower=False):
                         "open_clip checkpoint, or use 'tiny'") from None
     if not image_tower:
         model.visual = None
-    return TextEncoder(name, model.eval().requires_grad_(False).to(device), tokenizer, device)
+    return TextEncoder(name, model.eval().requires_grad_(False).to(device), tokenizer, device, chunks)
 
 #################################################################################
 #                         Evaluation networks (evaluate.py)                     #

@@ -1,9 +1,11 @@
 """
 loader.py: a latent cache (data.py) -> training batches: infinite, deterministic per epoch from the seed, sharded
 across DDP ranks, resumable mid-epoch (the position is the checkpoint's loader_state), prefetched in a background
-thread. Caption dropout and flips are drawn per sample from (seed, epoch, index), so they do not depend on how a
-global batch is split; a flipped sample takes the mirrored image's cached latent and its caption's "left" and
-"right" swapped (data.MIRROR_WORDS).
+thread. Caption dropout, flips and which of an image's captions it gets are drawn per sample from (seed, epoch,
+index), so they do not depend on how a global batch is split; a flipped sample takes the mirrored image's cached
+latent and its caption's "left" and "right" swapped (data.MIRROR_WORDS). With aspect buckets every global batch
+comes from one bucket (all ranks draw the same shape at each micro-step), the batches of all buckets in an order
+drawn per epoch.
 """
 import functools
 import queue
@@ -19,13 +21,29 @@ _WARNED = set()  # cache paths whose text-states flip warning was given (once pe
 
 @functools.lru_cache(maxsize=4)
 def epoch_plan(n, seed, epoch, cond_drop):
-    """(perm, flip, drop) of one epoch; flip/drop are indexed by sample, so they depend on (seed, epoch, index) only."""
+    """(perm, flip, drop, pick) of one epoch; flip / drop / pick (in [0, 1): which caption) are indexed by sample,
+    so they depend on (seed, epoch, index) only."""
     perm = np.random.default_rng([seed, epoch, 0]).permutation(n)
     flip = np.random.default_rng([seed, epoch, 1]).random(n) < 0.5
     drop = np.random.default_rng([seed, epoch, 2]).random(n) < cond_drop
-    for a in (perm, flip, drop):
+    pick = np.random.default_rng([seed, epoch, 4]).random(n)
+    for a in (perm, flip, drop, pick):
         a.flags.writeable = False
-    return perm, flip, drop
+    return perm, flip, drop, pick
+
+
+@functools.lru_cache(maxsize=4)
+def bucket_batches(cache, global_batch, seed, epoch):
+    """One epoch's global batches of a bucketed cache: [(bucket, sample indices)]: each bucket's samples in the
+    epoch's permutation, cut into global batches (its tail dropped), the batches of all buckets in an order drawn
+    from (seed, epoch). A bucket smaller than a global batch gives none (Loader warns)."""
+    perm = epoch_plan(len(cache), seed, epoch, 0.0)[0]
+    in_bucket = cache.bucket[perm]
+    batches = []
+    for b in range(len(cache.sizes)):
+        order = perm[in_bucket == b]
+        batches += [(b, order[k * global_batch:(k + 1) * global_batch]) for k in range(len(order) // global_batch)]
+    return [batches[i] for i in np.random.default_rng([seed, epoch, 3]).permutation(len(batches))]
 
 def mirror_tokens(tokens, flip, pairs):
     """tokens (B, L) int64, flip (B,) bool, pairs (P, 2) int64 -> tokens where, in the flipped rows, each id of a
@@ -36,17 +54,25 @@ def mirror_tokens(tokens, flip, pairs):
 
 class Loader:
     """Infinite deterministic batches from a cache. Per epoch e: perm from (seed, e), global batches of
-    batch_size * world_size in order (tail dropped), rank r takes slice [r*B, (r+1)*B)."""
+    batch_size * world_size in order (tail dropped; with buckets: bucket_batches), rank r takes slice [r*B, (r+1)*B)."""
     def __init__(self, cache, batch_size, seed=0, rank=0, world_size=1, cond_drop=0.0, flip=True, device="cpu",
                  prefetch=2):
         self._thread = None
         self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.cond_drop, self.flip, self.device, self.prefetch = cond_drop, flip, torch.device(device), prefetch
-        self.batches_per_epoch = len(self.cache) // (batch_size * world_size)
+        global_batch = batch_size * world_size
+        self.bucketed = len(self.cache.sizes) > 1
+        sizes = [len(m) for m in self.cache.members]
+        self.batches_per_epoch = sum(n // global_batch for n in sizes)
         if self.batches_per_epoch == 0:
             raise ValueError(f"cache has {len(self.cache)} samples, fewer than one global batch "
-                             f"({batch_size} x {world_size})")
+                             f"({batch_size} x {world_size})" + (" in any bucket" if self.bucketed else ""))
+        self.left_out = {"%dx%d" % size: n for size, n in zip(self.cache.sizes, sizes) if n < global_batch}
+        if self.bucketed and self.left_out and rank == 0:  # data.py merges such buckets for the batch it builds for
+            warnings.warn(f"buckets with fewer images than a global batch of {global_batch} are left out: "
+                          f"{self.left_out} (rebuild the cache with --min_bucket {global_batch} to merge them)",
+                          stacklevel=2)
         self.step = 0  # batches consumed by the caller (prefetched ones do not count)
         self._mirror = self._mirror_pairs() if flip else None
         self._start()
@@ -68,24 +94,29 @@ class Loader:
         return None
 
     def plan(self, step):
-        """This rank's batch number `step`: (sample indices, flip flags, drop flags)."""
-        epoch, k = divmod(step, self.batches_per_epoch)
-        perm, flip, drop = epoch_plan(len(self.cache), self.seed, epoch, self.cond_drop)
-        start = (k * self.world_size + self.rank) * self.batch_size
+        """This rank's batch number `step`: (sample indices, flip flags, drop flags, caption rows, bucket)."""
+        c, epoch, k = self.cache, *divmod(step, self.batches_per_epoch)
+        perm, flip, drop, pick = epoch_plan(len(c), self.seed, epoch, self.cond_drop)
+        bucket, start = 0, (k * self.world_size + self.rank) * self.batch_size
+        if self.bucketed:
+            bucket, perm = bucket_batches(c, self.batch_size * self.world_size, self.seed, epoch)[k]
+            start = self.rank * self.batch_size
         idx = perm[start:start + self.batch_size]
-        return idx, (flip[idx] if self.flip else np.zeros(len(idx), bool)), drop[idx]
+        caption = c.caption_start[idx] + (pick[idx] * c.ncaptions[idx]).astype(np.int64)  # one of each image's
+        return idx, (flip[idx] if self.flip else np.zeros(len(idx), bool)), drop[idx], caption, bucket
 
     def gather(self, step):
-        """Batch `step` as stored (float16 latents/states): rows, flips and caption drops applied."""
-        idx, flip, drop = self.plan(step)
+        """Batch `step` as stored (float16 latents/states): rows, flips, captions and caption drops applied."""
+        idx, flip, drop, caption, bucket = self.plan(step)
         c = self.cache
-        tokens = c.tokens[idx].astype(np.int64)  # (B, 77)
+        tokens = c.tokens[caption].astype(np.int64)  # (B, 77 x text_chunks)
         if self._mirror is not None:  # a mirrored image's caption says "right" where the image's said "left"
             tokens = mirror_tokens(torch.from_numpy(tokens), torch.from_numpy(flip), self._mirror).numpy()
         tokens[drop] = c.empty_tokens
-        batch = {"latents": c.latents[idx, flip.astype(np.int64)], "tokens": tokens}  # (B, C, h, w) float16, (B, 77)
+        latents = c.bucket_latents[bucket][c.row[idx], flip.astype(np.int64)]  # (B, C, h, w) float16
+        batch = {"latents": latents, "tokens": tokens}
         if c.states is not None:
-            states, pooled = c.states[idx], c.pooled[idx]  # (B, 77, dim), (B, pooled_dim) float16 copies
+            states, pooled = c.states[caption], c.pooled[caption]  # (B, L, dim), (B, pooled_dim) float16 copies
             states[drop], pooled[drop] = c.empty_states, c.empty_pooled
             batch["states"], batch["pooled"] = states, pooled
         return {k: torch.from_numpy(v) for k, v in batch.items()}

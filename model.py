@@ -84,9 +84,12 @@ def config_keys(keys):
 def config_from_keys(C, **derived) -> DiTConfig:
     """train.py's keys (a namespace) -> DiTConfig: the preset C.model, overridden by the keys that are DiTConfig
     fields (0 = the preset's depth / width / heads / patch), plus what the data decides (in_channels, input_size,
-    text_dim, pooled_dim)."""
+    text_dim, pooled_dim). text_len 0 = all of the text tower's tokens: 77 x text_chunks (CLIP's window)."""
     keys = vars(C)
-    return make_config(C.model, **{k: keys[k] for k in config_keys(keys)}, **derived)
+    fields = {k: keys[k] for k in config_keys(keys)}
+    if fields.get("text_len") == 0:
+        fields["text_len"] = 77 * keys.get("text_chunks", 1)
+    return make_config(C.model, **fields, **derived)
 
 # the DiT paper's sizes (Table 1); the /N suffix is the patch size
 _SIZES = {"S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
@@ -303,8 +306,9 @@ class DiT(nn.Module):
     def forward(self, x, t, text, pooled, route_scores=None):
         """x (B,C,H,W); t (B,) int or float timesteps in [0, 1000); text (B,77,text_dim), of which the first
         config.text_len tokens are used (a causal CLIP tower's states after a short caption's EOT are padding);
-        pooled (B,pooled_dim). route_scores (B, N) (training with route_frac > 0 only; train.py draws them from the
-        step's seed): in each sample the kept_tokens(N) lowest-scored tokens go through the routed blocks."""
+        pooled (B,pooled_dim). route_scores (B, >= N) (training with route_frac > 0 only; train.py draws them from
+        the step's seed, for the largest bucket): the first N score this grid's tokens, and in each sample the
+        kept_tokens(N) lowest-scored ones go through the routed blocks."""
         p = self.config.patch
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W), N = h*w
@@ -315,8 +319,10 @@ class DiT(nn.Module):
         text = self.text_embedder(text[:, :self.config.text_len].to(x.dtype))  # (B, L, W), L <= text_len
         cb = self.t_block(c) if self.config.adaln == "single" else c           # (B, 6W) | (B, W)
         route = self.training and self.config.route_frac > 0 and route_scores is not None
-        if route and route_scores.shape != (x.shape[0], h * w):
+        if route and (route_scores.shape[0] != x.shape[0] or route_scores.shape[1] < h * w):
             raise ValueError(f"route_scores {tuple(route_scores.shape)}: one per token, ({x.shape[0]}, {h * w})")
+        if route:
+            route_scores = route_scores[:, :h * w]                            # (B, N)
         first, end = self.config.routed_blocks
         block_rope, rejoin = rope, lambda x_all, x: x_all.scatter(1, keep[..., None].expand_as(x), x)
         # grad_ckpt: activation checkpointing of whole blocks, blocks[:ckpt_blocks] (0 = all). Whole blocks, not a

@@ -4,6 +4,7 @@ Prompts in, PNGs out: loads a checkpoint's EMA weights and everything needed to 
     python sample.py --cfg 7.5 "a red fox" "a blue car"            # out/samples/0000.png ... + grid.png
     python sample.py --ckpt out/ckpt.pt --n 8 --seed 1 --steps 30 --sampler heun --negative "blurry" "a red fox"
     python sample.py --compile false "a red fox"                    # eager (the default on the CPU; CUDA compiles)
+    python sample.py --size 512x256 "a red fox in the snow"          # 2:1 (default: the checkpoint's square size)
 
 Image k (prompt k // n) is sampled from its own torch.Generator seeded `seed + k`, so it is the same picture
 whatever --batch is. evaluate.py and the tests use the importable API: load_pipeline(), generate().
@@ -35,7 +36,7 @@ class Pipeline:
     model: DiT                 # denoiser with the checkpoint's EMA (or raw) weights, eval mode, no grad
     diffusion: Diffusion       # schedule rebuilt from the checkpoint's config
     vae: object                # encoders.load_vae(config["vae"])
-    text_encoder: object       # encoders.load_text_encoder(config["text_encoder"])
+    text_encoder: object       # encoders.load_text_encoder(config["text_encoder"], chunks=config["text_chunks"])
     config: dict               # train.py globals stored in the checkpoint
     step: int                  # optimizer step the checkpoint was saved at
     device: torch.device
@@ -45,10 +46,16 @@ class Pipeline:
     def resolution(self) -> int:
         return int(self.config["resolution"])
 
-    @property
-    def latent_shape(self) -> tuple:
-        size = self.resolution // self.vae.factor
-        return (self.vae.channels, size, size)
+    def latent_shape(self, size=None) -> tuple:
+        """(C, h, w) of the latents of a W x H image, size = (W, H); None: the square training resolution. The DiT
+        takes any grid its patch divides (positions are computed per grid, model.py), so W and H must be multiples
+        of the VAE's factor x patch: ValueError otherwise."""
+        w, h = size or (self.resolution, self.resolution)
+        f, p = self.vae.factor, self.model.config.patch
+        if w < 1 or h < 1 or w % (f * p) or h % (f * p):
+            raise ValueError(f"{w}x{h}: width and height must be positive multiples of {f * p} "
+                             f"(the VAE's factor {f} x patch {p})")
+        return (self.vae.channels, h // f, w // f)
 
 
 def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipeline:
@@ -71,7 +78,10 @@ def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipelin
     except ValueError as e:
         raise CheckpointError(f"{ckpt_path}: its diffusion settings are invalid: {e}") from None
     vae = load_vae(config["vae"], device=device)
-    text_encoder = load_text_encoder(config["text_encoder"], device=device)
+    try:  # prompts are encoded as the captions were in training: text_chunks windows of 75 tokens (1 before the key)
+        text_encoder = load_text_encoder(config["text_encoder"], device=device, chunks=config.get("text_chunks", 1))
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt_path}: {e}") from None
     if vae.channels != model.config.in_channels:
         raise CheckpointError(f"{ckpt_path}: vae {vae.name} has {vae.channels} channels, the model "
                               f"{model.config.in_channels}")
@@ -88,14 +98,16 @@ def encode_text(pipe: Pipeline, captions: list) -> tuple:
 
 @torch.no_grad()
 def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler=None, eta=0.0,
-                   guidance_rescale=0.0, negative="", init=None, t_start=None) -> torch.Tensor:
+                   guidance_rescale=0.0, negative="", init=None, t_start=None, size=None) -> torch.Tensor:
     """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise).
-    -> (B, C, h, w) fp32. init (B, C, h, w) latents + t_start: start from init noised to t_start (SDEdit)."""
+    -> (B, C, h, w) fp32. init (B, C, h, w) latents + t_start: start from init noised to t_start (SDEdit).
+    size: (W, H) of the images, None = the square training resolution (Pipeline.latent_shape)."""
     assert len(prompts) == len(seeds), "one seed per prompt"
     assert init is None or t_start is not None, "init latents need the t_start they are noised to"
     # CPU generators (as diffusers' randn_tensor): the same seed gives the same x_T and noise on any device
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x_T = torch.stack([torch.randn(pipe.latent_shape, generator=g) for g in gens]).to(pipe.device)  # (B, C, h, w)
+    shape = pipe.latent_shape(size)  # (C, h, w)
+    x_T = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(pipe.device)  # (B, C, h, w)
     if init is not None:
         x_T = pipe.diffusion.add_noise(init.to(pipe.device), x_T, torch.full((len(x_T),), t_start, device=pipe.device))
     cond = encode_text(pipe, prompts)
@@ -120,16 +132,19 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler=None, eta=0.0,
-             guidance_rescale=0.0, negative="", batch_size=16, progress=False, init=None, t_start=None) -> torch.Tensor:
+             guidance_rescale=0.0, negative="", batch_size=16, progress=False, init=None, t_start=None,
+             size=None) -> torch.Tensor:
     """One image per (prompt, seed), sampled batch_size at a time and decoded -> uint8 (N, H, W, 3).
-    init: (N, C, h, w) latents to start from, noised to t_start (SDEdit); None: pure noise."""
+    init: (N, C, h, w) latents to start from, noised to t_start (SDEdit); None: pure noise. size: (W, H), None = the
+    square training resolution."""
     assert len(prompts) == len(seeds), "one seed per prompt"
     out = []
     with tqdm(total=len(prompts), disable=not progress, desc=f"sampling cfg {cfg:g}", unit="img") as bar:
         for i in range(0, len(prompts), batch_size):
             latents = sample_latents(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], cfg=cfg, steps=steps,
                                      sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, negative=negative,
-                                     init=None if init is None else init[i:i + batch_size], t_start=t_start)
+                                     init=None if init is None else init[i:i + batch_size], t_start=t_start,
+                                     size=size)
             out.append(to_uint8(pipe.vae.decode(latents)))
             bar.update(len(latents))
     return torch.cat(out)
@@ -185,6 +200,15 @@ def boolean_arg(text: str) -> bool:
         return boolean(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def size_arg(text: str) -> tuple:
+    """'WxH' (or 'N': N x N) -> (W, H) as an argparse type; Pipeline.latent_shape checks the multiples."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        return int(w), int(h if sep else w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects WIDTHxHEIGHT in pixels (e.g. 512x256), got {text!r}") from None
 
 
 def check_args(p: argparse.ArgumentParser, args):
@@ -254,22 +278,30 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="images sampled together (CFG doubles the model batch)")
     p.add_argument("--compile", type=boolean_arg, default=None, metavar="true|false",
                    help="torch.compile the denoiser (default: true on CUDA, false on the CPU)")
+    p.add_argument("--size", type=size_arg, default=None, metavar="WxH", help="image width x height in pixels, "
+                   "multiples of the VAE's factor x patch (default: the checkpoint's square resolution)")
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
     if args.n < 1:
         p.error("--n must be >= 1")  # exits 2
     check_args(p, args)
     pipe = open_pipeline(p, args, weights=args.weights)
+    args.size = args.size or (pipe.resolution, pipe.resolution)
+    try:  # before anything is sampled or written
+        pipe.latent_shape(args.size)
+    except ValueError as e:
+        p.error(f"--size {e}")
     if pipe.device.type == "cuda" if args.compile is None else args.compile:  # generate calls pipe.model: the compiled
         pipe.model = torch.compile(pipe.model)  # module (the first batch, and a smaller last one, compile; then reused)
     out_dir = fresh_path(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples"), folder=True)
     prompts = [prompt for prompt in args.prompts for _ in range(args.n)]
     seeds = [args.seed + k for k in range(len(prompts))]
     settings = dict(ckpt=args.ckpt, step=pipe.step, weights=args.weights, cfg=args.cfg, steps=args.steps,
-                    sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, negative=args.negative)
+                    sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, negative=args.negative,
+                    size="{}x{}".format(*args.size))
     images = generate(pipe, prompts, seeds, cfg=args.cfg, steps=args.steps, sampler=args.sampler, eta=args.eta,
                       guidance_rescale=args.guidance_rescale, negative=args.negative, batch_size=args.batch,
-                      progress=True)
+                      progress=True, size=args.size)
     paths = save_images(images, prompts, seeds, settings, out_dir, cols=args.n)
     print(f"wrote {len(paths)} images + grid.png to {out_dir}")
 

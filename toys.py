@@ -1,7 +1,7 @@
 """
-toys.py: the built-in sets "shapes" and "scenes", each drawn here and read back from its pixels by the one reader
-below: the two sides of one contract. A leaf module (numpy, PIL, scipy only): data.py renders the training sets with
-it, evaluate.py's probes (`--probe shapes | scenes`) score samples with it.
+toys.py: the built-in sets "shapes", "scenes" and "scenes_wide", each drawn here and read back from its pixels by the
+one reader below: the two sides of one contract. A leaf module (numpy, PIL, scipy only): data.py renders the training
+sets with it, evaluate.py's probes (`--probe shapes | scenes | scenes_wide`) score samples with it.
 
 shapes: one filled shape (KINDS) of one colour (COLOURS) on a white, black or grey background, captioned
 "a red circle on a white background" (the offline demo's data); the reader gives its (colour, kind).
@@ -18,6 +18,11 @@ scenes: scenes of flat shapes on a grid with a caption in one of GenEval's six c
               render; held_out_prompts() asks for them, in_distribution_prompts() for the rest
   reader      read_objects(uint8 (H, W, 3)) -> [SceneObject(kind, colour, size, centroid, box)]
   scoring     score(spec, objects) -> bool; evaluate_images(images, specs) -> accuracy per category, overall
+
+scenes_wide: the scenes grammar, categories, held-out split, colours and sizes on a 2 x 4 grid at 2:1 (even samples)
+or 4 x 2 at 1:2 (odd ones), so that a square centre crop cuts off the outer columns (rows); "scenes_wide2" is the
+same scenes with two captions each, the short one and a long one that places every object in words. For issue 24's
+crop-vs-buckets and short-vs-long measurements; bucket_size() is the buckets' size rule.
 
 A caption describes every object in its image: an attribute it does not name (a colour in "a triangle", every
 size) is free, but there are no unnamed objects. Resolutions below MIN_RESOLUTION (32 px, where the small objects
@@ -45,20 +50,22 @@ from scipy import ndimage
 
 SHAPES_DEFAULT_COUNT = SCENES_DEFAULT_COUNT = 20000  # samples when the name gives no count
 # in data.py's cache fingerprint: bump a set's version when it draws other pictures or captions
-VERSIONS = {"shapes": "shapes-v2", "scenes": "scenes-v1"}
+VERSIONS = {"shapes": "shapes-v2", "scenes": "scenes-v1", "scenes_wide": "scenes_wide-v1",
+            "scenes_wide2": "scenes_wide2-v1"}
 
 
 def parse_name(name):
-    """(set, count, seed) of "shapes[:N[:SEED]]" or "scenes[:N[:SEED]]", None for any other name; ValueError for
-    a scenes count below 1 (a shapes count is digits: "shapes:-1" names no set)."""
+    """(set, count, seed) of "shapes[:N[:SEED]]", "scenes[:N[:SEED]]", "scenes_wide[:N[:SEED]]" or
+    "scenes_wide2[:N[:SEED]]", None for any other name; ValueError for a scenes count below 1 (a shapes count is
+    digits: "shapes:-1" names no set)."""
     if m := re.fullmatch(r"shapes(?::(\d+))?(?::(\d+))?", name):
         return "shapes", int(m.group(1) or SHAPES_DEFAULT_COUNT), int(m.group(2) or 0)
-    if not (m := re.fullmatch(r"scenes(?::([-+]?\d+))?(?::(\d+))?", name)):
+    if not (m := re.fullmatch(r"(scenes|scenes_wide2?)(?::([-+]?\d+))?(?::(\d+))?", name)):
         return None
-    n = SCENES_DEFAULT_COUNT if m.group(1) is None else int(m.group(1))
+    n = SCENES_DEFAULT_COUNT if m.group(2) is None else int(m.group(2))
     if n < 1:
         raise ValueError(f"{name!r}: the scenes count must be >= 1, got {n}")
-    return "scenes", n, int(m.group(2) or 0)
+    return m.group(1), n, int(m.group(3) or 0)
 
 #################################################################################
 #                               Kinds and colours                               #
@@ -119,6 +126,8 @@ def shape_sample(i, seed, resolution):
 SIZES = {"small": 0.5, "large": 0.7}  # side as a fraction of a grid cell, rounded down to odd pixels
 BACKGROUND = (255, 255, 255)
 GRID = 3                              # 3 x 3 cells: "left of" / "above" are a column / row apart
+WIDE_GRIDS = ((2, 4), (4, 2))         # scenes_wide's (rows, cols): even samples 2:1, odd ones 1:2
+WIDE_CELLS = 2                        # ... cells across their short side
 JITTER = 0.08                         # an object's centre moves up to this fraction of a cell from the cell's
 # True renders read without error from 20 px (3-px objects; from 16 px the small side is 1 px); renders blurred
 # by 0.6 px with pixel noise of std 15, a stand-in for samples, read without error from 32 px (5-px small
@@ -135,15 +144,18 @@ TRAIN_PAIRS = ALL_PAIRS - HELD_OUT_PAIRS
 SLOTS = 12  # prompts per category in a probe set; a category with fewer distinct prompts repeats them
 
 
-def check_resolution(resolution):
-    if resolution < MIN_RESOLUTION:
-        raise ValueError(f"scenes need >= {MIN_RESOLUTION} px (smaller objects are not read reliably), "
-                         f"got {resolution}")
+def check_resolution(resolution, cells=GRID):
+    """resolution: an image's short side, `cells` grid cells across it; its cells must be no smaller than
+    MIN_RESOLUTION / GRID px (a scenes image's at MIN_RESOLUTION: 22 px for 2 cells)."""
+    if resolution * GRID < MIN_RESOLUTION * cells:
+        raise ValueError(f"scenes need >= {math.ceil(MIN_RESOLUTION * cells / GRID)} px (smaller objects are not "
+                         f"read reliably), got {resolution}")
 
 
-def side_px(size, resolution):
-    """An object's side in pixels: odd, so a triangle's apex and a circle sit on the pixel grid symmetrically."""
-    s = int(SIZES[size] * resolution / GRID)
+def side_px(size, resolution, cells=GRID):
+    """An object's side in pixels (`cells` cells across `resolution` px): odd, so a triangle's apex and a circle sit
+    on the pixel grid symmetrically."""
+    s = int(SIZES[size] * resolution / cells)
     return s - 1 + s % 2
 
 #################################################################################
@@ -234,16 +246,19 @@ class Placed(NamedTuple):
     dy: float = 0.0
 
 
-def render(objects, resolution):
-    """Placed objects -> PIL RGB image. An object stays >= 1 px inside its cell, so neighbours are >= 2 px apart."""
-    check_resolution(resolution)
-    img = Image.new("RGB", (resolution, resolution), BACKGROUND)
+def render(objects, size, grid=(GRID, GRID)):
+    """Placed objects -> PIL RGB image of size R (R x R) or (W, H) on a grid of (rows, cols) cells, objects sized
+    by the smaller cell side. An object stays >= 1 px inside its cell, so neighbours are >= 2 px apart."""
+    w, h = (size, size) if isinstance(size, int) else size
+    short, cells = min((w, grid[1]), (h, grid[0]), key=lambda t: t[0] / t[1])  # the smaller cell's axis
+    check_resolution(short, cells)
+    img = Image.new("RGB", (w, h), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    edges = [round(k * resolution / GRID) for k in range(GRID + 1)]
+    xs, ys = ([round(k * n / m) for k in range(m + 1)] for n, m in ((w, grid[1]), (h, grid[0])))
     for o in objects:
-        side = side_px(o.size, resolution)
+        side = side_px(o.size, short, cells)
         box = []
-        for lo, hi, d in ((edges[o.col], edges[o.col + 1], o.dx), (edges[o.row], edges[o.row + 1], o.dy)):
+        for lo, hi, d in ((xs[o.col], xs[o.col + 1], o.dx), (ys[o.row], ys[o.row + 1], o.dy)):
             start = round((lo + hi - side) / 2 + d * (hi - lo))
             box.append(min(max(start, lo + 1), hi - 1 - side))
         x0, y0 = box
@@ -260,9 +275,10 @@ def _position_cells(relation, cells):
             if sign * (a[axis] - b[axis]) > abs(a[1 - axis] - b[1 - axis])]
 
 
-def layout(spec, rng, pairs):
-    """A random scene for a spec: cells, sizes, offsets, and the free colours drawn from `pairs` (colour, kind)."""
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+def layout(spec, rng, pairs, grid=(GRID, GRID)):
+    """A random scene for a spec on a (rows, cols) grid: cells, sizes, offsets, and the free colours drawn from
+    `pairs` (colour, kind)."""
+    cells = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
     wanted = spec["objects"] * spec.get("count", 1)
     if spec["category"] == "position":
         chosen = list(rng.choice(_position_cells(spec["relation"], cells)))
@@ -276,12 +292,13 @@ def layout(spec, rng, pairs):
     return out
 
 
-def draw_scene(i, seed):
-    """Training scene i: (spec, [Placed]), a function of (i, seed) only; held-out pairs are never drawn."""
-    rng = random.Random(f"scenes-{seed}-{i}")  # str seeds hash with sha512: the same in every process
+def draw_scene(i, seed, wide=False):
+    """Training scene i: (spec, [Placed]), a function of (i, seed) only; held-out pairs are never drawn. wide: of
+    scenes_wide, on the grid WIDE_GRIDS[i % 2]."""
+    rng = random.Random(f"scenes{'_wide' * wide}-{seed}-{i}")  # str seeds hash with sha512: the same everywhere
     spec = rng.choice(_TRAIN_SPECS[rng.choice(CATEGORIES)])
     spec = dict(spec, objects=[dict(o) for o in spec["objects"]])  # the caller's own copy
-    return spec, layout(spec, rng, TRAIN_PAIRS)
+    return spec, layout(spec, rng, TRAIN_PAIRS, WIDE_GRIDS[i % 2] if wide else (GRID, GRID))
 
 
 def scene_sample(i, seed, resolution):
@@ -290,9 +307,83 @@ def scene_sample(i, seed, resolution):
     return caption(spec), render(objects, resolution)
 
 
-def render_spec(spec, seed, resolution):
-    """A true render of any spec (held-out ones included; free colours from every pair), from its seed."""
-    return render(layout(spec, random.Random(f"scenes-truth-{seed}"), ALL_PAIRS), resolution)
+def render_spec(spec, seed, size):
+    """A true render of any spec (held-out ones included; free colours from every pair), from its seed, at size R
+    or (W, H) on grid_for(size)'s grid."""
+    grid = grid_for(size)
+    return render(layout(spec, random.Random(f"scenes-truth-{seed}"), ALL_PAIRS, grid), size, grid)
+
+#################################################################################
+#               The non-square set "scenes_wide[2][:N[:SEED]]", buckets         #
+#################################################################################
+
+# Sample i is drawn at ~R^2 px, R the training resolution: 2S x S on a 2 x 4 grid (even i), S x 2S on 4 x 2 (odd i),
+# S = round(R / sqrt 2), so its cells, ~0.35 R, are about a scenes cell (R / 3) and its 2:1 (1:2) bucket is about
+# its own size (56 x 28 at 40 px: the bucket at multiples 2 and 4; 90 x 45 -> 90 x 46 at 64 px, multiple 2). data.py's
+# square path resizes its short side to R and keeps the middle two columns (rows) of four: 64% of the training scenes
+# lose an object.
+# True renders resized (LANCZOS) to their bucket read without error from 40 px at multiples 1, 2, 4 and 8 (300
+# scenes each), and so do the scenes' stand-in for samples (0.6-px blur, noise std 15) at multiples 2 and 4; at
+# 32 px a patch-4 bucket (44 x 24) reads 0.95 and the stand-in at 46 x 22 0.955: the reader's resampled 5-px
+# circles pass for squares. Below WIDE_MIN_RESOLUTION wide_scene_sample raises ValueError.
+WIDE_MIN_RESOLUTION = 40
+# Where a row / column stands, for the long caption; a flip swaps "left" and "right" (data.py) and stays true.
+ROW_WORDS = {2: ("top", "bottom"), 4: ("very top", "top", "bottom", "very bottom")}
+COL_WORDS = {2: ("left", "right"), 4: ("far left", "left", "right", "far right")}
+
+
+def check_wide_resolution(resolution):
+    if resolution < WIDE_MIN_RESOLUTION:
+        raise ValueError(f"scenes_wide needs >= {WIDE_MIN_RESOLUTION} px (its resized objects are not read reliably "
+                         f"below), got {resolution}")
+
+
+def bucket_size(resolution, aspect, multiple):
+    """(W, H) of the bucket of aspect W / H with about resolution^2 px, each side rounded to the nearest multiple
+    (halves up, at least one multiple): 46 x 22 at 32 px, aspect 2, multiple 2; 368 x 176 at 256 px, multiple 16."""
+    side = lambda x: multiple * max(1, math.floor(x / multiple + 0.5))
+    return side(resolution * math.sqrt(aspect)), side(resolution / math.sqrt(aspect))
+
+
+def grid_for(size):
+    """The (rows, cols) grid of an image of size R or (W, H): the scenes' 3 x 3 when square, else WIDE_GRIDS'."""
+    w, h = (size, size) if isinstance(size, int) else size
+    return (GRID, GRID) if w == h else WIDE_GRIDS[w < h]
+
+
+def long_caption(spec, objects, grid):
+    """The caption, then every object with its colour and place: "a red circle to the left of a blue square; the
+    red circle is at the top far left, the blue square at the bottom right"."""
+    places = [f"the {o.colour} {o.kind} {'is ' * (k == 0)}at the {ROW_WORDS[grid[0]][o.row]} "
+              f"{COL_WORDS[grid[1]][o.col]}" for k, o in enumerate(objects)]
+    return f"{caption(spec)}; {', '.join(places)}"
+
+
+def parse_long_caption(text, grid):
+    """(spec, [(colour, kind, row, col)]) of a long caption on a (rows, cols) grid; ValueError for other text."""
+    rows, cols = ROW_WORDS[grid[0]], COL_WORDS[grid[1]]
+    place = re.compile(rf"the ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) (?:is )?at the ({'|'.join(rows)}) "
+                       rf"({'|'.join(cols)})")
+    short, _, rest = text.partition("; ")
+    found = [place.fullmatch(p) for p in rest.split(", ")]
+    if all(found):
+        spec, objects = parse_caption(short), [(m[1], m[2], rows.index(m[3]), cols.index(m[4])) for m in found]
+        if long_caption(spec, [Placed(k, c, "small", r, q) for c, k, r, q in objects], grid) == text:  # "is" once
+            return spec, objects
+    raise ValueError(f"not a long scenes caption: {text!r}")
+
+
+def wide_scene_sample(i, seed, resolution, captions=1):
+    """Sample i of scenes_wide (captions=1): (PIL image, caption), or of scenes_wide2 (captions=2): (PIL image,
+    [caption, long caption]), the same scenes; a function of (i, seed, resolution) only."""
+    check_wide_resolution(resolution)
+    if captions not in (1, 2):
+        raise ValueError(f"captions must be 1 or 2, got {captions!r}")
+    spec, objects = draw_scene(i, seed, wide=True)
+    rows, cols = grid = WIDE_GRIDS[i % 2]
+    short = round(resolution / math.sqrt(2))
+    image = render(objects, (short * cols // WIDE_CELLS, short * rows // WIDE_CELLS), grid)
+    return image, caption(spec) if captions == 1 else [caption(spec), long_caption(spec, objects, grid)]
 
 #################################################################################
 #                                  Prompt sets                                  #
@@ -453,17 +544,18 @@ def _read_component(patch, region, bg, small, large):
     return kind, _palette_colour(fg, bg), size, mask, (rows.start, cols.start)
 
 
-def read_objects(image):
+def read_objects(image, cells=GRID):
     """uint8 (H, W, 3) -> [SceneObject]: every 4-connected component far_from the background by FOREGROUND, cut
     back to the pixels nearer its colour than the background; one smaller than a quarter of the small square
     (specks) or larger than twice the large square (not a scene object) is passed over, and so is one that fits no
     kind's template (MIN_IOU) or has no flat colour (MAX_SPREAD): noise. Kind: the best template; colour:
-    _palette_colour; size: the bounding box's side against the two sides."""
+    _palette_colour; size: the bounding box's side against the two sides. cells: grid cells across the image's short
+    side (a scenes image: GRID; a scenes_wide one: WIDE_CELLS, also once cropped to a square)."""
     im = np.asarray(image, dtype=np.float64)
-    check_resolution(min(im.shape[:2]))
+    check_resolution(min(im.shape[:2]), cells)
     bg = background(im)  # (3,)
     labels, _ = ndimage.label(far_from(im, bg, FOREGROUND))
-    small, large = (side_px(s, min(im.shape[:2])) for s in ("small", "large"))
+    small, large = (side_px(s, min(im.shape[:2]), cells) for s in ("small", "large"))
     out = []
     for k, box in enumerate(ndimage.find_objects(labels)):
         read = _read_component(im[box], labels[box] == k + 1, bg, small, large)
@@ -511,12 +603,13 @@ def score(spec, objects):
     return all(found)
 
 
-def evaluate_images(images, specs):
-    """uint8 images (N, H, W, 3) and their specs -> accuracy per category (None where no spec has it), overall
-    (GenEval's: the mean over the categories present), n, and n per category."""
+def evaluate_images(images, specs, cells=GRID):
+    """uint8 images (N, H, W, 3) or a list of (H, W, 3) of any shapes, and their specs -> accuracy per category (None
+    where no spec has it), overall (GenEval's: the mean over the categories present), n, and n per category.
+    cells: read_objects'."""
     hits = {c: [] for c in CATEGORIES}
     for image, spec in zip(images, specs, strict=True):
-        hits[spec["category"]].append(score(spec, read_objects(image)))
+        hits[spec["category"]].append(score(spec, read_objects(image, cells)))
     acc = {c: float(np.mean(h)) if h else None for c, h in hits.items()}
     present = [a for a in acc.values() if a is not None]
     return dict(acc, overall=float(np.mean(present)) if present else None, n=len(specs),

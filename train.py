@@ -45,7 +45,10 @@ resolution = 256           # image side in pixels (latent side = resolution / 8 
 vae = "stabilityai/sd-vae-ft-mse"  # diffusers AutoencoderKL name or folder, or "none" (pixel space)
 text_encoder = "ViT-L-14/laion2b_s32b_b82k"  # open_clip "arch/pretrained", an open_clip checkpoint, or "tiny"
 text_states = False        # cache the encoder's token states (118 KB/caption at CLIP-L), not token ids
-text_len = 77              # text tokens the DiT cross-attends to: the first N of the encoder's 77
+text_chunks = 1            # captions in up to 1..3 chunks of 75 tokens, each encoded alone, states concatenated
+text_len = 0               # text tokens the DiT cross-attends to: the first N of 77 x text_chunks (0 = all)
+aspect_buckets = 0         # 0: square centre crops; N >= 2: N aspect-ratio buckets of ~resolution^2 pixels
+max_aspect = 2.0           # the buckets' aspect ratios run from 1:max_aspect to max_aspect:1
 model = "DiT-B/2"          # preset name from model.PRESETS
 depth = 0                  # 0 = the preset's value
 width = 0                  # 0 = the preset's value
@@ -125,7 +128,8 @@ DEFAULTS = config.keys_of(globals())  # ----------------------------------------
 
 def step_noise(step, n, shape, device, C, diffusion, tokens=0):
     """All randomness of one optimizer step, a function of (seed, step) alone: the same samples get the same
-    t and noise whatever the micro-batch, accumulation or number of ranks (exact resume, accum and DDP).
+    t and noise whatever the micro-batch, accumulation or number of ranks (exact resume, accum and DDP). shape: the
+    latents' (C, h, w), or with buckets (C, the largest h * w), which fit_noise cuts to each micro-batch's bucket.
     -> (t, noise, offset noise, input perturbation, token routing scores (n, tokens)); None where unused."""
     g = torch.Generator(device=device).manual_seed(C.seed * 1_000_003 + step)
     t = diffusion.draw_t(n, g, device, C.t_logit_mean, C.t_logit_std)  # the logit-normal, or uniform
@@ -140,6 +144,12 @@ def routed_tokens(step, horizon, tokens, C):
     """Tokens that step_noise scores for routing at this step: all of them until route_until of the horizon, then
     none (the unrouted finish; TREAD, arXiv 2501.04765, finishes its runs unrouted)."""
     return tokens if C.route_frac > 0 and step < round(horizon * C.route_until) else 0
+
+
+def fit_noise(a, x):
+    """Noise drawn for the step's largest bucket (B, C, L) -> x's shape (B, C, h, w): its first h * w values of each
+    channel (all of them, the same tensor, without buckets)."""
+    return None if a is None else a.flatten(2)[..., :x[0, 0].numel()].reshape(x.shape)
 
 
 def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank=0, world=1):
@@ -162,8 +172,8 @@ def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ct
                 loss, per_sample, t = diffusion.loss(
                     lambda x, tt, c: model(x, tt, *c, **route), batch["latents"], cond,
                     min_snr_gamma=C.min_snr_gamma, noise_offset=C.noise_offset, input_perturbation=C.input_perturbation,
-                    t=pick(t_all), noise=pick(noise_all), offset_noise=pick(offset_all),
-                    perturb_noise=pick(perturb_all))
+                    t=pick(t_all), noise=fit_noise(pick(noise_all), batch["latents"]), offset_noise=pick(offset_all),
+                    perturb_noise=fit_noise(pick(perturb_all), batch["latents"]))
             (loss / C.accum).backward()
         losses.append(per_sample)
         ts.append(t)
@@ -246,9 +256,11 @@ def open_data(C, D):
     try:
         cache_path = error = None
         if D.master:
-            try:
+            try:  # small buckets merge until each holds a global micro-batch; sides divide into the model's patches
+                layout = dict(aspect_buckets=C.aspect_buckets, max_aspect=C.max_aspect, text_chunks=C.text_chunks,
+                              patch=config_from_keys(C).patch, min_bucket=C.batch * D.world)
                 cache_path = datalib.ensure_cache(C.data, C.resolution, C.vae, C.text_encoder, cache_dir=C.cache_dir,
-                                                  device=C.device, text_states=C.text_states)
+                                                  device=C.device, text_states=C.text_states, **layout)
             except LoadError as e:  # data.DataError is one
                 error = str(e)
         if D.ddp:  # the others learn the path, or rank 0's error, and exit with the same message
@@ -260,7 +272,7 @@ def open_data(C, D):
         cache = datalib.LatentCache(cache_path)
         clip_eval = (C.eval_every > 0 and C.text_encoder != "tiny"
                      and monitor.eval_kind(cache.manifest.get("source_kind")) == "clip")
-        return cache, load_text_encoder(C.text_encoder, device=C.device, image_tower=clip_eval)
+        return cache, load_text_encoder(C.text_encoder, device=C.device, image_tower=clip_eval, chunks=C.text_chunks)
     except LoadError as e:
         fail(e)
 
@@ -294,7 +306,9 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
     -> the run: a namespace of what the loop uses (the step and the horizon included)."""
     print0 = print if D.master else (lambda *a, **k: None)
     cache, text_encoder = open_data(C, D)
-    latent_shape = tuple(cache.latents.shape[2:])  # (C, h, w)
+    latent_shape = tuple(cache.manifest["latent_shape"])  # (C, h, w) of the square resolution: the model's grid
+    shapes = cache.latent_shapes  # (C, h, w) of each bucket; the step's noise is drawn for the largest
+    noise_shape = shapes[0] if len(shapes) == 1 else (latent_shape[0], max(h * w for _, h, w in shapes))
     raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder, init, base_grid)
     if init is not None:
         init.clear()  # its tensors freed now (the caller holds this same dict)
@@ -320,15 +334,22 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
     note = fit_warmup(C, DEFAULTS["warmup"])
     if note:
         print0(note)
-    model = torch.compile(raw_model) if C.compile and D.cuda else raw_model
+    if len(shapes) > 1:  # each bucket compiles once, static (dynamo otherwise turns the 2nd shape into a dynamic graph,
+        # or stops recompiling after recompile_limit, 8, and runs eager); x2: the routed and the unrouted finish
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(shapes) + 2)
+    model = torch.compile(raw_model, dynamic=False if len(shapes) > 1 else None) if C.compile and D.cuda else raw_model
     if D.ddp:
         model = DDP(model, device_ids=[torch.device(C.device).index] if D.cuda else None)
     params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())
     assert all(p.requires_grad for p in params) and sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
 
     G = C.batch * C.accum * D.world  # images per optimizer step
-    tokens = (latent_shape[1] // raw_model.config.patch) * (latent_shape[2] // raw_model.config.patch)
+    p = raw_model.config.patch
+    tokens = max((h // p) * (w // p) for _, h, w in shapes)  # routing scores: for the largest bucket
     print0(monitor.describe(C, raw_model, latent_shape, tokens, len(cache), G, D.world))
+    if len(shapes) > 1:
+        print0("buckets: " + ", ".join(f"{W}x{H} ({len(m)})" for (W, H), m in zip(cache.sizes, cache.members))
+               + (f"; left out, smaller than a global batch: {loader.left_out}" if loader.left_out else ""))
     # stop on SIGTERM/SIGINT after the current step, with a checkpoint
     stop = {"signal": None}
     previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
@@ -341,7 +362,7 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
         bar = tqdm(total=horizon.steps, initial=step, dynamic_ncols=True, disable=None)
     return SimpleNamespace(
         model=model, raw_model=raw_model, ema_model=ema_model, params=params, ema_params=ema_params,
-        optimizer=optimizer, diffusion=diffusion, text_encoder=text_encoder, loader=loader, latent_shape=latent_shape,
+        optimizer=optimizer, diffusion=diffusion, text_encoder=text_encoder, loader=loader, noise_shape=noise_shape,
         G=G, tokens=tokens, step=step, horizon=horizon, ckpt_path=ckpt_path, run_log=run_log, bar=bar,
         progress=monitor.Progress(C, D, raw_model, G, latent_shape[1], diffusion.T, step, elapsed),
         watcher=monitor.Watcher(C, cache.manifest.get("source_kind"), ema_model, diffusion, text_encoder, ckpt_path),
@@ -406,7 +427,7 @@ def main(argv):
     del ck, init
 
     while R.step < R.horizon.steps:
-        rand = step_noise(R.step, R.G, R.latent_shape, C.device, C, R.diffusion,
+        rand = step_noise(R.step, R.G, R.noise_shape, C.device, C, R.diffusion,
                           routed_tokens(R.step, R.horizon.steps, R.tokens, C))
         lr = lr_at(R.step, R.horizon.steps, C)
         per_sample, t, grad_norm, found_inf = train_step(R.model, R.optimizer, R.diffusion, R.loader,

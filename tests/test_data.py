@@ -228,9 +228,9 @@ def test_kill_and_resume_gives_the_identical_cache(tmp_path, monkeypatch):
     once = data.build_cache("shapes:40", str(tmp_path / "once"), **kw)
     calls = []
 
-    def crash(f, payload):  # 5 files x 2 batches = 10 appends per chunk: die inside the third chunk
+    def crash(f, payload):  # 7 files x 2 batches = 14 appends per chunk: die inside the third chunk
         calls.append(1)
-        if len(calls) == 23:
+        if len(calls) == 31:
             raise KeyboardInterrupt("killed")
         f.write(payload)
 

@@ -50,6 +50,110 @@ def test_public_token_helpers_pack_like_open_clips_tokenizer():
     assert torch.equal(packed, reference(captions))
 
 
+def chunk_reference(bpe, chunks, sot, eot):
+    """The chunked packing written out by hand: `chunks` rows of [SOT, 75 BPE ids, EOT] padded with 0 to 77."""
+    rows = []
+    for k in range(chunks):
+        row = [sot] + bpe[75 * k:75 * (k + 1)] + [eot]
+        rows += row + [0] * (77 - len(row))
+    return rows
+
+
+def test_text_chunks_pack_a_long_caption_into_75_token_windows():
+    """A 200-token caption with text_chunks 1 / 2 / 3 against the packing written out by hand from open_clip's
+    tokenizer; a short caption's unreached chunks are the empty caption's; truncated() says when pack drops ids."""
+    tok = open_clip.get_tokenizer("ViT-L-14")
+    sot, eot = tok.sot_token_id, tok.eot_token_id
+    bpe = tok.encode(LONG)[:200]
+    short = tok.encode("a red circle on a white background")
+    for chunks in (1, 2, 3):
+        te = encoders.load_text_encoder("tiny", chunks=chunks)
+        assert (te.chunks, te.context_length) == (chunks, 77 * chunks)
+        packed = te.pack([[sot] + bpe + [eot], [sot] + short + [eot], [sot, eot]])
+        assert packed.shape == (3, 77 * chunks) and packed.dtype == torch.long
+        assert packed[0].tolist() == chunk_reference(bpe, chunks, sot, eot)
+        assert packed[1].tolist() == chunk_reference(short, chunks, sot, eot)
+        assert packed[2].tolist() == chunk_reference([], chunks, sot, eot)
+        assert packed[1, 77:].tolist() == ([sot, eot] + [0] * 75) * (chunks - 1)  # unreached: the empty caption's
+        assert packed[0, -77:].tolist().count(eot) == 1 and packed[0, -1] == (eot if chunks < 3 else 0)
+        # truncated: more BPE ids than 75 x chunks, i.e. len(token_ids) > 77 for one chunk as before
+        assert te.truncated([sot] + bpe + [eot]) == (chunks < 3)
+        every = tok.encode(LONG)  # > 225 ids
+        fits, over = [sot] + every[:75 * chunks] + [eot], [sot] + every[:75 * chunks + 1] + [eot]
+        assert not te.truncated(fits) and te.truncated(over) and torch.equal(te.pack([fits]), te.pack([over]))
+        assert not te.truncated([sot, eot])
+        assert torch.equal(te.tokenize([LONG]), te.pack([te.token_ids(LONG)]))
+
+
+def test_one_text_chunk_packs_bitwise_as_before():
+    """text_chunks=1 is the 77-token packing of before (first 76 ids, then EOT) and open_clip's own tokenizer, on
+    random captions of 0 to ~150 tokens."""
+    te = encoders.load_text_encoder("tiny")
+    rng = np.random.default_rng(0)
+    words = ["red", "circle", "a", "on", "the", "caf\u00e9", "background", "x1y2", "left", "of", "zebra", ","]
+    captions = [" ".join(rng.choice(words, int(n))) for n in rng.integers(0, 120, 40)]
+    ids = [te.token_ids(c) for c in captions]
+    assert min(map(len, ids)) == 2 and max(map(len, ids)) > 100  # empty, short and over-long captions
+    before = torch.zeros(len(ids), 77, dtype=torch.long)
+    for i, row in enumerate(ids):  # encoders.pack as it was written for 77 tokens
+        row = row if len(row) <= 77 else row[:76] + [te.eot]
+        before[i, :len(row)] = torch.tensor(row)
+    assert torch.equal(te.pack(ids), before) and torch.equal(before, open_clip.get_tokenizer("ViT-L-14")(captions))
+    assert [te.truncated(i) for i in ids] == [len(i) > 77 for i in ids]
+
+
+def tower_states(model, tokens):
+    """open_clip's own encode_text on (N, 77) tokens -> (states after ln_final (N, 77, dim), pooled (N, P)): the
+    states are caught with a hook on ln_final, so the reference is open_clip's forward, not encoders.py's."""
+    caught = []
+    hook = model.ln_final.register_forward_hook(lambda m, i, o: caught.append(o))
+    with torch.no_grad():
+        pooled = model.encode_text(tokens)
+    hook.remove()
+    return caught[0], pooled
+
+
+def test_text_chunks_states_are_the_tower_run_on_each_chunk_alone():
+    """Each 77-token chunk's states equal open_clip's tower run on that chunk alone (built by hand from its
+    tokenizer), the pooled embedding is the first chunk's, and a caption under 76 tokens gives exactly the states
+    and pooled embedding of the one-chunk tower (the later chunks are the empty caption's)."""
+    tok = open_clip.get_tokenizer("ViT-L-14")
+    sot, eot = tok.sot_token_id, tok.eot_token_id
+    te1, te3 = encoders.load_text_encoder("tiny"), encoders.load_text_encoder("tiny", chunks=3)
+    captions = [LONG, "a red circle on a white background", ""]
+    states, pooled = te3(captions)
+    assert states.shape == (3, 231, 64) and pooled.shape == (3, 64) and states.dtype == pooled.dtype == torch.float32
+    for i, caption in enumerate(captions):
+        bpe = tok.encode(caption)
+        chunks = torch.tensor(chunk_reference(bpe, 3, sot, eot)).view(3, 77)
+        for k in range(3):
+            ref_states, ref_pooled = tower_states(te3.model, chunks[k:k + 1])
+            torch.testing.assert_close(states[i, 77 * k:77 * (k + 1)], ref_states[0], rtol=1e-5, atol=1e-5)
+            if k == 0:
+                torch.testing.assert_close(pooled[i], ref_pooled[0], rtol=1e-5, atol=1e-5)
+    # under 76 tokens: the one-chunk tower's states and pooled embedding, bit for bit
+    short = captions[1:] + ["a blue square on a black background"]
+    s1, p1 = te1(short)
+    for te in (encoders.load_text_encoder("tiny", chunks=2), te3):
+        s, p = te(short)
+        assert s.shape == (3, 77 * te.chunks, 64)
+        assert torch.equal(s[:, :77], s1) and torch.equal(p, p1)
+    # encode takes fewer chunks than the encoder has (k = 1..chunks), and nothing else
+    s, p = te3.encode(te1.tokenize(short))
+    assert torch.equal(s, s1) and torch.equal(p, p1)
+    for width in (76, 100, 77 * 4):
+        with pytest.raises(ValueError, match="expected"):
+            te3.encode(torch.zeros(1, width, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunks", [0, 4, -1, 1.5, True, "2"])
+def test_text_chunks_outside_1_to_3_is_a_value_error(chunks):
+    with pytest.raises(ValueError, match="text_chunks must be 1..3"):
+        encoders.load_text_encoder("tiny", chunks=chunks)
+    with pytest.raises(ValueError, match="text_chunks must be 1..3"):
+        encoders.TextEncoder("tiny", *encoders.open_clip_model("tiny"), chunks=chunks)
+
+
 @pytest.mark.slow
 def test_tiny_text_tower_distinct_and_identical_across_processes(tmp_path):
     rng_before = torch.get_rng_state()

@@ -28,7 +28,7 @@ def _take(loader, n):
 
 def _check_batch(c, loader, step, batch):
     """The batch holds exactly what plan(step) says: rows, flips, caption drops."""
-    idx, flip, drop = loader.plan(step)
+    idx, flip, drop = loader.plan(step)[:3]
     assert np.array_equal(batch["latents"].numpy(), c.latents[idx, flip.astype(int)].astype(np.float32))
     tokens = np.where(drop[:, None], c.empty_tokens[None], c.tokens[idx])
     assert np.array_equal(batch["tokens"].numpy(), tokens)
@@ -115,7 +115,7 @@ def _epoch_tokens(loader):
     """(sample index, flipped, dropped, tokens) of every sample of the loader's first epoch."""
     rows = []
     for step in range(loader.batches_per_epoch):
-        idx, flip, drop = loader.plan(step)
+        idx, flip, drop = loader.plan(step)[:3]
         rows += zip(idx, flip, drop, next(loader)["tokens"])
     loader.close()
     return rows

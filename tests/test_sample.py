@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import sample
+from checkpoint import save_checkpoint
 from ckpt_utils import make_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def pipe(ckpt):
 def reference_sample(pipe, prompts, seeds, uncond_caption=None, cfg=1.0, **kw):
     """diffusion.sample driven directly with the model (no sample.py code): the oracle for the wiring."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    x_T = torch.stack([torch.randn(pipe.latent_shape, generator=g) for g in gens])
+    x_T = torch.stack([torch.randn(pipe.latent_shape(), generator=g) for g in gens])
     cond = pipe.text_encoder(prompts)
     uncond = None if uncond_caption is None else pipe.text_encoder([uncond_caption] * len(prompts))
     model_fn = lambda x, t, c: pipe.model(x, t, c[0], c[1])
@@ -39,7 +40,7 @@ def test_loads_ema_weights_and_config(ckpt, pipe):
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     for k, v in pipe.model.state_dict().items():
         torch.testing.assert_close(v, saved["ema"][k], rtol=0, atol=0)
-    assert not pipe.model.training and pipe.step == 7 and pipe.latent_shape == (3, 16, 16)
+    assert not pipe.model.training and pipe.step == 7 and pipe.latent_shape() == (3, 16, 16)
     assert pipe.diffusion.prediction == saved["config"]["prediction"]
 
 
@@ -124,6 +125,80 @@ def test_cli_writes_pngs_and_grid(ckpt, pipe, tmp_path):
     assert Image.open(out / "grid.png").size == (2 * 258 + 2, 2 * 258 + 2)  # 2 x 2 tiles of 16 px enlarged 16x, pad 2
 
 
+def test_size_writes_non_square_pngs(ckpt, pipe, tmp_path):
+    """--size 64x32 on a checkpoint trained at 16 x 16: 64 px wide, 32 high PNGs (grid too) that are generate()'s
+    size=(64, 32) images, with the size in their settings; the DiT runs on the 16 x 32 grid of patches."""
+    out = tmp_path / "wide"
+    sample.main(["--ckpt", str(ckpt), "--device", "cpu", "--n", "2", "--seed", "3", "--steps", "3", "--cfg", "2.5",
+                 "--size", "64x32", "--out", str(out), PROMPTS[0]])
+    want = sample.generate(pipe, [PROMPTS[0]] * 2, [3, 4], cfg=2.5, steps=3, size=(64, 32))
+    assert want.shape == (2, 32, 64, 3) and want.float().std() > 5
+    for k in range(2):
+        im = Image.open(out / f"{k:04d}.png")
+        assert im.size == (64, 32) and '"size": "64x32"' in im.text["parameters"]
+        assert np.abs(np.asarray(im).astype(int) - want[k].numpy().astype(int)).max() <= 1
+    assert Image.open(out / "grid.png").size == (2 * (512 + 2) + 2, 256 + 2 + 2)  # 2 tiles enlarged 8x, pad 2
+    # a tall image is its own picture, not the wide one turned: positions are per axis
+    assert pipe.latent_shape((32, 64)) == (3, 64, 32) and pipe.latent_shape((64, 32)) == (3, 32, 64)
+    tall = sample.sample_latents(pipe, [PROMPTS[0]], [3], cfg=2.5, steps=3, size=(32, 64))
+    assert tall.shape == (1, 3, 64, 32) and torch.isfinite(tall).all()
+    # batch independence holds on the non-square grid too
+    wide = sample.sample_latents(pipe, PROMPTS, [1, 2, 3], cfg=2.5, steps=3, size=(64, 32))
+    alone = sample.sample_latents(pipe, PROMPTS[1:2], [2], cfg=2.5, steps=3, size=(64, 32))
+    torch.testing.assert_close(wide[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_default_size_is_the_square_resolution_bitwise(ckpt, pipe, tmp_path):
+    """No size, and size = the training resolution, give the latents of the square sampler as it was (x_T drawn in
+    the shape (C, R/f, R/f) directly) bit for bit, and the CLI's PNGs byte for byte."""
+    kw = dict(cfg=3.0, steps=4, sampler="ddim")
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    x_T = torch.stack([torch.randn((3, 16, 16), generator=g) for g in gens])
+    states, pooled = pipe.text_encoder([""])  # the empty caption encoded once, as sample_latents does
+    uncond = (states.expand(2, -1, -1), pooled.expand(2, -1))
+    before = pipe.diffusion.sample(lambda x, t, c: pipe.model(x, t, c[0], c[1]).float(), x_T,
+                                   pipe.text_encoder(PROMPTS[:2]), uncond=uncond, generator=gens, **kw)
+    assert torch.equal(sample.sample_latents(pipe, PROMPTS[:2], [5, 6], **kw), before)
+    assert torch.equal(sample.sample_latents(pipe, PROMPTS[:2], [5, 6], size=(16, 16), **kw), before)
+    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--n", "1", "--steps", "2", "--seed", "5"]
+    sample.main(argv + ["--out", str(tmp_path / "a"), PROMPTS[0]])
+    sample.main(argv + ["--size", "16x16", "--out", str(tmp_path / "b"), PROMPTS[0]])
+    assert (tmp_path / "a" / "0000.png").read_bytes() == (tmp_path / "b" / "0000.png").read_bytes()
+    assert '"size": "16x16"' in Image.open(tmp_path / "a" / "0000.png").text["parameters"]
+
+
+def with_config(ckpt, path, **changes):
+    """A copy of the tiny checkpoint with its train config changed (e.g. text_chunks), and model_config's text_len
+    following text_chunks as train.py's text_len 0 does."""
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["config"].update(changes)
+    saved["model_config"]["text_len"] = 77 * changes.get("text_chunks", 1)
+    save_checkpoint(str(path), saved)
+    return path
+
+
+def test_text_chunks_in_the_checkpoint_encode_prompts_as_in_training(ckpt, pipe, tmp_path):
+    """text_chunks=2 in a checkpoint's config: prompts become 154 token states (each chunk the tower's own, see
+    test_encoders.py), the model cross-attends to all of them and samples; a prompt's second chunk changes the
+    picture. A checkpoint without the key (before it existed) keeps 77 tokens; a bad value exits 2."""
+    assert pipe.text_encoder.chunks == 1 and sample.encode_text(pipe, PROMPTS)[0].shape == (3, 77, 64)
+    two = sample.load_pipeline(str(with_config(ckpt, tmp_path / "two.pt", text_chunks=2)), "cpu")
+    assert two.text_encoder.chunks == 2 and two.model.config.text_len == 154
+    head = " ".join(["red circle"] * 37)  # 74 BPE tokens: the first chunk alone
+    prompts = [head, head + " on a blue background"]  # the second runs into a second chunk
+    states, pooled = sample.encode_text(two, prompts)
+    assert states.shape == (2, 154, 64) and pooled.shape == (2, 64)
+    plain_states, plain_pooled = sample.encode_text(pipe, prompts)  # the first chunk is the 77-token tower's
+    assert torch.equal(states[:, :77], plain_states) and torch.equal(pooled, plain_pooled)
+    assert torch.equal(states[0, 77:], two.text_encoder([""])[0][0, :77])  # unreached: the empty caption's chunk
+    assert (states[0, 77:] - states[1, 77:]).abs().max() > 1e-2
+    kw = dict(cfg=3.0, steps=3, sampler="ddim")
+    a = sample.sample_latents(two, prompts, [1, 1], **kw)
+    assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all() and (a[0] - a[1]).abs().max() > 1e-3
+    with pytest.raises(sample.CheckpointError, match="text_chunks must be 1..3"):
+        sample.load_pipeline(str(with_config(ckpt, tmp_path / "bad.pt", text_chunks=4)), "cpu")
+
+
 def test_a_second_run_never_overwrites_the_first(ckpt, tmp_path):
     """Same --out twice: the first run's files stay byte for byte, the second goes to OUT-2; a user's folder of
     other files is left alone too (OUT-3), and no temporary .part file is left anywhere."""
@@ -148,6 +223,9 @@ def test_a_second_run_never_overwrites_the_first(ckpt, tmp_path):
     (["--steps", "0"], "--steps and --batch must be >= 1"),
     (["--steps", "1001"], "--steps must be <= the 1000 training timesteps"),
     (["--device", "bogus"], "--device 'bogus'"),
+    (["--size", "31x32"], "--size 31x32: width and height must be positive multiples of 2 (the VAE's factor 1 x patch 2)"),
+    (["--size", "32x0"], "--size 32x0: width and height must be positive multiples of 2"),
+    (["--size", "wide"], "argument --size: expects WIDTHxHEIGHT in pixels (e.g. 512x256), got 'wide'"),
     (["--weights", "model", "STRIP"], "has no 'model' weights (try --weights ema)"),
 ])
 def test_bad_settings_exit_2_with_one_line(ckpt, tmp_path, capsys, args, want):
@@ -173,9 +251,21 @@ def test_compile_flag_compiles_the_denoiser_generate_uses(ckpt, tmp_path, monkey
     are those of the eager model (torch.compile is replaced by a recorder here: the wiring, not Inductor, is tested;
     test_model.py checks compiled against eager numbers)."""
     calls = []
+
+    class Compiled:  # a recorder that, like torch.compile's OptimizedModule, forwards attributes to the module
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def __call__(self, *a, **k):
+            calls.append("called")
+            return self.module(*a, **k)
+
     def fake_compile(module, **kw):
         calls.append(module)
-        return lambda *a, **k: (calls.append("called"), module(*a, **k))[1]
+        return Compiled(module)
     monkeypatch.setattr(torch, "compile", fake_compile)
     argv = ["--ckpt", str(ckpt), "--device", "cpu", "--n", "1", "--steps", "2", "--seed", "5"]
     sample.main(argv + flag + ["--out", str(tmp_path / "a"), PROMPTS[0]])
