@@ -82,7 +82,8 @@ def source_kind(data):
     if builtin := _builtin(data):
         return builtin[0]  # "shapes" | "scenes" | "scenes_wide" | "scenes_wide2"
     if os.path.isdir(data):
-        if all(os.path.exists(os.path.join(data, f)) for f in ("manifest.json", "latents.npy")):
+        if os.path.exists(os.path.join(data, "manifest.json")) and any(
+                os.path.exists(os.path.join(data, f)) for f in ("latents.npy", "bucket.npy")):
             return "cache"  # a data folder that merely holds some manifest.json is read as data
         if os.path.exists(os.path.join(data, "metadata.jsonl")):
             return "imagefolder"
@@ -218,7 +219,7 @@ def _builtin_items(data, resolution):
     kind, n, seed = _builtin(data)
     if kind != "shapes":
         try:
-            toys.check_resolution(resolution)
+            (toys.check_wide_resolution if kind.startswith("scenes_wide") else toys.check_resolution)(resolution)
         except ValueError as e:
             raise DataError(str(e)) from None
     read = {"shapes": lambda i: toys.shape_sample(i, seed, resolution)[::-1],  # (image, caption)

@@ -390,7 +390,8 @@ class Diffusion:
         x0_cond = self.convert(out_cond, x, t, "x0")  # (B, C, H, W)
         diff = x0_cond - self.convert(out_uncond, x, t, "x0")  # D, the CFG update of x0 over w - 1
         g.running = diff if g.running is None else diff + g.apg_momentum * g.running  # momentum over the call
-        diff = g.running * (g.apg_norm / g.running.norm(dim=dims, keepdim=True)).clamp(max=1.0)  # ||D|| <= r
+        norm = torch.linalg.vector_norm(g.running, dim=dims, keepdim=True)  # (B, 1, 1, 1)
+        diff = g.running * (g.apg_norm / norm).clamp(max=1.0)  # ||D|| <= r
         unit = F.normalize(x0_cond.flatten(1), dim=1).view_as(x0_cond)  # x0_c / ||x0_c||
         parallel = (diff * unit).sum(dim=dims, keepdim=True) * unit  # D_par, (B, C, H, W)
         x0 = x0_cond + (g.cfg - 1) * (diff - parallel + g.apg * parallel)  # D_orth + eta D_par

@@ -169,24 +169,33 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, tokens):
         """tokens (N, 77 k), k = 1..chunks, as pack() writes them -> states (N, 77 k, dim), pooled (N, pooled_dim),
-        float32. Every chunk goes through the tower on its own (one batched call over N k windows). pooled is the
+        float32. Every chunk goes through the tower on its own, one call per chunk over the N captions (as A1111
+        does): a matmul's rounding depends on its batch size, so one call over N k windows would give the first
+        chunk states a few ulp away from the 77-token tower's; this way they are bit for bit the same. pooled is the
         first chunk's: for a caption of at most 75 tokens it is exactly the plain tower's, and it is what both
         references give SDXL's pooled input: kohya sd-scripts with max_token_length 150 / 225
         (library/strategy_sdxl.py, _get_hidden_states_sdxl: `pool2 = pool2[::n_size]`, "pool uses the first of n")
         and A1111 (modules/sd_hijack_clip.py: `zs[0].pooled`). The later chunks reach the model through the states."""
-        t, tokens = self.tower, tokens.to(self.device)
-        n, k = tokens.shape[0], tokens.shape[1] // CONTEXT_LENGTH
+        tokens = tokens.to(self.device)
+        k = tokens.shape[1] // CONTEXT_LENGTH
         if tokens.shape[1] % CONTEXT_LENGTH or not 1 <= k <= self.chunks:
             raise ValueError(f"tokens {tuple(tokens.shape)}: expected (N, 77 x k) with k in 1..{self.chunks}")
-        windows = tokens.reshape(n * k, CONTEXT_LENGTH)  # (N k, 77): chunk j of caption i is row i k + j
-        x = t.token_embedding(windows) + t.positional_embedding  # (N k, 77, dim)
-        x = t.transformer(x, attn_mask=t.attn_mask)  # (N k, 77, dim): open_clip >= 2.26 takes batch-first input
-        states = t.ln_final(x).reshape(n, k, CONTEXT_LENGTH, -1)  # (N, k, 77, dim)
+        chunks = [self.encode_chunk(w) for w in tokens.split(CONTEXT_LENGTH, dim=1)]  # k x ((N, 77, dim), (N, P))
+        return torch.cat([c[0] for c in chunks], dim=1), chunks[0][1]  # (N, 77 k, dim), (N, pooled_dim)
+
+    @torch.no_grad()
+    def encode_chunk(self, tokens):
+        """tokens (N, 77) -> states (N, 77, dim), pooled (N, pooled_dim), float32: the plain tower, as open_clip's
+        encode_text computes it with the per-token states kept."""
+        t = self.tower
+        x = t.token_embedding(tokens) + t.positional_embedding  # (N, 77, dim)
+        x = t.transformer(x, attn_mask=t.attn_mask)  # (N, 77, dim): open_clip >= 2.26 takes batch-first input
+        states = t.ln_final(x)  # (N, 77, dim)
         # the EOT token has the largest id: its state is the pooled one (open_clip's text_global_pool 'argmax')
-        eot = states[torch.arange(n, device=tokens.device), 0, tokens[:, :CONTEXT_LENGTH].argmax(-1)]  # (N, dim)
+        eot = states[torch.arange(len(tokens), device=tokens.device), tokens.argmax(-1)]  # (N, dim)
         proj = t.text_projection
         pooled = proj(eot) if isinstance(proj, nn.Linear) else eot @ proj  # (N, pooled_dim)
-        return states.reshape(n, k * CONTEXT_LENGTH, -1).float(), pooled.float()  # (N, 77 k, dim), (N, pooled_dim)
+        return states.float(), pooled.float()
 
     def __call__(self, captions):
         return self.encode(self.tokenize(captions))

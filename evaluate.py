@@ -1,11 +1,13 @@
 """
 Sample quality as papers report it: FID, Inception Score and CLIP score over a prompt file, optionally over a
-sweep of CFG scales, plus pixel-level prompt-adherence probes for the built-in `shapes` and `scenes` sets.
+sweep of CFG scales, plus pixel-level prompt-adherence probes for the built-in `shapes`, `scenes` and `scenes_wide`
+sets.
 
     python evaluate.py --ckpt out/ckpt.pt --prompts coco30k.txt --ref coco30k_256/ --n 30000 --cfg 1,3,5
     python evaluate.py --ckpt out/ckpt.pt --probe shapes --cfg 1,4
     python evaluate.py --ckpt out/ckpt.pt --probe scenes --cfg 1,3,5   # GenEval's six categories (toys.py)
     python evaluate.py --probe scenes --truth --resolution 64          # the reader on true renders: 1.0
+    python evaluate.py --ckpt out/ckpt.pt --probe scenes_wide --cfg 3  # the same at the 2:1 and 1:2 bucket sizes
 
 FID / IS use the TF-Inception "2015-12-05" weights through torch-fidelity (the weights TTUR, pytorch-fid and
 clean-fid use). torch-fidelity resizes uint8 images to 299x299 with a bilinear resize that reproduces
@@ -225,42 +227,68 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, 
 SCENE_SETS = {"in_distribution": toys.in_distribution_prompts, "held_out": toys.held_out_prompts}
 
 
+TRUTH_MULTIPLE = 2  # --truth's bucket sides (no checkpoint): pixel space at patch 2, as issue 24's 46 x 22 at 32 px
+
+
+def wide_sizes(resolution, multiple):
+    """The scenes_wide probe's (W, H): the 2:1 and 1:2 buckets of ~resolution^2 px, as training's (toys.bucket_size)."""
+    return [toys.bucket_size(resolution, aspect, multiple) for aspect in (2.0, 0.5)]
+
+
 def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, eta=0.0, guidance_rescale=0.0,
-                 batch_size=16, progress=False, resolution=None) -> dict:
-    """Both prompt sets, n_per_prompt seeds each (image k: seed + k) -> {cfg, truth, resolution, in_distribution,
-    held_out} with toys.evaluate_images' accuracies. pipe None: true renders at `resolution` (the reader's
-    ceiling, 1.0 by construction) instead of samples."""
-    out = dict(cfg=None if pipe is None else cfg, truth=pipe is None,
-               resolution=resolution if pipe is None else pipe.resolution)
+                 batch_size=16, progress=False, resolution=None, wide=False) -> dict:
+    """Both prompt sets, n_per_prompt seeds each (image k: seed + k) -> {cfg, truth, resolution, sizes,
+    in_distribution, held_out} with toys.evaluate_images' accuracies. pipe None: true renders at `resolution` (the
+    reader's ceiling, 1.0 by construction) instead of samples. wide: scenes_wide's probe, image k at sizes[k % 2]
+    (the 2:1, then the 1:2 bucket: each prompt at both when n_per_prompt is even), read on 2 cells a short side;
+    by_size holds each size's accuracies."""
+    resolution = resolution if pipe is None else pipe.resolution
+    multiple = TRUTH_MULTIPLE if pipe is None else pipe.vae.factor * pipe.model.config.patch
+    sizes = wide_sizes(resolution, multiple) if wide else [None]  # None: the square resolution
+    out = dict(cfg=None if pipe is None else cfg, truth=pipe is None, resolution=resolution)
+    if wide:
+        out.update(sizes=["%dx%d" % s for s in sizes], by_size={})
     for name, prompts in SCENE_SETS.items():
         texts, specs, seeds = toys.probe_plan(prompts(), n_per_prompt, seed)
-        if pipe is None:
-            images = np.stack([np.asarray(toys.render_spec(s, k, resolution)) for s, k in zip(specs, seeds)])
-        else:
-            images = generate(pipe, texts, seeds, cfg=cfg, steps=steps, sampler=sampler, eta=eta,
-                              guidance_rescale=guidance_rescale, batch_size=batch_size, progress=progress).numpy()
-        out[name] = toys.evaluate_images(images, specs)
+        images = [None] * len(texts)
+        for j, size in enumerate(sizes):
+            ks = range(j, len(texts), len(sizes))
+            if pipe is None:
+                drawn = [np.asarray(toys.render_spec(specs[k], seeds[k], size or resolution)) for k in ks]
+            else:
+                drawn = generate(pipe, [texts[k] for k in ks], [seeds[k] for k in ks], cfg=cfg, steps=steps,
+                                 sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, batch_size=batch_size,
+                                 progress=progress, size=size).numpy()
+            for k, image in zip(ks, drawn):
+                images[k] = image
+            if wide:
+                out["by_size"].setdefault(out["sizes"][j], {})[name] = toys.evaluate_images(
+                    images[j::len(sizes)], specs[j::len(sizes)], toys.WIDE_CELLS)
+        out[name] = toys.evaluate_images(images, specs, toys.WIDE_CELLS if wide else toys.GRID)
     return out
 
 
 def run_scenes_probe(args, pipe, cfgs, report):
-    """The scenes probe at every CFG scale (once on true renders when pipe is None) into `report`, a table each."""
+    """The scenes (or scenes_wide) probe at every CFG scale (once on true renders when pipe is None) into `report`
+    (probe_scenes or probe_scenes_wide), a table each; scenes_wide's has a row per set and size, then both sizes."""
+    wide = args.probe == "scenes_wide"
     rows = [probe_scenes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
                          sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale,
-                         batch_size=args.batch, progress=True, resolution=args.resolution)
+                         batch_size=args.batch, progress=True, resolution=args.resolution, wide=wide)
              for c in (cfgs if pipe is not None else [None])]
-    report["probe_scenes"] = rows
-    report["probe_scenes_prompts"] = {name: [p.text for p in prompts()] for name, prompts in SCENE_SETS.items()}
+    report[f"probe_{args.probe}"] = rows
+    report[f"probe_{args.probe}_prompts"] = {name: [p.text for p in prompts()] for name, prompts in SCENE_SETS.items()}
     names = [c.replace("_", " ") for c in toys.CATEGORIES]
     for r in rows:
-        print(f"\nscenes probe, {'true renders' if r['truth'] else 'cfg %g' % r['cfg']} at {r['resolution']} px "
-              f"({args.probe_n} images per prompt, {toys.SLOTS} prompts per category; overall: the mean over the "
-              "categories a set has)")
+        at = " and ".join(r["sizes"]) if wide else r["resolution"]
+        print(f"\n{args.probe} probe, {'true renders' if r['truth'] else 'cfg %g' % r['cfg']} "
+              f"at {at} px ({args.probe_n} images per prompt, {toys.SLOTS} prompts per category; overall: the mean "
+              "over the categories a set has)")
         print(f"| set | n | {' | '.join(names)} | overall |\n|---|---|{'---|' * (len(names) + 1)}")
         for name in SCENE_SETS:
-            acc = r[name]
-            print(f"| {name.replace('_', '-')} | {acc['n']} | "
-                  + " | ".join(fmt(acc[c], ".3f") for c in toys.CATEGORIES + ("overall",)) + " |")
+            for size, acc in [(s, r["by_size"][s][name]) for s in r.get("sizes") or []] + [("", r[name])]:
+                print(f"| {name.replace('_', '-')}{' ' * bool(size)}{size} | {acc['n']} | "
+                      + " | ".join(fmt(acc[c], ".3f") for c in toys.CATEGORIES + ("overall",)) + " |")
 
 #################################################################################
 #                                  CLI                                          #
@@ -291,13 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_weights", default="", help="local open_clip checkpoint of --clip's ARCH/TAG (offline; "
                    "the TAG still decides QuickGELU vs GELU)")
     p.add_argument("--stats_cache", default="cache/fid_stats", help="folder caching reference statistics")
-    p.add_argument("--probe", default="", choices=("", "shapes", "scenes"),
-                   help="also run a prompt-adherence probe: shapes (colour, kind) or scenes (GenEval's categories)")
+    p.add_argument("--probe", default="", choices=("", "shapes", "scenes", "scenes_wide"),
+                   help="also run a prompt-adherence probe: shapes (colour, kind), scenes (GenEval's categories) or "
+                   "scenes_wide (the same at the 2:1 and 1:2 bucket sizes)")
     p.add_argument("--probe_n", type=int, default=8, help="probe images per caption (shapes) or prompt (scenes)")
-    p.add_argument("--truth", action="store_true", help="with --probe scenes, no checkpoint: score true renders "
-                   "of the probe's prompts (the reader's ceiling)")
+    p.add_argument("--truth", action="store_true", help="with --probe scenes or scenes_wide, no checkpoint: score "
+                   "true renders of the probe's prompts (the reader's ceiling)")
     p.add_argument("--resolution", type=int, default=None,
-                   help=f"--truth's render size (default {toys.MIN_RESOLUTION}, the smallest the reader reads)")
+                   help=f"--truth's render size (default {toys.MIN_RESOLUTION}, scenes_wide "
+                   f"{toys.WIDE_MIN_RESOLUTION}: the smallest the reader reads)")
     p.add_argument("--probe_from", default="", help="also probe from true renders noised to these timesteps "
                    "(comma separated, e.g. 200,400): where the model loses the prompted shape")
     p.add_argument("--save_images", default="", help="folder to keep the generated images in (a new one: "
@@ -312,7 +342,7 @@ def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
     if not args.prompts and not args.probe:
-        p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes|scenes")
+        p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes|scenes|scenes_wide")
     check_args(p, args)
     if args.n < 0 or args.probe_n < 1:
         p.error("--n must be >= 0 (0: one sample per prompt) and --probe_n >= 1")
@@ -343,14 +373,18 @@ def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
 
 def check_truth_settings(p: argparse.ArgumentParser, args):
     """--truth and --resolution: true renders of the scenes probe, no checkpoint (p.error: exit 2)."""
-    if args.truth and (args.probe != "scenes" or args.prompts):
-        p.error("--truth scores true renders of the scenes probe: give --probe scenes, without --prompts")
+    if args.truth and (args.probe not in ("scenes", "scenes_wide") or args.prompts):
+        p.error("--truth scores true renders of the scenes probe: give --probe scenes or scenes_wide, without "
+                "--prompts")
     if args.resolution is not None and not args.truth:
         p.error("--resolution is --truth's render size (a checkpoint samples at its own resolution)")
     if args.truth:
-        args.resolution = toys.MIN_RESOLUTION if args.resolution is None else args.resolution
+        wide = args.probe == "scenes_wide"
+        least, check = (toys.WIDE_MIN_RESOLUTION, toys.check_wide_resolution) if wide else \
+            (toys.MIN_RESOLUTION, toys.check_resolution)
+        args.resolution = least if args.resolution is None else args.resolution
         try:
-            toys.check_resolution(args.resolution)
+            check(args.resolution)
         except ValueError as e:
             p.error(f"--resolution: {e}")
 
@@ -359,11 +393,11 @@ def check_pipeline_settings(p: argparse.ArgumentParser, args, pipe, t_starts):
     """The settings checked against the loaded checkpoint, before anything is sampled (p.error: exit 2)."""
     if any(not 0 <= t < pipe.diffusion.T for t in t_starts):
         p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
-    if args.probe == "scenes":
+    if args.probe in ("scenes", "scenes_wide"):
         try:
-            toys.check_resolution(pipe.resolution)
+            (toys.check_wide_resolution if args.probe == "scenes_wide" else toys.check_resolution)(pipe.resolution)
         except ValueError as e:
-            p.error(f"--probe scenes: the checkpoint's images are too small: {e}")
+            p.error(f"--probe {args.probe}: the checkpoint's images are too small: {e}")
 
 
 def metric_networks(args, device, extractor=None, clip_scorer=None) -> tuple:
@@ -446,7 +480,7 @@ def main(argv=None, extractor=None, clip_scorer=None):
         run_metrics(args, pipe, prompts, cfgs, report, extractor, clip_scorer)
     if args.probe == "shapes":
         run_probe(args, pipe, cfgs, t_starts, report)
-    if args.probe == "scenes":
+    if args.probe in ("scenes", "scenes_wide"):
         run_scenes_probe(args, pipe, cfgs, report)
     write_report(report, args.out, args.ckpt)
 

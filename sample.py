@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write, load_checkpoint
 from config import boolean, fail, resolve_device
-from diffusion import SAMPLERS, Diffusion
+from diffusion import APG_MOMENTUM, APG_NORM, SAMPLERS, Diffusion, check_guidance, parse_cfg_interval
 from encoders import LoadError, load_text_encoder, load_vae
 from model import DiT, DiTConfig
 
@@ -49,17 +49,20 @@ class Pipeline:
     def latent_shape(self, size=None) -> tuple:
         """(C, h, w) of the latents of a W x H image, size = (W, H); None: the square training resolution. The DiT
         takes any grid its patch divides (positions are computed per grid, model.py), so W and H must be multiples
-        of the VAE's factor x patch: ValueError otherwise."""
-        w, h = size or (self.resolution, self.resolution)
-        f, p = self.vae.factor, self.model.config.patch
+        of the VAE's factor x patch: ValueError otherwise (the training resolution fits by construction, and is not
+        checked: bench.py samples a peer network that has no DiTConfig)."""
+        f, w, h = self.vae.factor, *(size or (self.resolution, self.resolution))
+        p = self.model.config.patch if size else 1
         if w < 1 or h < 1 or w % (f * p) or h % (f * p):
             raise ValueError(f"{w}x{h}: width and height must be positive multiples of {f * p} "
                              f"(the VAE's factor {f} x patch {p})")
         return (self.vae.channels, h // f, w // f)
 
 
-def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipeline:
-    """Rebuild DiT (with `weights`: "ema" or "model"), Diffusion, VAE and text encoder from one checkpoint."""
+def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema", check=None) -> Pipeline:
+    """Rebuild DiT (with `weights`: "ema" or "model"), Diffusion, VAE and text encoder from one checkpoint.
+    check(diffusion): called before the VAE and the text encoder load (the CLIs' settings that need the model's kind:
+    its ValueError reaches the caller)."""
     device = torch.device(device)
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt["config"]
@@ -77,6 +80,8 @@ def load_pipeline(ckpt_path: str, device="cpu", weights: str = "ema") -> Pipelin
         diffusion = Diffusion.from_config(config)
     except ValueError as e:
         raise CheckpointError(f"{ckpt_path}: its diffusion settings are invalid: {e}") from None
+    if check is not None:
+        check(diffusion)
     vae = load_vae(config["vae"], device=device)
     try:  # prompts are encoded as the captions were in training: text_chunks windows of 75 tokens (1 before the key)
         text_encoder = load_text_encoder(config["text_encoder"], device=device, chunks=config.get("text_chunks", 1))
@@ -98,10 +103,12 @@ def encode_text(pipe: Pipeline, captions: list) -> tuple:
 
 @torch.no_grad()
 def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler=None, eta=0.0,
-                   guidance_rescale=0.0, negative="", init=None, t_start=None, size=None) -> torch.Tensor:
+                   guidance_rescale=0.0, negative="", init=None, t_start=None, size=None, cfg_interval=None,
+                   apg=None, apg_norm=APG_NORM, apg_momentum=APG_MOMENTUM, cfg_zero_star=False) -> torch.Tensor:
     """One batch: latent i comes only from torch.Generator(seed i) (x_T and every sampler noise).
     -> (B, C, h, w) fp32. init (B, C, h, w) latents + t_start: start from init noised to t_start (SDEdit).
-    size: (W, H) of the images, None = the square training resolution (Pipeline.latent_shape)."""
+    size: (W, H) of the images, None = the square training resolution (Pipeline.latent_shape).
+    cfg_interval, apg, apg_norm, apg_momentum, cfg_zero_star: Diffusion.sample's guidance options."""
     assert len(prompts) == len(seeds), "one seed per prompt"
     assert init is None or t_start is not None, "init latents need the t_start they are noised to"
     # CPU generators (as diffusers' randn_tensor): the same seed gives the same x_T and noise on any device
@@ -122,7 +129,9 @@ def sample_latents(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50
             return pipe.model(x, t, c[0], c[1]).float()
 
     return pipe.diffusion.sample(model_fn, x_T, cond, uncond=uncond, cfg=cfg, guidance_rescale=guidance_rescale,
-                                 steps=steps, sampler=sampler, eta=eta, generator=gens, t_start=t_start).float()
+                                 steps=steps, sampler=sampler, eta=eta, generator=gens, t_start=t_start,
+                                 cfg_interval=cfg_interval, apg=apg, apg_norm=apg_norm, apg_momentum=apg_momentum,
+                                 cfg_zero_star=cfg_zero_star).float()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -133,10 +142,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, sampler=None, eta=0.0,
              guidance_rescale=0.0, negative="", batch_size=16, progress=False, init=None, t_start=None,
-             size=None) -> torch.Tensor:
+             size=None, cfg_interval=None, apg=None, apg_norm=APG_NORM, apg_momentum=APG_MOMENTUM,
+             cfg_zero_star=False) -> torch.Tensor:
     """One image per (prompt, seed), sampled batch_size at a time and decoded -> uint8 (N, H, W, 3).
     init: (N, C, h, w) latents to start from, noised to t_start (SDEdit); None: pure noise. size: (W, H), None = the
-    square training resolution."""
+    square training resolution. cfg_interval, apg, apg_norm, apg_momentum, cfg_zero_star: Diffusion.sample's."""
+    guidance = dict(cfg_interval=cfg_interval, apg=apg, apg_norm=apg_norm, apg_momentum=apg_momentum,
+                    cfg_zero_star=cfg_zero_star)
     assert len(prompts) == len(seeds), "one seed per prompt"
     out = []
     with tqdm(total=len(prompts), disable=not progress, desc=f"sampling cfg {cfg:g}", unit="img") as bar:
@@ -144,7 +156,7 @@ def generate(pipe: Pipeline, prompts: list, seeds: list, cfg=7.5, steps=50, samp
             latents = sample_latents(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], cfg=cfg, steps=steps,
                                      sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, negative=negative,
                                      init=None if init is None else init[i:i + batch_size], t_start=t_start,
-                                     size=size)
+                                     size=size, **guidance)
             out.append(to_uint8(pipe.vae.decode(latents)))
             bar.update(len(latents))
     return torch.cat(out)
@@ -211,12 +223,50 @@ def size_arg(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expects WIDTHxHEIGHT in pixels (e.g. 512x256), got {text!r}") from None
 
 
+def interval_arg(text: str) -> tuple:
+    """diffusion.parse_cfg_interval as an argparse type ("LO,HI" -> (lo, hi))."""
+    try:
+        return parse_cfg_interval(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_guidance_args(p: argparse.ArgumentParser):
+    """Diffusion.sample's guidance options as flags (shared with evaluate.py); guidance_args reads them back."""
+    p.add_argument("--cfg_interval", type=interval_arg, default=None, metavar="LO,HI",
+                   help="guide only the evaluations whose s (sigma for flow, t / T otherwise) is in [LO, HI] "
+                   "(arXiv 2404.07724); the others run the conditional model alone (default: guide everywhere)")
+    p.add_argument("--apg", type=float, default=None, metavar="ETA", help="adaptive projected guidance (arXiv "
+                   "2410.02416) instead of CFG, ETA the weight of the parallel component (0: the paper's main "
+                   "setting; default: off)")
+    p.add_argument("--apg_norm", type=float, default=None, metavar="R",
+                   help=f"APG's norm threshold r, > 0 (default {APG_NORM}; inf: no rescaling)")
+    p.add_argument("--apg_momentum", type=float, default=None, metavar="BETA",
+                   help=f"APG's momentum beta over the steps (default {APG_MOMENTUM}; the paper's is negative)")
+    p.add_argument("--cfg_zero_star", type=boolean_arg, default=False, metavar="true|false",
+                   help="CFG-Zero* (arXiv 2503.18886; flow checkpoints only): the optimised scale, first step zeroed")
+
+
+def guidance_args(args) -> dict:
+    """generate()'s guidance keywords from add_guidance_args' flags (APG's r and beta: their defaults if not given)."""
+    return dict(cfg_interval=args.cfg_interval, apg=args.apg,
+                apg_norm=APG_NORM if args.apg_norm is None else args.apg_norm,
+                apg_momentum=APG_MOMENTUM if args.apg_momentum is None else args.apg_momentum,
+                cfg_zero_star=args.cfg_zero_star)
+
+
 def check_args(p: argparse.ArgumentParser, args):
     """Exit 2 on settings that would otherwise fail only after loading the models (shared with evaluate.py)."""
     if args.steps < 1 or args.batch < 1:
         p.error("--steps and --batch must be >= 1")
     if args.eta < 0:
         p.error(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
+    if args.apg is None and (args.apg_norm is not None or args.apg_momentum is not None):
+        p.error("--apg_norm and --apg_momentum set APG, which is off: give --apg ETA too")
+    try:  # the model's kind is checked in open_pipeline, before the encoders load
+        check_guidance(guidance_rescale=args.guidance_rescale, **guidance_args(args))
+    except ValueError as e:
+        p.error(str(e))
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -227,9 +277,17 @@ def check_args(p: argparse.ArgumentParser, args):
 
 def open_pipeline(p: argparse.ArgumentParser, args, weights="ema") -> Pipeline:
     """load_pipeline for a command line (shared with evaluate.py): a bad checkpoint, an encoder that cannot be
-    loaded, or --steps beyond the training timesteps exit 2 with one line."""
+    loaded, --steps beyond the training timesteps, or guidance the model's kind does not take exit 2 with one
+    line."""
+    def check(diffusion):  # before the VAE and the text encoder load (CFG-Zero*: flow checkpoints only)
+        try:
+            check_guidance(guidance_rescale=args.guidance_rescale, prediction=diffusion.prediction,
+                           **guidance_args(args))
+        except ValueError as e:
+            p.error(str(e))
+
     try:
-        pipe = load_pipeline(args.ckpt, args.device, weights=weights)
+        pipe = load_pipeline(args.ckpt, args.device, weights=weights, check=check)
     except (CheckpointError, LoadError) as e:
         fail(e, prog=p.prog)
     if args.steps > pipe.diffusion.T:
@@ -280,6 +338,7 @@ def main(argv=None):
                    help="torch.compile the denoiser (default: true on CUDA, false on the CPU)")
     p.add_argument("--size", type=size_arg, default=None, metavar="WxH", help="image width x height in pixels, "
                    "multiples of the VAE's factor x patch (default: the checkpoint's square resolution)")
+    add_guidance_args(p)
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
     if args.n < 1:
@@ -298,10 +357,10 @@ def main(argv=None):
     seeds = [args.seed + k for k in range(len(prompts))]
     settings = dict(ckpt=args.ckpt, step=pipe.step, weights=args.weights, cfg=args.cfg, steps=args.steps,
                     sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, negative=args.negative,
-                    size="{}x{}".format(*args.size))
+                    size="{}x{}".format(*args.size), **guidance_args(args))
     images = generate(pipe, prompts, seeds, cfg=args.cfg, steps=args.steps, sampler=args.sampler, eta=args.eta,
                       guidance_rescale=args.guidance_rescale, negative=args.negative, batch_size=args.batch,
-                      progress=True, size=args.size)
+                      progress=True, size=args.size, **guidance_args(args))
     paths = save_images(images, prompts, seeds, settings, out_dir, cols=args.n)
     print(f"wrote {len(paths)} images + grid.png to {out_dir}")
 

@@ -318,14 +318,14 @@ def render_spec(spec, seed, size):
 #################################################################################
 
 # Sample i is drawn at ~R^2 px, R the training resolution: 2S x S on a 2 x 4 grid (even i), S x 2S on 4 x 2 (odd i),
-# S = round(R / sqrt 2), so its cells, ~0.35 R, are about a scenes cell (R / 3) and its 2:1 (1:2) bucket is about
-# its own size (56 x 28 at 40 px: the bucket at multiples 2 and 4; 90 x 45 -> 90 x 46 at 64 px, multiple 2). data.py's
-# square path resizes its short side to R and keeps the middle two columns (rows) of four: 64% of the training scenes
-# lose an object.
-# True renders resized (LANCZOS) to their bucket read without error from 40 px at multiples 1, 2, 4 and 8 (300
-# scenes each), and so do the scenes' stand-in for samples (0.6-px blur, noise std 15) at multiples 2 and 4; at
-# 32 px a patch-4 bucket (44 x 24) reads 0.95 and the stand-in at 46 x 22 0.955: the reader's resampled 5-px
-# circles pass for squares. Below WIDE_MIN_RESOLUTION wide_scene_sample raises ValueError.
+# S = round(R / sqrt 2), so its cells, ~0.35 R, are about a scenes cell (R / 3) and its 2:1 (1:2) bucket is about its
+# own size (56 x 28 at 40 px is the bucket at multiples 2 and 4; 90 x 45 -> 90 x 46 at 64 px, multiple 2). data.py's
+# square path resizes its short side to R and keeps the middle two columns (rows) of four: 64% of the training
+# scenes lose an object. True renders resized (LANCZOS) to their bucket read without error at 40 px, multiples 1-8
+# (300 scenes each), 64 px at 2 and 256 px at 16 (sd-vae-ft-mse x patch 2), and so does the scenes' stand-in for
+# samples (0.6-px blur, noise std 15) at 40 px, multiples 2 and 4. At 32 px a patch-4 bucket (44 x 24) reads 0.95 of
+# 400 scenes and the stand-in at 46 x 22 0.955: resampled 5-px circles pass for squares. Other settings can cost too
+# (48 px, multiple 8: 68 x 34 -> 64 x 32 reads 0.77, its 7-px circles as squares): check one with the tests first.
 WIDE_MIN_RESOLUTION = 40
 # Where a row / column stands, for the long caption; a flip swaps "left" and "right" (data.py) and stays true.
 ROW_WORDS = {2: ("top", "bottom"), 4: ("very top", "top", "bottom", "very bottom")}

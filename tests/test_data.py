@@ -315,3 +315,156 @@ def test_a_data_folder_with_a_stray_manifest_is_data_not_a_cache(tmp_path):
     (src / "a.txt").write_text("a black square")
     (src / "manifest.json").write_text('{"made by": "another tool"}')
     assert data.source_kind(str(src)) == "captioned_images"
+
+
+##### aspect buckets, several captions, long captions
+
+def _cover_crop(img, W, H):
+    """The issue's rule written out: scale to cover (W, H), the middle W x H kept; an image of the bucket's own aspect
+    ratio is a plain resize (nothing is cut)."""
+    w, h = img.size
+    s = max(W / w, H / h)
+    size = (max(W, round(w * s)), max(H, round(h * s)))
+    if w * H == h * W:
+        assert size == (W, H)
+    left, top = (size[0] - W) // 2, (size[1] - H) // 2
+    img = img.convert("RGB").resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(img.crop((left, top, left + W, top + H)))
+
+
+def test_bucket_sizes_are_the_aspect_ratios_evenly_in_log():
+    sizes = data.bucket_sizes(256, 5, 2.0, 16)
+    assert sizes == [(176, 368), (208, 304), (256, 256), (304, 208), (368, 176)]  # 256 * 2^(+-1/2, +-1/4, 0), / 16
+    assert all(W % 16 == 0 and H % 16 == 0 and 0.85 < W * H / 256 ** 2 < 1.15 for W, H in sizes)
+    assert data.bucket_sizes(16, 9, 2.0, 4) == [(12, 24), (12, 20), (16, 16), (20, 12), (24, 12)]  # kept once
+
+
+def test_small_buckets_merge_into_their_nearest_neighbour():
+    sizes = [(12, 24), (12, 20), (16, 16), (20, 12), (24, 12)]
+    assert data.merge_small(sizes, [8, 8, 8, 8, 16], 8) == [0, 1, 2, 3, 4]
+    assert data.merge_small(sizes, [8, 3, 8, 8, 16], 8) == [0, 0, 2, 3, 4]  # 1 joins 0 (nearer in log than 2)
+    assert data.merge_small(sizes, [0, 0, 8, 2, 16], 8) == [2, 2, 2, 4, 4]  # empty ones point at the nearest kept
+    assert data.merge_small(sizes, [1, 1, 1, 1, 1], 8) == [1, 1, 1, 1, 1]  # smallest first, ties to the lower index
+    assert data.merge_small(sizes, [0, 0, 0, 0, 0], 8) == [0, 1, 2, 3, 4]  # nothing usable: the build says so
+
+
+def test_each_image_goes_to_its_nearest_bucket_covered_and_centre_cropped(mixed):
+    from conftest import MIXED_SIZES
+    c = data.LatentCache(mixed)
+    m = c.manifest
+    assert [b["size"] for b in m["buckets"]] == [[12, 24], [12, 20], [16, 16], [20, 12], [24, 12]]
+    assert [b["count"] for b in m["buckets"]] == [len(x) for x in c.members] == [8, 8, 8, 8, 16]
+    assert m["count"] == 48 and m["captions"] == 64 and m["aspect_buckets"] == 5 and m["merged"] == {}
+    images = os.path.join(os.path.dirname(mixed), "images")
+    for i in range(48):
+        w, h = MIXED_SIZES[i % len(MIXED_SIZES)]
+        b = int(np.argmin([abs(np.log(w / h) - np.log(W / H)) for W, H in c.sizes]))  # nearest in log aspect
+        assert c.bucket[i] == b, (i, w, h)
+        W, H = c.sizes[b]
+        want = _cover_crop(Image.open(os.path.join(images, f"{i}.png")), W, H)  # (H, W, 3)
+        got = c.bucket_latents[b][c.row[i], 0]  # (3, H, W) in [-1, 1]: vae "none" caches the pixels
+        assert np.abs((got.astype(np.float32) + 1) * 127.5 - want.transpose(2, 0, 1)).max() < 0.6
+        assert np.array_equal(c.bucket_latents[b][c.row[i], 1], got[:, :, ::-1])  # the mirrored image
+
+
+def test_a_bucket_smaller_than_min_bucket_is_merged_and_said(tmp_path, capsys):
+    from conftest import mixed_folder
+    out = data.build_cache(mixed_folder(tmp_path / "im", n=42), str(tmp_path / "c"), 16, "none", "tiny",
+                           aspect_buckets=5, patch=4, min_bucket=8)  # 7 images a size: (40, 30) and (30, 52) short
+    m = data.LatentCache(out).manifest
+    assert sum(b["count"] for b in m["buckets"]) == 42 and all(b["count"] >= 8 for b in m["buckets"])
+    assert m["merged"] and "merged into" in capsys.readouterr().out
+
+
+def test_an_image_too_small_for_its_bucket_is_skipped_and_counted(tmp_path):
+    folder = tmp_path / "im"
+    folder.mkdir()
+    for name, (w, h) in {"ok": (24, 12), "small": (11, 6), "tall": (12, 24)}.items():  # 11 x 6: a 2.2x upscale
+        _write(folder / f"{name}.png", _png(np.zeros((h, w, 3), np.uint8))), _write(folder / f"{name}.txt", b"x")
+    c = data.LatentCache(data.build_cache(str(folder), str(tmp_path / "c"), 16, "none", "tiny", aspect_buckets=3,
+                                          patch=4))
+    assert c.manifest["count"] == 2 and c.manifest["skipped"] == {"too_small": 1}
+    assert c.sizes == [(12, 24), (24, 12)] and c.latent_shapes == [(3, 24, 12), (3, 12, 24)]
+
+
+def test_several_captions_from_every_source_form(tmp_path):
+    from encoders import load_text_encoder
+    te = load_text_encoder("tiny")
+    img = _png(np.full((16, 16, 3), 90, np.uint8))
+    want = [["one caption"], ["first of two", "second of two"], ["a", "b", "c"]]
+    meta, txt, tars = tmp_path / "meta", tmp_path / "txt", tmp_path / "tars"
+    for d in (meta, txt, tars):
+        d.mkdir()
+    with open(meta / "metadata.jsonl", "w") as f:
+        for i, caps in enumerate(want):
+            _write(meta / f"{i}.png", img), _write(txt / f"{i}.png", img)
+            f.write(json.dumps({"file_name": f"{i}.png", "text": caps if len(caps) > 1 else caps[0]}) + "\n")
+            _write(txt / f"{i}.txt", ("\n\n".join(caps) + "\n").encode())  # blank lines are not captions
+    _tar(tars / "0.tar", [(f"{i:03d}", {"png": img, "txt": "\n".join(caps).encode()}) for i, caps in enumerate(want[:2])]
+         + [("002", {"png": img, "json": json.dumps({"text": want[2]}).encode()})])
+    for src in (meta, txt, tars):
+        c = data.LatentCache(data.build_cache(str(src), str(tmp_path / f"c_{src.name}"), 16, "none", te))
+        assert c.manifest["count"] == 3 and c.manifest["captions"] == 6 and list(c.ncaptions) == [1, 2, 3]
+        assert c.captions() == ["one caption", ["first of two", "second of two"], ["a", "b", "c"]]
+        assert np.array_equal(c.tokens, te.tokenize([t for caps in want for t in caps]).numpy())
+        assert list(c.caption_start) == [0, 1, 3]
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_text_chunks_cache_the_tokens_of_every_chunk(tmp_path, chunks):
+    from encoders import load_text_encoder
+    te = load_text_encoder("tiny", chunks=chunks)
+    folder = tmp_path / "im"
+    folder.mkdir()
+    texts = {"short": "a red fox", "long": LONG}  # LONG: 500 words, past every chunk
+    for name, text in texts.items():
+        _write(folder / f"{name}.png", _png(np.zeros((16, 16, 3), np.uint8))), _write(folder / f"{name}.txt",
+                                                                                    text.encode())
+    c = data.LatentCache(data.build_cache(str(folder), str(tmp_path / "c"), 16, "none", "tiny", text_chunks=chunks,
+                                          text_states=True))
+    assert c.tokens.shape == (2, 77 * chunks) and c.manifest["context_length"] == 77 * chunks
+    order = [json.loads(l)["text"] for l in open(os.path.join(c.path, "captions.jsonl"))]
+    ref = te.tokenize(order)
+    assert np.array_equal(c.tokens, ref.numpy()) and c.manifest["fixed"] == {"caption_truncated": 1}
+    states, pooled = te.encode(ref)
+    assert np.allclose(c.states.astype(np.float32), states.numpy(), atol=2e-2)
+    assert c.empty_tokens.shape == (77 * chunks,)
+
+
+def test_a_cache_of_other_layout_settings_is_an_error_that_keeps_it(tmp_path):
+    from conftest import mixed_folder
+    src, out = mixed_folder(tmp_path / "im", n=12), str(tmp_path / "c")
+    data.build_cache(src, out, 16, "none", "tiny", aspect_buckets=3, patch=4)
+    before = _file_bytes(out)
+    for layout in (dict(), dict(aspect_buckets=5, patch=4), dict(aspect_buckets=3, patch=2), dict(text_chunks=2)):
+        with pytest.raises(data.DataError, match="other settings"):
+            data.build_cache(src, out, 16, "none", "tiny", **layout)
+        with pytest.raises(data.DataError, match="does not match"):
+            data.ensure_cache(out, 16, "none", "tiny", **layout)
+    assert _file_bytes(out) == before
+    assert data.ensure_cache(out, 16, "none", "tiny", aspect_buckets=3, patch=4) == out
+
+
+def test_a_cache_from_before_buckets_and_captions_still_loads(tmp_path):
+    out = data.build_cache("shapes:12", str(tmp_path / "c"), 16, "none", "tiny")
+    new = data.LatentCache(out)
+    for name in ("bucket.npy", "ncaptions.npy"):
+        os.remove(os.path.join(out, name))
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    for key in ("buckets", "merged", "captions", "min_bucket"):
+        del m[key]
+    json.dump(m, open(os.path.join(out, "manifest.json"), "w"))
+    old = data.LatentCache(out)
+    assert old.sizes == [(16, 16)] and np.array_equal(old.latents, new.latents)
+    assert list(old.caption_start) == list(range(12)) and list(old.row) == list(range(12))
+    assert data.ensure_cache(out, 16, "none", "tiny") == out  # and it is still the cache these settings ask for
+
+
+def test_layout_keys_are_checked_with_exit_code_2(tmp_path, capsys):
+    for argv, needle in ((["--aspect_buckets", "1"], "aspect_buckets 1"), (["--aspect_buckets", "-2"], "aspect_bu"),
+                         (["--max_aspect", "0.5"], "max_aspect 0.5"), (["--text_chunks", "4"], "text_chunks 4")):
+        with pytest.raises(SystemExit) as e:
+            data.main(["--data", "shapes:4", "--out", str(tmp_path / "c"), "--vae", "none", "--text_encoder", "tiny",
+                       *argv])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "c")

@@ -12,7 +12,7 @@ from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.training_utils import compute_snr
 from scipy.stats import norm
 
-from diffusion import Diffusion, rescale_cfg
+from diffusion import Diffusion, Guidance, check_guidance, parse_cfg_interval, rescale_cfg
 
 T = 1000
 BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 0.02)}
@@ -646,3 +646,231 @@ def test_convert_inverts_the_noising():
     torch.testing.assert_close(d.convert(v, x_t, t, "x0"), x0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d.convert(v, x_t, t, "eps"), noise, rtol=1e-5, atol=1e-5)
     assert math.isclose(d.shift(0.5), 2.0 * 0.5 / 1.5)
+
+
+# ----------------------------------------------------------------------------- guidance at sampling
+# the guidance interval (arXiv 2404.07724), APG (arXiv 2410.02416), CFG-Zero* (arXiv 2503.18886): against today's
+# CFG bitwise, forward counts, and float64 recomputations of the papers' formulas written here
+
+GUIDED_CASES = [(p, s) for p in ("eps", "v", "x0") for s in ("ddim", "ddpm", "dpmpp_2m")] + [
+    ("flow", "euler"), ("flow", "heun")]
+
+
+def guided_setup(prediction, B=3, seed=20):
+    """(Diffusion, model_fn, x_T, cond, uncond) for a prediction kind: toy_model / flow_model and their shapes."""
+    g = torch.Generator().manual_seed(seed)
+    if prediction == "flow":
+        d = Diffusion(prediction="flow", flow_shift=3.0)
+        return d, flow_model, torch.randn(B, 1, 4, 4, generator=g), torch.randn(B, 1, generator=g), torch.zeros(B, 1)
+    d = ours("scaled_linear", prediction)
+    return (d, toy_model(d), torch.randn(B, 3, 4, 4, generator=g), torch.randn(B, 3, generator=g),
+            torch.randn(B, 3, generator=g))
+
+
+def s_of(d, t):
+    """The interval's coordinate of a model call's t (B,): sigma = t / T for flow, t / T for eps / v / x0."""
+    return float(t[0]) / d.T
+
+
+def cfg_today(d, model_fn, uncond, cfg, guidance_rescale=0.0, inside=lambda s: True):
+    """Today's CFG (before the guidance options) as a model of its own, called with uncond=None: one batched call on
+    [uncond; cond], u + cfg (c - u), rescale; where inside(s) is false the conditional model alone."""
+    def guided(x, t, c):
+        if not inside(s_of(d, t)):
+            return model_fn(x, t, c).to(x.dtype)
+        u, cc = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, c])).to(x.dtype).chunk(2)
+        out = u + cfg * (cc - u)
+        return rescale_cfg(out, cc, guidance_rescale) if guidance_rescale > 0 else out
+    return guided
+
+
+@pytest.mark.parametrize("prediction,sampler", GUIDED_CASES)
+def test_interval_zero_one_is_todays_cfg_bitwise(prediction, sampler):
+    d, model_fn, x_T, cond, uncond = guided_setup(prediction)
+    phi = 0.0 if prediction == "flow" else 0.6
+    kw = dict(steps=6, sampler=sampler)
+    gen = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731 (ddpm draws noise)
+    want = d.sample(cfg_today(d, model_fn, uncond, 3.0, phi), x_T, cond, generator=gen(), **kw)
+    for interval in ((0.0, 1.0), None):
+        got = d.sample(model_fn, x_T, cond, uncond, 3.0, phi, generator=gen(), cfg_interval=interval, **kw)
+        assert torch.equal(got, want), interval
+
+
+@pytest.mark.parametrize("prediction,sampler", GUIDED_CASES)
+def test_interval_guides_only_the_evaluations_inside_it(prediction, sampler):
+    """Outside the interval one call of batch B (the conditional model); inside one call of 2B, guided; judged at
+    each evaluation by its own s (Heun's second by sigma_next). An interval without any evaluation is cfg 1."""
+    d, model_fn, x_T, cond, uncond = guided_setup(prediction)
+    B, calls = x_T.shape[0], []
+
+    def counting(x, t, c):
+        calls.append((x.shape[0], s_of(d, t)))
+        return model_fn(x, t, c)
+
+    kw = dict(steps=8, sampler=sampler, generator=[torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    lo, hi = 0.3, 0.71  # no grid point on either edge
+    got = d.sample(counting, x_T, cond, uncond, 4.0, cfg_interval=(lo, hi), **kw)
+    assert len(calls) == (15 if sampler == "heun" else 8)  # Heun: two evaluations a step, the last step one
+    assert all(n == (2 * B if lo <= s <= hi else B) for n, s in calls), calls
+    assert 0 < sum(n == 2 * B for n, _ in calls) < len(calls)
+    kw["generator"] = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    want = d.sample(cfg_today(d, model_fn, uncond, 4.0, inside=lambda s: lo <= s <= hi), x_T, cond, **kw)
+    assert torch.equal(got, want)
+    calls.clear()
+    kw["generator"] = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    none_inside = d.sample(counting, x_T, cond, uncond, 4.0, cfg_interval=(0.0, 0.005), **kw)
+    assert [n for n, _ in calls] == [B] * len(calls)
+    kw["generator"] = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    assert torch.equal(none_inside, d.sample(model_fn, x_T, cond, **kw))
+
+
+def x0_of(prediction, out, x, t, d):
+    """float64: the x0 of a model output at (x, t) (written apart from diffusion.py's convert)."""
+    if prediction == "flow":
+        return x - (t / T).view(-1, 1, 1, 1) * out  # x = (1 - sigma) x0 + sigma eps, out = eps - x0
+    ab = d.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    return {"eps": (x - s * out) / a, "v": a * x - s * out, "x0": out}[prediction]
+
+
+def out_of(prediction, x0, x, t, d):
+    """float64: an x0 at (x, t) as the output of the prediction kind (x0_of's inverse)."""
+    if prediction == "flow":
+        return (x - x0) / (t / T).view(-1, 1, 1, 1)
+    ab = d.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    eps = (x - a * x0) / s
+    return {"eps": eps, "v": a * eps - s * x0, "x0": x0}[prediction]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "flow"])
+@pytest.mark.parametrize("eta,beta", [(0.0, -0.75), (0.5, -0.5), (1.0, 0.0)])
+def test_apg_update_equals_float64_recomputation(prediction, eta, beta):
+    """Four evaluations of one call on fixed tensors: D = x0_c - x0_u, running D_k + beta running_{k-1}, scaled by
+    min(1, r / ||.||) per sample, split along x0_c, x0 = x0_c + (w - 1) (D_orth + eta D_par), back to the output."""
+    d = Diffusion(prediction="flow") if prediction == "flow" else ours("scaled_linear", prediction)
+    gen = torch.Generator().manual_seed(21)
+    w, r, B, K = 4.0, 3.0, 3, 4
+    x = torch.randn(K, B, 2, 4, 4, generator=gen)
+    out_c = torch.randn(K, B, 2, 4, 4, generator=gen)
+    out_u = out_c + torch.tensor([0.05, 0.4, 2.0]).view(1, B, 1, 1, 1) * torch.randn(K, B, 2, 4, 4, generator=gen)
+    ts = [torch.tensor([900.0, 600.5, 250.0]), torch.tensor([700.0, 450.0, 120.0]),
+          torch.tensor([500.0, 300.0, 60.0]), torch.tensor([300.0, 150.0, 20.0])]
+    if prediction != "flow":
+        ts = [t.long() for t in ts]
+    g = Guidance(cfg=w, apg=eta, apg_norm=r, apg_momentum=beta)
+    running, clipped = None, []
+    for k in range(K):
+        got = d.guide(out_c[k], out_u[k], x[k], ts[k], g)
+        xd, td = x[k].double(), ts[k].double()
+        x0c = x0_of(prediction, out_c[k].double(), xd, td, d)
+        diff = x0c - x0_of(prediction, out_u[k].double(), xd, td, d)
+        running = diff if running is None else diff + beta * running
+        norm = running.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        clipped += (norm > r).flatten().tolist()
+        scaled = running * torch.clamp(r / norm, max=1.0)
+        par = (scaled * x0c).sum(dim=(1, 2, 3), keepdim=True) / (x0c * x0c).sum(dim=(1, 2, 3), keepdim=True) * x0c
+        x0g = x0c + (w - 1) * ((scaled - par) + eta * par)
+        want = out_of(prediction, x0g, xd, td, d)
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
+    assert any(clipped) and not all(clipped)  # both sides of the norm threshold are exercised
+
+
+@pytest.mark.parametrize("prediction,sampler", GUIDED_CASES)
+def test_apg_without_its_changes_is_cfg_and_its_momentum_is_per_call(prediction, sampler):
+    """eta 1, r = inf, beta 0: x0_c + (w - 1) D is CFG (the conversions are affine in the output); the momentum
+    starts afresh in every sampling call (two calls, the same result)."""
+    d, model_fn, x_T, cond, uncond = guided_setup(prediction)
+    kw = dict(steps=6, sampler=sampler)
+    gen = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    cfg = d.sample(model_fn, x_T, cond, uncond, 3.0, generator=gen(), **kw)
+    plain = d.sample(model_fn, x_T, cond, uncond, 3.0, generator=gen(), apg=1.0, apg_norm=math.inf, apg_momentum=0.0,
+                     **kw)
+    torch.testing.assert_close(plain, cfg, rtol=1e-4, atol=1e-4)
+    first = d.sample(model_fn, x_T, cond, uncond, 3.0, generator=gen(), apg=0.0, **kw)
+    assert torch.equal(first, d.sample(model_fn, x_T, cond, uncond, 3.0, generator=gen(), apg=0.0, **kw))
+    assert not torch.allclose(first, cfg, atol=1e-3)
+
+
+def test_cfg_zero_star_scale_equals_float64_recomputation():
+    """s* = <v_c, v_u> / ||v_u||^2 per sample, v = s* v_u + w (v_c - s* v_u) (arXiv 2503.18886 sec. 4.1)."""
+    d, gen, w = Diffusion(prediction="flow"), torch.Generator().manual_seed(22), 5.0
+    v_c = torch.randn(3, 2, 4, 4, generator=gen)
+    v_u = torch.tensor([0.5, 1.0, -2.0]).view(3, 1, 1, 1) * v_c + 0.3 * torch.randn(3, 2, 4, 4, generator=gen)
+    got = d.guide(v_c, v_u, torch.zeros_like(v_c), torch.full((3,), 500.0), Guidance(cfg=w, cfg_zero_star=True))
+    c, u = v_c.double(), v_u.double()
+    s_star = (c * u).sum(dim=(1, 2, 3), keepdim=True) / (u * u).sum(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(got.double(), s_star * u + w * (c - s_star * u), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_cfg_zero_star_sampling_zeroes_the_first_step(sampler):
+    """A loop written here in float64 guidance: the first step has velocity 0 and calls no model, every later
+    evaluation is the optimised-scale CFG; at cfg 1 the conditional sampler (nothing zeroed)."""
+    d, model_fn, x_T, cond, uncond = guided_setup("flow")
+    w, steps, seen = 4.0, 6, []
+
+    def recording(x, t, c):
+        seen.append(float(t[0]) / T)
+        return model_fn(x, t, c)
+
+    got = d.sample(recording, x_T, cond, uncond, w, steps=steps, sampler=sampler, cfg_zero_star=True)
+    sigmas = d.flow_sigmas(steps).tolist()
+    assert min(abs(s - sigmas[0]) for s in seen) > 1e-3  # sigma = 1 is never evaluated
+
+    def velocity(x, sigma):
+        t = torch.full((x.shape[0],), T * sigma, dtype=torch.float32)
+        u, c = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).double().chunk(2)
+        s_star = (c * u).sum(dim=(1, 2, 3), keepdim=True) / (u * u).sum(dim=(1, 2, 3), keepdim=True)
+        return (s_star * u + w * (c - s_star * u)).float()
+
+    x = x_T
+    for sigma, sigma_next in list(zip(sigmas[:-1], sigmas[1:]))[1:]:  # step 0: x stays
+        v = velocity(x, sigma)
+        x_next = x + (sigma_next - sigma) * v
+        if sampler == "heun" and sigma_next > 0:
+            x_next = x + (sigma_next - sigma) * 0.5 * (v + velocity(x_next, sigma_next))
+        x = x_next
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+    at_one = d.sample(model_fn, x_T, cond, uncond, 1.0, steps=steps, sampler=sampler, cfg_zero_star=True)
+    assert torch.equal(at_one, d.sample(model_fn, x_T, cond, steps=steps, sampler=sampler))
+
+
+def test_guidance_methods_at_cfg_one_are_the_conditional_model():
+    for prediction, sampler in (("v", "ddim"), ("flow", "euler")):
+        d, model_fn, x_T, cond, uncond = guided_setup(prediction)
+        calls = []
+        def counting(x, t, c):
+            calls.append(x.shape[0])
+            return model_fn(x, t, c)
+        want = d.sample(model_fn, x_T, cond, steps=5, sampler=sampler)
+        for kw in (dict(apg=0.0), dict(cfg_interval=(0.2, 0.9)), dict(cfg_zero_star=prediction == "flow"), {}):
+            assert torch.equal(d.sample(counting, x_T, cond, uncond, 1.0, steps=5, sampler=sampler, **kw), want)
+        assert set(calls) == {x_T.shape[0]}  # no unconditional forward at all
+
+
+def test_guidance_refusals():
+    """Every bad setting raises ValueError before the model is called."""
+    def never(x, t, c):
+        raise AssertionError("the model was called")
+    flow, v = Diffusion(prediction="flow"), ours()
+    x, c = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1)
+    bad = [(flow, dict(apg=0.0, cfg_zero_star=True), "choose one"), (v, dict(apg=0.0), "guidance_rescale"),
+           (v, dict(cfg_zero_star=True), "flow models"), (flow, dict(cfg_interval=(0.6, 0.2)), "LO <= HI"),
+           (flow, dict(cfg_interval=(-0.1, 0.5)), "LO <= HI"), (flow, dict(cfg_interval=(0.2, 1.5)), "LO <= HI"),
+           (flow, dict(cfg_interval=(0.2,)), "LO <= HI"), (flow, dict(apg=0.0, apg_norm=0.0), "apg_norm"),
+           (flow, dict(apg=0.0, apg_norm=-1.0), "apg_norm"), (flow, dict(apg=-0.5), "apg"),
+           (flow, dict(apg=math.nan), "apg"), (flow, dict(apg=0.0, apg_momentum=math.inf), "apg_momentum")]
+    for d, kw, match in bad:
+        phi = 0.5 if d is v else 0.0
+        with pytest.raises(ValueError, match=match):
+            d.sample(never, x, c, torch.zeros(2, 1), 3.0, phi, steps=3, **kw)
+    with pytest.raises(ValueError, match="flow models"):
+        check_guidance(cfg_zero_star=True, prediction="eps")
+    check_guidance(cfg_zero_star=True)  # the kind not known yet: checked again with it
+    check_guidance(cfg_interval=(0.0, 1.0), apg=0.0)  # the interval combines with APG, and with CFG-Zero*
+    check_guidance(cfg_interval=(0.3, 0.3), cfg_zero_star=True, guidance_rescale=0.7, prediction="flow")
+    assert parse_cfg_interval("") is None and parse_cfg_interval(" 0.2, 0.8 ") == (0.2, 0.8)
+    for text in ("0.2", "0.2,0.5,0.8", "a,b", "0.2;0.8"):
+        with pytest.raises(ValueError, match="LO,HI"):
+            parse_cfg_interval(text)

@@ -3,6 +3,7 @@ probes (the networks themselves: test_encoders.py)."""
 import json
 import math
 import random
+import types
 
 import numpy as np
 import pytest
@@ -326,6 +327,8 @@ def test_scenes_probe_on_a_checkpoint_of_another_set(tmp_path, capsys):
     (["--probe", "shapes", "--truth"], "--truth scores true renders of the scenes probe"),
     (["--probe", "scenes", "--ckpt", "CKPT16", "--resolution", "64"], "--resolution is --truth's render size"),
     (["--probe", "scenes", "--ckpt", "CKPT16", "--probe_from", "10"], "--probe_from needs --probe shapes"),
+    (["--probe", "scenes_wide", "--truth", "--resolution", "32"], "--resolution: scenes_wide needs >= 40 px"),
+    (["--probe", "scenes_wide", "--ckpt", "CKPT16"], "--probe scenes_wide: the checkpoint's images are too small"),
 ])
 def test_scenes_probe_bad_settings_exit_2(ckpt, tmp_path, capsys, args, want):
     """A resolution the reader cannot read (asked for, or the checkpoint's 16 px) and misplaced options: one
@@ -336,3 +339,64 @@ def test_scenes_probe_bad_settings_exit_2(ckpt, tmp_path, capsys, args, want):
     assert e.value.code == 2
     assert want in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_scenes_wide_truth_cli_scores_true_renders_at_both_bucket_sizes(tmp_path, capsys):
+    """--probe scenes_wide --truth: true renders at the 2:1 and 1:2 buckets of 40 px (56 x 28, 28 x 56), half the
+    images each, all read right; the table has a row per set and size, then both sizes together."""
+    out = tmp_path / "truth.json"
+    evaluate.main(["--probe", "scenes_wide", "--truth", "--probe_n", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    row = json.loads(out.read_text())["probe_scenes_wide"][0]
+    assert row["truth"] and row["resolution"] == toys.WIDE_MIN_RESOLUTION and row["sizes"] == ["56x28", "28x56"]
+    for name, prompts in (("in_distribution", toys.in_distribution_prompts()), ("held_out", toys.held_out_prompts())):
+        assert row[name]["overall"] == 1.0 and row[name]["n"] == 2 * len(prompts)
+        assert [row["by_size"][s][name]["n"] for s in row["sizes"]] == [len(prompts)] * 2
+    assert "scenes_wide probe, true renders at 56x28 and 28x56 px" in printed
+    assert f"| held-out 28x56 | {len(toys.held_out_prompts())} | - | 1.000 | - | 1.000 | 1.000 | 1.000 | 1.000 |" \
+        in printed
+
+
+def test_scenes_wide_probe_samples_at_the_two_bucket_sizes(monkeypatch):
+    """A stand-in pipeline whose generate draws a true render of each prompt at the size asked for (a perfect
+    model): the probe asks for the 2:1 and 1:2 buckets of the checkpoint's resolution with sides multiples of the
+    VAE factor x patch (toys.bucket_size: issue 24's 368 x 176 for sd-vae-ft-mse at 256 px, patch 2), image k at
+    the k % 2-th size, and reads every one right (an image scored against another's prompt would not be)."""
+    calls = []
+
+    def fake_generate(pipe, texts, seeds, size=None, **kw):
+        calls.append((size, len(texts)))
+        render = lambda text, seed: toys.render_spec(toys.parse_caption(text), seed, size or pipe.resolution)
+        return torch.from_numpy(np.stack([np.asarray(render(t, s)) for t, s in zip(texts, seeds)]))
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    for resolution, factor, patch, want in ((40, 1, 4, [(56, 28), (28, 56)]), (256, 8, 2, [(368, 176), (176, 368)])):
+        pipe = types.SimpleNamespace(resolution=resolution, vae=types.SimpleNamespace(factor=factor),
+                                     model=types.SimpleNamespace(config=types.SimpleNamespace(patch=patch)))
+        calls.clear()
+        row = evaluate.probe_scenes(pipe, cfg=3.0, n_per_prompt=2, seed=1, wide=True)
+        n_seen, n_held = 2 * len(toys.in_distribution_prompts()), 2 * len(toys.held_out_prompts())
+        assert calls == [(want[0], n_seen // 2), (want[1], n_seen // 2), (want[0], n_held // 2), (want[1], n_held // 2)]
+        assert row["sizes"] == ["%dx%d" % s for s in want] and row["cfg"] == 3.0 and not row["truth"]
+        assert row["in_distribution"]["overall"] == row["held_out"]["overall"] == 1.0
+    calls.clear()
+    evaluate.probe_scenes(pipe, n_per_prompt=1)  # the square scenes probe: one call per set, the square size
+    assert [size for size, _ in calls] == [None, None]
+
+
+def test_scenes_wide_probe_on_a_checkpoint(tmp_path, capsys):
+    """An untrained 40-px checkpoint through the CLI: samples at 56 x 28 and 28 x 56, scored low, and the numbers
+    are the reader's on the same prompts and seeds sampled outside the probe at each size."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt40.pt", resolution=40)
+    out = tmp_path / "eval.json"
+    evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--probe", "scenes_wide", "--probe_n", "2", "--cfg", "1",
+                   "--steps", "1", "--seed", "4", "--batch", "64", "--out", str(out)])
+    row = json.loads(out.read_text())["probe_scenes_wide"][0]
+    assert row["sizes"] == ["56x28", "28x56"] and row["held_out"]["overall"] <= 0.1
+    assert "scenes_wide probe, cfg 1 at 56x28 and 28x56 px" in capsys.readouterr().out
+    texts, specs, seeds = toys.probe_plan(toys.held_out_prompts(), 2, 4)
+    pipe = sample.load_pipeline(str(ckpt), "cpu")
+    for j, size in enumerate([(56, 28), (28, 56)]):
+        images = sample.generate(pipe, texts[j::2], seeds[j::2], cfg=1.0, steps=1, batch_size=64, size=size)
+        assert images.shape[1:3] == (size[1], size[0])
+        assert row["by_size"]["%dx%d" % size]["held_out"] == toys.evaluate_images(images.numpy(), specs[j::2], 2)

@@ -160,3 +160,76 @@ def test_text_states_cannot_be_mirrored_a_warning_once(tmp_path):
     rows = _epoch_tokens(loaders[0])
     assert all(np.array_equal(tokens.numpy(), c.tokens[i]) for i, _, _, tokens in rows)  # as stored
     loaders[1].close()
+
+
+##### aspect buckets and several captions
+
+def test_bucketed_batches_each_from_one_bucket_every_sample_once_per_epoch(mixed):
+    c = data.LatentCache(mixed)
+    loader = Loader(c, 4, seed=5, cond_drop=0.2, prefetch=2, flip=False)  # (flips: the tests above)
+    assert loader.batches_per_epoch == 2 + 2 + 2 + 2 + 4  # 8, 8, 8, 8, 16 images in 4s
+    epochs = [[], []]
+    for step in range(2 * loader.batches_per_epoch):
+        batch = next(loader)
+        idx, flip, drop, caption, b = loader.plan(step)
+        assert set(c.bucket[idx]) == {b} and batch["latents"].shape[2:] == c.latent_shapes[b][1:]
+        assert np.array_equal(batch["latents"].numpy(), c.bucket_latents[b][c.row[idx], flip.astype(int)])
+        assert np.all((caption >= c.caption_start[idx]) & (caption < c.caption_start[idx] + c.ncaptions[idx]))
+        want = np.where(drop[:, None], c.empty_tokens[None], c.tokens[caption])
+        assert np.array_equal(batch["tokens"].numpy(), want)
+        epochs[step // loader.batches_per_epoch] += list(idx)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(48)) and epochs[0] != epochs[1]
+    shapes = [tuple(next(loader)["latents"].shape[2:]) for _ in range(loader.batches_per_epoch)]
+    assert len(set(shapes)) == 5 and shapes != sorted(shapes)  # buckets interleave, in an order drawn per epoch
+    loader.close()
+
+
+def test_bucketed_ranks_draw_the_same_bucket_and_together_make_the_global_batch(mixed):
+    c = data.LatentCache(mixed)
+    single = Loader(c, 8, seed=2, cond_drop=0.3, prefetch=0)
+    ranks = [Loader(c, 4, seed=2, rank=r, world_size=2, cond_drop=0.3, prefetch=0) for r in range(2)]
+    assert single.batches_per_epoch == ranks[0].batches_per_epoch == 6
+    for step in range(9):  # an epoch and a half
+        parts, whole = [next(r) for r in ranks], next(single)
+        assert ranks[0].plan(step)[4] == ranks[1].plan(step)[4] == single.plan(step)[4]
+        for k in whole:
+            assert torch.equal(torch.cat([p[k] for p in parts]), whole[k])
+
+
+def test_bucketed_resume_mid_epoch_is_exact(mixed):
+    a = Loader(mixed, 4, seed=7, cond_drop=0.3, prefetch=3)
+    _take(a, 5)
+    sd = a.state_dict()
+    expected = _take(a, 12)  # across the epoch boundary (12 batches per epoch)
+    b = Loader(mixed, 4, seed=7, cond_drop=0.3, prefetch=1)
+    b.load_state_dict(sd)
+    for x, y in zip(expected, _take(b, 12)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    a.close(), b.close()
+
+
+def test_each_caption_of_an_image_is_drawn_per_epoch_whatever_the_batch(mixed):
+    c = data.LatentCache(mixed)
+    picks = collections.defaultdict(collections.Counter)  # image -> caption row -> epochs it was drawn
+    for batch_size, world in ((4, 1), (8, 1), (4, 2)):
+        seen = {}
+        for rank in range(world):
+            loader = Loader(c, batch_size, seed=3, rank=rank, world_size=world, prefetch=0)
+            for step in range(loader.batches_per_epoch * 20):
+                idx, _, _, caption, _ = loader.plan(step)
+                for i, cap in zip(idx, caption):
+                    seen[step // loader.batches_per_epoch, int(i)] = int(cap)
+        if batch_size == 4 and world == 1:
+            first = seen
+            for (_, i), cap in seen.items():
+                picks[i][cap] += 1
+        assert seen == first  # a sample's caption is a function of (seed, epoch, index): no batch split changes it
+    several = [i for i in range(48) if c.ncaptions[i] > 1]
+    assert several and all(len(picks[i]) == 2 and min(picks[i].values()) >= 3 for i in several)  # both, ~10 of 20
+
+
+def test_a_bucket_smaller_than_the_global_batch_is_left_out_with_a_warning(mixed):
+    with pytest.warns(UserWarning, match="left out"):
+        loader = Loader(mixed, 12, seed=0, prefetch=0)
+    assert loader.left_out == {"12x24": 8, "12x20": 8, "16x16": 8, "20x12": 8}
+    assert loader.batches_per_epoch == 1 and loader.plan(0)[4] == 4

@@ -367,7 +367,9 @@ def test_same_command_same_checkpoint_and_images(tmp_path):
     got, want = load(ckpt), load(os.path.join(fixture.OUT, "ckpt.pt"))
     for key in ("model", "ema", "optimizer", "step", "model_config", "loader_state", "rng"):
         assert tensors_equal(got[key], want[key], atol=atol if key != "rng" else 0.0), key
-    assert {k: v for k, v in got["config"].items() if k not in ("out_dir", "cache_dir")} == want["config"]
+    new = set(got["config"]) - set(want["config"]) - {"out_dir", "cache_dir"}  # keys added since: at their defaults
+    assert {k: got["config"][k] for k in want["config"]} == want["config"]
+    assert {k: got["config"][k] for k in new} == {k: train.DEFAULTS[k] for k in new}
     images = fixture.images(ckpt)
     expected = torch.load(os.path.join(fixture.OUT, "images.pt"))
     assert torch.equal(images, expected) if same_kernels else (images.int() - expected.int()).abs().max() <= 1
@@ -395,3 +397,75 @@ def test_the_demo_config_follows_prompts(tmp_path):
     result = probe_shapes(load_pipeline(str(tmp_path / "run" / "ckpt.pt"), device="cpu"), cfg=3.0, n_per_prompt=2,
                           steps=20, seed=0)
     assert result["color_acc"] >= 0.8 and result["shape_acc"] >= 1 / len(SHAPE_KINDS) + 0.12, result
+
+
+##### aspect buckets, several captions, long captions through the command line
+
+def test_a_bucketed_run_resumes_exactly_and_samples_any_size(mixed, tmp_path, monkeypatch, capsys):
+    """A mixed-aspect imagefolder (1:1, 2:1, 1:2, odd sizes) in 5 buckets with several captions, text_chunks 2: 12
+    steps == 6 + resume + 6 (weights, EMA, optimizer, loader); sample.py --size writes non-square PNGs from it."""
+    saved = keep_checkpoints(monkeypatch)
+    run = dict(data=mixed, aspect_buckets=5, text_chunks=1, max_steps=12, ckpt_every=6, flip=True, accum=2,
+               route_frac=0.5, route_from=0, route_to=1)
+    train.main(args(mixed, tmp_path / "a", **run))
+    assert "buckets: 12x24 (8), 12x20 (8), 16x16 (8), 20x12 (8), 24x12 (16)" in capsys.readouterr().out
+    os.makedirs(tmp_path / "b")
+    shutil.copy(saved["a", 6], tmp_path / "b" / "ckpt.pt")
+    train.main(args(mixed, tmp_path / "b", **run))
+    a, b = load(saved["a", 12]), load(saved["b", 12])
+    for key in ("model", "ema", "optimizer", "loader_state", "step"):
+        assert tensors_equal(a[key], b[key]), key
+    import sample
+    out = tmp_path / "png"
+    sample.main(["--ckpt", str(tmp_path / "a" / "ckpt.pt"), "--size", "24x12", "--steps", "2", "--n", "2",
+                 "--device", "cpu", "--out", str(out), "a picture number 3"])
+    from PIL import Image
+    assert Image.open(out / "0000.png").size == (24, 12)
+    with pytest.raises(SystemExit) as e:  # 22 is no multiple of the patch (4)
+        sample.main(["--ckpt", str(tmp_path / "a" / "ckpt.pt"), "--size", "22x12", "--out", str(out), "x"])
+    assert e.value.code == 2
+
+
+def test_the_step_noise_of_a_bucket_is_the_largest_buckets_cut(mixed):
+    """Unbucketed, fit_noise hands back the drawn noise bitwise; bucketed, each micro-batch's noise is the first
+    h * w values of each channel of the noise drawn for the largest bucket (a function of (seed, step) alone)."""
+    noise = torch.randn(4, 3, 16, 16)
+    assert torch.equal(train.fit_noise(noise, torch.zeros(4, 3, 16, 16)), noise)
+    wide = torch.randn(4, 3, 288)  # 24 x 12 latents: the largest bucket of `mixed`
+    cut = train.fit_noise(wide, torch.zeros(4, 3, 20, 12))
+    assert cut.shape == (4, 3, 20, 12) and torch.equal(cut.flatten(2), wide[..., :240])
+
+
+@pytest.mark.slow
+def test_bucketed_ddp_equals_one_process(mixed, tmp_path):
+    """2 gloo ranks x micro-batch 4 == 1 process x micro-batch 8 on a bucketed cache: the ranks draw the same bucket
+    at every micro-step (else a shape mismatch or a hang) and together the single process's global batch."""
+    run = dict(aspect_buckets=5, max_steps=3, optimizer="adamw")
+    single = train.main(args(mixed, tmp_path / "one", batch=8, **run))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *args(mixed, tmp_path / "two", batch=4, **run)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = load(tmp_path / "two" / "ckpt.pt")
+    for name, p in single["model"].state_dict().items():
+        torch.testing.assert_close(ddp["model"][name], p, atol=1e-5, rtol=0, msg=name)
+
+
+def test_text_chunks_train_and_sample_with_long_captions(tmp_path):
+    """text_chunks 2 through the command line: a cache of 154-token rows, the DiT cross-attends to all 154 states
+    (text_len 0), and sample.py encodes a prompt the same way from the checkpoint's config."""
+    from encoders import load_text_encoder
+    c2 = datalib.ensure_cache("scenes_wide2:16", 40, "none", "tiny", cache_dir=str(tmp_path / "c"), text_chunks=2)
+    assert datalib.LatentCache(c2).tokens.shape == (32, 154)
+    out = train.main(args(c2, tmp_path / "o", resolution=40, text_chunks=2, max_steps=2))
+    assert out["model"].config.text_len == 154
+    ckpt = load(tmp_path / "o" / "ckpt.pt")
+    assert ckpt["config"]["text_chunks"] == 2 and ckpt["model_config"]["text_len"] == 154
+    import sample
+    pipe = sample.load_pipeline(str(tmp_path / "o" / "ckpt.pt"))
+    te = load_text_encoder("tiny", chunks=2)
+    states, _ = sample.encode_text(pipe, ["a red circle " * 40])
+    assert torch.equal(states, te(["a red circle " * 40])[0])
+    with pytest.raises(SystemExit):  # the cache's chunks must be the run's
+        train.main(args(c2, tmp_path / "p", resolution=40, text_chunks=1, max_steps=1))
