@@ -63,9 +63,10 @@ def rescale_cfg(out, out_cond, guidance_rescale):
 #                  Guidance: CFG, its interval, APG, CFG-Zero*                  #
 #################################################################################
 
-# APG's defaults (Sadat et al. 2024, arXiv 2410.02416): r and beta as its Algorithm 1 code is reproduced in public
-# implementations (norm_threshold 2.5, momentum -0.75; the paper uses negative momentum); eta has none (0 is its
-# main setting). r is a norm over a whole sample (C x H x W values), so it depends on the latent size: measure it.
+# APG's defaults (Sadat et al. 2024, arXiv 2410.02416): r and beta of the public reimplementations that follow the
+# paper's code (norm_threshold 2.5, momentum -0.75, e.g. ACE-Step's apg_guidance.py; the paper's momentum is negative);
+# eta has no default (0 is its main setting). r bounds a norm over a whole sample (C x H x W values), so it depends on
+# the latent size: measure it (issue 25's sampling table).
 APG_NORM = 2.5
 APG_MOMENTUM = -0.75
 # CFG-Zero* (Fan et al. 2025, arXiv 2503.18886) zero-init: the authors' SD3 / Flux pipelines zero the velocity while

@@ -32,11 +32,12 @@ from tqdm import tqdm
 import toys
 from checkpoint import atomic_write, write_json
 from config import fail, resolve_device
-from data import IMAGE_EXTS, to_pixels
+from data import to_pixels
+from sources import IMAGE_EXTS
 from diffusion import SAMPLERS
 from encoders import ClipScorer, InceptionV3
 from toys import SHAPE_BACKGROUNDS, SHAPE_COLORS, SHAPE_KINDS, render_shape, shape_attributes, shapes_caption
-from sample import check_args, fresh_path, generate, open_pipeline, save_png
+from sample import add_guidance_args, check_args, fresh_path, generate, guidance_args, open_pipeline, save_png
 
 #################################################################################
 #                                  Metrics                                      #
@@ -156,9 +157,10 @@ def read_prompts(path: str) -> list:
 
 
 def evaluate(pipe, prompts, cfgs, extractor, clip_scorer=None, ref=None, n=0, steps=50, sampler=None, eta=0.0,
-             guidance_rescale=0.0, seed=0, batch_size=16, save_dir="") -> list:
+             guidance_rescale=0.0, seed=0, batch_size=16, save_dir="", guidance=None) -> list:
     """For each CFG scale: n samples (caption k % len(prompts), seed + k; the same pairs for every scale),
-    -> [{cfg, n, fid, is_mean, is_std, clip_score}]; fid None without `ref` stats, clip_score None without a scorer."""
+    -> [{cfg, n, fid, is_mean, is_std, clip_score}]; fid None without `ref` stats, clip_score None without a scorer.
+    guidance: generate()'s guidance keywords (cfg_interval, apg, apg_norm, apg_momentum, cfg_zero_star); None: CFG."""
     n = n or len(prompts)
     captions = [prompts[k % len(prompts)] for k in range(n)]
     seeds = [seed + k for k in range(n)]
@@ -167,7 +169,8 @@ def evaluate(pipe, prompts, cfgs, extractor, clip_scorer=None, ref=None, n=0, st
         feats, logits, clip = [], [], []
         for i in tqdm(range(0, n, batch_size), desc=f"cfg {cfg:g}", unit="batch"):
             images = generate(pipe, captions[i:i + batch_size], seeds[i:i + batch_size], cfg=cfg, steps=steps,
-                              sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, batch_size=batch_size)
+                              sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, batch_size=batch_size,
+                              **(guidance or {}))
             pool, logit = extractor(images)
             feats.append(pool)
             logits.append(logit)
@@ -199,11 +202,12 @@ def probe_accuracy(images, colors, kinds) -> dict:
 
 
 def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, batch_size=16, progress=False,
-                 t_start=None) -> dict:
+                 t_start=None, eta=0.0, guidance_rescale=0.0, guidance=None) -> dict:
     """Every (colour, kind, background) caption of the shapes set, n_per_prompt seeds each -> probe_accuracy + cfg.
     Chance level: 1/len(SHAPE_COLORS) for colour, 1/len(SHAPE_KINDS) for shape.
     t_start: start from a true render of each caption noised to t_start instead of pure noise (SDEdit), to find
-    the noise level below which the model keeps the prompted shape (a perfect model: 1.0 from any t_start)."""
+    the noise level below which the model keeps the prompted shape (a perfect model: 1.0 from any t_start).
+    guidance: generate()'s guidance keywords, as evaluate()'s."""
     combos = [(c, k, b) for c in SHAPE_COLORS for k in SHAPE_KINDS for b in SHAPE_BACKGROUNDS
               for _ in range(n_per_prompt)]
     prompts = [shapes_caption(c, k, b) for c, k, b in combos]
@@ -214,7 +218,8 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, 
         init = torch.cat([pipe.vae.encode(pixels[i:i + batch_size]).float().cpu()  # (N, C, h, w) latents
                           for i in range(0, len(pixels), batch_size)])
     images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], cfg=cfg, steps=steps, sampler=sampler,
-                      batch_size=batch_size, progress=progress, init=init, t_start=t_start)
+                      eta=eta, guidance_rescale=guidance_rescale, batch_size=batch_size, progress=progress, init=init,
+                      t_start=t_start, **(guidance or {}))
     accuracy = probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos])
     return dict(cfg=cfg, t_start=t_start, **accuracy)
 
@@ -236,12 +241,12 @@ def wide_sizes(resolution, multiple):
 
 
 def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, eta=0.0, guidance_rescale=0.0,
-                 batch_size=16, progress=False, resolution=None, wide=False) -> dict:
+                 batch_size=16, progress=False, resolution=None, wide=False, guidance=None) -> dict:
     """Both prompt sets, n_per_prompt seeds each (image k: seed + k) -> {cfg, truth, resolution, sizes,
     in_distribution, held_out} with toys.evaluate_images' accuracies. pipe None: true renders at `resolution` (the
     reader's ceiling, 1.0 by construction) instead of samples. wide: scenes_wide's probe, image k at sizes[k % 2]
     (the 2:1, then the 1:2 bucket: each prompt at both when n_per_prompt is even), read on 2 cells a short side;
-    by_size holds each size's accuracies."""
+    by_size holds each size's accuracies. guidance: generate()'s guidance keywords, as evaluate()'s."""
     resolution = resolution if pipe is None else pipe.resolution
     multiple = TRUTH_MULTIPLE if pipe is None else pipe.vae.factor * pipe.model.config.patch
     sizes = wide_sizes(resolution, multiple) if wide else [None]  # None: the square resolution
@@ -258,7 +263,7 @@ def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, 
             else:
                 drawn = generate(pipe, [texts[k] for k in ks], [seeds[k] for k in ks], cfg=cfg, steps=steps,
                                  sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, batch_size=batch_size,
-                                 progress=progress, size=size).numpy()
+                                 progress=progress, size=size, **(guidance or {})).numpy()
             for k, image in zip(ks, drawn):
                 images[k] = image
             if wide:
@@ -274,7 +279,8 @@ def run_scenes_probe(args, pipe, cfgs, report):
     wide = args.probe == "scenes_wide"
     rows = [probe_scenes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
                          sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale,
-                         batch_size=args.batch, progress=True, resolution=args.resolution, wide=wide)
+                         batch_size=args.batch, progress=True, resolution=args.resolution, wide=wide,
+                         guidance=guidance_args(args))
              for c in (cfgs if pipe is not None else [None])]
     report[f"probe_{args.probe}"] = rows
     report[f"probe_{args.probe}_prompts"] = {name: [p.text for p in prompts()] for name, prompts in SCENE_SETS.items()}
@@ -311,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddim, or euler for a flow model")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance_rescale", type=float, default=0.0)
+    add_guidance_args(p)  # --cfg_interval, --apg, --apg_norm, --apg_momentum, --cfg_zero_star: sample.py's
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32, help="images sampled together")
     p.add_argument("--device", default="auto", help="auto: cuda when there is a GPU, else cpu")
@@ -422,7 +429,7 @@ def run_metrics(args, pipe, prompts, cfgs, report, extractor=None, clip_scorer=N
         fail(f"--ref {args.ref}: {e}", prog="evaluate.py")
     rows = evaluate(pipe, prompts, cfgs, extractor, clip_scorer, ref, n=args.n, steps=args.steps,
                     sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale, seed=args.seed,
-                    batch_size=args.batch,
+                    batch_size=args.batch, guidance=guidance_args(args),
                     save_dir=fresh_path(args.save_images, folder=True) if args.save_images else "")
     report.update(prompts=args.prompts, feature_extractor=extractor.name,
                   clip_model=getattr(clip_scorer, "name", None), results=rows,
@@ -441,7 +448,8 @@ def run_metrics(args, pipe, prompts, cfgs, report, extractor=None, clip_scorer=N
 def run_probe(args, pipe, cfgs, t_starts, report):
     """The shapes probe at every CFG scale, from pure noise and from each of t_starts, into `report` and stdout."""
     probe = [probe_shapes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
-                          sampler=args.sampler, batch_size=args.batch, progress=True, t_start=t)
+                          sampler=args.sampler, batch_size=args.batch, progress=True, t_start=t, eta=args.eta,
+                          guidance_rescale=args.guidance_rescale, guidance=guidance_args(args))
              for t in [None] + t_starts for c in cfgs]
     report["probe_shapes"] = probe
     print(f"\nshapes probe (chance: colour {1 / len(SHAPE_COLORS):.2f}, shape {1 / len(SHAPE_KINDS):.2f}; "
@@ -474,7 +482,7 @@ def main(argv=None, extractor=None, clip_scorer=None):
     device_name = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu"
     report = dict(ckpt=args.ckpt, step=pipe.step, date=datetime.date.today().isoformat(), device=device_name,
                   settings=dict(steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
-                                guidance_rescale=args.guidance_rescale, weights=args.weights))
+                                guidance_rescale=args.guidance_rescale, weights=args.weights, **guidance_args(args)))
     print(f"{args.ckpt} (step {pipe.step}) on {device_name}, {report['date']}: {args.sampler} {args.steps} steps")
     if args.prompts:
         run_metrics(args, pipe, prompts, cfgs, report, extractor, clip_scorer)

@@ -5,6 +5,7 @@ Prompts in, PNGs out: loads a checkpoint's EMA weights and everything needed to 
     python sample.py --ckpt out/ckpt.pt --n 8 --seed 1 --steps 30 --sampler heun --negative "blurry" "a red fox"
     python sample.py --compile false "a red fox"                    # eager (the default on the CPU; CUDA compiles)
     python sample.py --size 512x256 "a red fox in the snow"          # 2:1 (default: the checkpoint's square size)
+    python sample.py --cfg 7 --cfg_interval 0.1,0.9 --apg 0 "a red fox"  # guidance: interval + APG (or --cfg_zero_star)
 
 Image k (prompt k // n) is sampled from its own torch.Generator seeded `seed + k`, so it is the same picture
 whatever --batch is. evaluate.py and the tests use the importable API: load_pipeline(), generate().

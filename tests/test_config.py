@@ -42,8 +42,13 @@ def test_cli_parses_both_forms_and_config_files(tmp_path):
 @pytest.mark.parametrize("argv,needle", [(["--bacth", "64"], "did you mean --batch"),
                                          (["--batch", "x"], "--batch expects int"),
                                          (["--compile", "maybe"], "boolean"),
-                                         (["--text_len", "0"], "must be 1..77"),
-                                         (["--text_len", "78"], "must be 1..77")])
+                                         (["--text_len", "-1"], "must be 0 (all) .. 77"),
+                                         (["--text_len", "78"], "must be 0 (all) .. 77"),
+                                         (["--text_len", "155", "--text_chunks", "2"], "must be 0 (all) .. 154"),
+                                         (["--text_chunks", "4"], "text_chunks 4: 1, 2 or 3"),
+                                         (["--aspect_buckets", "1"], "aspect_buckets 1: 0 (square"),
+                                         (["--aspect_buckets", "-3"], "aspect_buckets -3"),
+                                         (["--max_aspect", "0.9"], "max_aspect 0.9: must be >= 1")])
 def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     r = subprocess.run([sys.executable, "train.py", *argv, "--out_dir", str(tmp_path / "o")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import data
+import sources
 import toys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +93,7 @@ def test_scenes_source_builds_the_scene_samples(tmp_path):
     assert _keys(c.path) == [f"scene{i}" for i in range(6)] and c.captions() == [t for t, _ in want]
     pixels = np.stack([np.asarray(im) for _, im in want]).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
     assert np.array_equal(c.latents[:, 0], pixels.astype(np.float16))
-    assert data._builtin("scenes") == ("scenes", toys.SCENES_DEFAULT_COUNT, 0) and data.source_kind("scenes:5") == "scenes"
+    assert sources.builtin_set("scenes") == ("scenes", toys.SCENES_DEFAULT_COUNT, 0) and data.source_kind("scenes:5") == "scenes"
     assert data.source_fingerprint("scenes:6:3") != data.source_fingerprint("scenes:6:4")
     before = data.source_fingerprint("scenes:6:3")
     toys.VERSIONS["scenes"], old = "scenes-v2", toys.VERSIONS["scenes"]

@@ -242,6 +242,40 @@ def test_probe_shapes_on_a_pipeline(ckpt):
     assert got == dict(cfg=2.0, t_start=None, **want) and got["n"] == 54
 
 
+GUIDANCE = dict(cfg_interval=(0.1, 0.8), apg=0.0, apg_norm=1.5, apg_momentum=-0.5, cfg_zero_star=False)
+GUIDANCE_FLAGS = ["--cfg_interval", "0.1,0.8", "--apg", "0", "--apg_norm", "1.5", "--apg_momentum", "-0.5"]
+
+
+def test_guidance_flags_reach_the_metrics_and_the_probes(ckpt, tmp_path, monkeypatch):
+    """The guidance flags reach every generate() call of the metrics, the shapes probe and the scenes probe, and
+    the report's settings; the shapes probe's numbers are the reader's on generate()'s guided images."""
+    seen, real = [], evaluate.generate
+
+    def recording(*a, **kw):
+        seen.append({k: kw.get(k) for k in list(GUIDANCE) + ["eta", "guidance_rescale"]})
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "generate", recording)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    out = tmp_path / "eval.json"
+    evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt"), "--n", "10",
+                   "--clip", "none", "--probe", "shapes", "--probe_n", "1", "--cfg", "2", "--steps", "2",
+                   "--batch", "54", "--eta", "0.5", "--out", str(out)] + GUIDANCE_FLAGS, extractor=TinyFeatures())
+    report = json.loads(out.read_text())
+    assert len(seen) == 2 and all(c == dict(GUIDANCE, eta=0.5, guidance_rescale=0.0) for c in seen), seen
+    assert {k: report["settings"][k] for k in GUIDANCE} == dict(GUIDANCE, cfg_interval=[0.1, 0.8])
+    combos = all_combos(1)
+    images = sample.generate(sample.load_pipeline(str(ckpt), "cpu"), [toys.shapes_caption(*c) for c in combos],
+                             list(range(len(combos))), cfg=2.0, steps=2, batch_size=54, eta=0.5, **GUIDANCE)
+    want = evaluate.probe_accuracy(images, [c for c, _, _ in combos], [k for _, k, _ in combos])
+    assert report["probe_shapes"] == [dict(cfg=2.0, t_start=None, **want)]
+    seen.clear()
+    ckpt32 = make_tiny_checkpoint(tmp_path / "ckpt32.pt", resolution=32)
+    evaluate.main(["--ckpt", str(ckpt32), "--device", "cpu", "--probe", "scenes", "--probe_n", "1", "--cfg", "2",
+                   "--steps", "1", "--batch", "64", "--out", str(tmp_path / "scenes.json")] + GUIDANCE_FLAGS)
+    assert len(seen) == 2 and all(c == dict(GUIDANCE, eta=0.0, guidance_rescale=0.0) for c in seen), seen
+
+
 def test_probe_from_a_noised_render(ckpt, tmp_path, capsys):
     """From t_start = 0 the sampler starts at the true render (noise std 0.03): even this untrained model hands it
     back, so colour and shape are read right; from pure noise it is near chance. The CLI reports both rows."""
@@ -270,6 +304,11 @@ def test_probe_from_a_noised_render(ckpt, tmp_path, capsys):
     (["--prompts", "MISSING"], "--prompts"),
     (["--steps", "5000"], "--steps must be <= the 1000 training timesteps"),
     (["--ref", "EMPTY"], "FID needs a reference set"),
+    (["--cfg_interval", "0.8,0.2"], "needs 0 <= LO <= HI <= 1"),
+    (["--apg", "0", "--cfg_zero_star", "true"], "choose one"),
+    (["--apg", "0", "--apg_norm", "-1"], "apg_norm (r, the norm threshold) must be > 0"),
+    (["--apg", "0.5", "--guidance_rescale", "0.7"], "APG with guidance_rescale > 0 is refused"),
+    (["--cfg_zero_star", "true"], "CFG-Zero* is for flow models"),  # the tiny checkpoint predicts v
 ])
 def test_bad_settings_exit_2_before_sampling(ckpt, tmp_path, capsys, args, want):
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
@@ -389,14 +428,14 @@ def test_scenes_wide_probe_on_a_checkpoint(tmp_path, capsys):
     are the reader's on the same prompts and seeds sampled outside the probe at each size."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt40.pt", resolution=40)
     out = tmp_path / "eval.json"
-    evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--probe", "scenes_wide", "--probe_n", "2", "--cfg", "1",
+    evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--probe", "scenes_wide", "--probe_n", "1", "--cfg", "1",
                    "--steps", "1", "--seed", "4", "--batch", "64", "--out", str(out)])
     row = json.loads(out.read_text())["probe_scenes_wide"][0]
     assert row["sizes"] == ["56x28", "28x56"] and row["held_out"]["overall"] <= 0.1
     assert "scenes_wide probe, cfg 1 at 56x28 and 28x56 px" in capsys.readouterr().out
-    texts, specs, seeds = toys.probe_plan(toys.held_out_prompts(), 2, 4)
+    texts, specs, seeds = toys.probe_plan(toys.held_out_prompts(), 1, 4)
     pipe = sample.load_pipeline(str(ckpt), "cpu")
-    for j, size in enumerate([(56, 28), (28, 56)]):
+    for j, size in enumerate([(56, 28), (28, 56)]):  # prompt k at size k % 2
         images = sample.generate(pipe, texts[j::2], seeds[j::2], cfg=1.0, steps=1, batch_size=64, size=size)
         assert images.shape[1:3] == (size[1], size[0])
         assert row["by_size"]["%dx%d" % size]["held_out"] == toys.evaluate_images(images.numpy(), specs[j::2], 2)
