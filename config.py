@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from diffusion import PREDICTIONS, SCHEDULES, Diffusion
+from diffusion import PREDICTIONS, SCHEDULES, Diffusion, check_guidance, parse_cfg_interval
 from encoders import CONTEXT_LENGTH
 from model import CHOICES as MODEL_CHOICES
 from model import PRESETS, config_from_keys
@@ -168,6 +168,11 @@ def check(C):
     if C.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"--optimizer muon: this torch ({torch.__version__}) has no torch.optim.Muon (2.9 and later)")
     check_layout(C.aspect_buckets, C.max_aspect, C.text_chunks)
+    try:  # the grids' and evals' guidance: sample.py's checks
+        check_guidance(parse_cfg_interval(C.sample_cfg_interval), None if C.sample_apg < 0 else C.sample_apg,
+                       cfg_zero_star=C.sample_cfg_zero_star, prediction=C.prediction)
+    except ValueError as e:
+        raise ConfigError(f"--sample_*: {e}") from None
     if not 0 <= C.text_len <= CONTEXT_LENGTH * C.text_chunks:
         raise ConfigError(f"--text_len {C.text_len}: must be 0 (all) .. {CONTEXT_LENGTH * C.text_chunks} (the "
                           f"encoder's 77 tokens x text_chunks {C.text_chunks})")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from checkpoint import atomic_write
 from config import prompt_list
+from diffusion import parse_cfg_interval
 from encoders import ClipScorer, load_vae
 from model import fp8_split
 from sample import Pipeline, generate, make_grid, save_png
@@ -126,8 +127,8 @@ class Progress:
         self.t_log, self.step_log = time.time(), step
 
 
-def describe(C, model, latent_shape, tokens, images, G, world):
-    """The run in two lines, printed at its start."""
+def describe(C, model, latent_shape, tokens, images, G, world, loader=None):
+    """The run in two lines (three with aspect buckets: each bucket's images), printed at its start."""
     c = model.config
     params = sum(p.numel() for p in model.parameters())
     budget = f", {C.max_hours} h budget" if C.max_hours > 0 else ""
@@ -143,7 +144,22 @@ def describe(C, model, latent_shape, tokens, images, G, world):
             f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}{fp8}, "
             f"{model.estimate_flops(latent_shape[1]) / 1e9:.1f} GFLOP/img "
             f"(train)\n{images} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
-            f"{C.max_steps} steps max{budget} | device {C.device}")
+            f"{C.max_steps} steps max{budget} | device {C.device}" + (buckets(loader) if loader else ""))
+
+
+def buckets(loader):
+    """The line of a bucketed run: each bucket's size and images, and those too small for a global batch."""
+    c = loader.cache
+    if len(c.sizes) == 1:
+        return ""
+    return ("\nbuckets: " + ", ".join(f"{W}x{H} ({len(m)})" for (W, H), m in zip(c.sizes, c.members))
+            + (f"; left out, smaller than a global batch: {loader.left_out}" if loader.left_out else ""))
+
+
+def guidance(C):
+    """The guidance keys of the grids and evals -> generate()'s keywords (sample.py's flags of the same names)."""
+    return dict(cfg_interval=parse_cfg_interval(C.sample_cfg_interval), apg=None if C.sample_apg < 0 else C.sample_apg,
+                cfg_zero_star=C.sample_cfg_zero_star)
 
 
 def console_line(rec):
@@ -158,6 +174,8 @@ def console_line(rec):
 
 def eval_kind(source_kind):
     """What the in-run eval scores: the built-in probe of shapes / scenes data, else the CLIP score."""
+    if source_kind in ("scenes_wide", "scenes_wide2"):
+        return "scenes_wide"  # sampled at its 2:1 and 1:2 buckets
     return source_kind if source_kind in ("shapes", "scenes") else "clip"
 
 
@@ -186,7 +204,8 @@ class Watcher:
         C = self.C
         try:
             prompts = prompt_list(C.sample_prompts)
-            images = generate(self.pipeline(step), prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=50)
+            images = generate(self.pipeline(step), prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=50,
+                              **guidance(C))
             save_png(make_grid(images, cols=math.ceil(math.sqrt(len(prompts)))),
                      os.path.join(C.out_dir, "samples", f"{step:07d}.png"))
         except Exception as e:
@@ -201,10 +220,11 @@ class Watcher:
         try:
             pipe = self.pipeline(step)
             if self.kind == "shapes":
-                r = evaluate.probe_shapes(pipe, cfg=C.sample_cfg, n_per_prompt=1, steps=25)
+                r = evaluate.probe_shapes(pipe, cfg=C.sample_cfg, n_per_prompt=1, steps=25, guidance=guidance(C))
                 metrics = {"shape_acc": r["shape_acc"], "color_acc": r["color_acc"]}
-            elif self.kind == "scenes":
-                r = evaluate.probe_scenes(pipe, cfg=C.sample_cfg, n_per_prompt=1, steps=25)
+            elif self.kind in ("scenes", "scenes_wide"):
+                r = evaluate.probe_scenes(pipe, cfg=C.sample_cfg, n_per_prompt=1 + (self.kind == "scenes_wide"),
+                                          steps=25, wide=self.kind == "scenes_wide", guidance=guidance(C))
                 metrics = {"scenes_in": r["in_distribution"]["overall"], "scenes_held_out": r["held_out"]["overall"]}
             else:
                 if self.clip is None:
@@ -212,7 +232,8 @@ class Watcher:
                         raise ValueError("the tiny text tower has no trained image tower to score with")
                     self.clip = ClipScorer.load(C.text_encoder, device=C.device, text_encoder=self.text_encoder)
                 prompts = prompt_list(C.sample_prompts) * 4
-                images = generate(pipe, prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=25)
+                images = generate(pipe, prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=25,
+                                  **guidance(C))
                 metrics = {"clip_score": float(self.clip(images, prompts).mean())}
         except Exception as e:
             print(f"warning: eval at step {step} failed ({type(e).__name__}: {str(e)[:200]}); no more evals this "

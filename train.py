@@ -63,6 +63,9 @@ ckpt_every = 1000          # optimizer steps between checkpoints (also at the en
 sample_every = 5000        # optimizer steps between sample grids with the EMA weights (0 = never)
 sample_prompts = _PROMPTS  # '|'-separated prompts of the sample grids (and of the CLIP-score eval)
 sample_cfg = 5.0           # classifier-free guidance scale of the sample grids and evals
+sample_cfg_interval = ""   # guide the grids and evals only where sigma (t / T) is in "LO,HI" ("" = at every step)
+sample_apg = -1.0          # APG's eta for the grids and evals (arXiv 2410.02416); < 0 = plain CFG
+sample_cfg_zero_star = False  # CFG-Zero* for the grids and evals (flow only; arXiv 2503.18886)
 eval_every = 0             # optimizer steps between evals of the EMA weights (0 = never): the shapes / scenes probe
                            # on built-in data, else CLIP score (the text encoder's own CLIP) of sample_prompts
 tensorboard = False        # also log to TensorBoard (out_dir/tb; needs the tensorboard package)
@@ -346,10 +349,7 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
     G = C.batch * C.accum * D.world  # images per optimizer step
     p = raw_model.config.patch
     tokens = max((h // p) * (w // p) for _, h, w in shapes)  # routing scores: for the largest bucket
-    print0(monitor.describe(C, raw_model, latent_shape, tokens, len(cache), G, D.world))
-    if len(shapes) > 1:
-        print0("buckets: " + ", ".join(f"{W}x{H} ({len(m)})" for (W, H), m in zip(cache.sizes, cache.members))
-               + (f"; left out, smaller than a global batch: {loader.left_out}" if loader.left_out else ""))
+    print0(monitor.describe(C, raw_model, latent_shape, tokens, len(cache), G, D.world, loader))
     # stop on SIGTERM/SIGINT after the current step, with a checkpoint
     stop = {"signal": None}
     previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))

@@ -44,6 +44,7 @@ PROBES = {
     # evaluate.run_scenes_probe: {cfg, truth, resolution, in_distribution: {<category>: acc (None where the set
     # has none), overall, n, ...}, held_out: {...}}: a category is e.g. held_out.counting
     "scenes": ("probe_scenes", "in_distribution.overall,held_out.overall"),
+    "scenes_wide": ("probe_scenes_wide", "in_distribution.overall,held_out.overall"),  # at the 2:1 and 1:2 buckets
 }
 ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*$")  # it names a folder
 TOOL_KEYS = ("out_dir", "seed", "resume")  # set per run by this tool
