@@ -398,6 +398,14 @@ def peak_flops(device) -> float | None:
 #                       FP8 training (optional: torchao)                        #
 #################################################################################
 
+def compile_model(model, shapes=1):
+    """torch.compile of the DiT for `shapes` latent shapes (aspect buckets): static per shape, each compiled once.
+    Dynamo would otherwise turn the second shape into one dynamic graph (slower kernels), and after recompile_limit
+    (8) recompiles run eager; x2 + 2: a routed and an unrouted graph per shape."""
+    if shapes > 1:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes + 2)
+    return torch.compile(model, dynamic=False if shapes > 1 else None)
+
 def fp8_aligned(module):
     """Both sides of a linear are multiples of 16: the alignment torch._scaled_mm needs."""
     return module.in_features % 16 == 0 and module.out_features % 16 == 0

@@ -30,7 +30,7 @@ from config import ConfigError, fail
 from diffusion import Diffusion
 from encoders import LoadError, load_text_encoder
 from loader import Loader
-from model import DiT, config_from_keys, convert_to_fp8
+from model import DiT, compile_model, config_from_keys, convert_to_fp8
 from optim import Horizon, configure_optimizer, fit_warmup, lr_at, set_hyperparameters
 
 _PROMPTS = "a red fox in the snow|an astronaut riding a horse|a bowl of fruit on a wooden table|a lighthouse at sunset"
@@ -309,9 +309,8 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
     -> the run: a namespace of what the loop uses (the step and the horizon included)."""
     print0 = print if D.master else (lambda *a, **k: None)
     cache, text_encoder = open_data(C, D)
-    latent_shape = tuple(cache.manifest["latent_shape"])  # (C, h, w) of the square resolution: the model's grid
-    shapes = cache.latent_shapes  # (C, h, w) of each bucket; the step's noise is drawn for the largest
-    noise_shape = shapes[0] if len(shapes) == 1 else (latent_shape[0], max(h * w for _, h, w in shapes))
+    latent_shape, shapes = tuple(cache.manifest["latent_shape"]), cache.latent_shapes  # the square's; each bucket's
+    noise_shape = shapes[0] if len(shapes) == 1 else (latent_shape[0], max(h * w for _, h, w in shapes))  # largest
     raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder, init, base_grid)
     if init is not None:
         init.clear()  # its tensors freed now (the caller holds this same dict)
@@ -337,10 +336,7 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
     note = fit_warmup(C, DEFAULTS["warmup"])
     if note:
         print0(note)
-    if len(shapes) > 1:  # each bucket compiles once, static (dynamo otherwise turns the 2nd shape into a dynamic graph,
-        # or stops recompiling after recompile_limit, 8, and runs eager); x2: the routed and the unrouted finish
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(shapes) + 2)
-    model = torch.compile(raw_model, dynamic=False if len(shapes) > 1 else None) if C.compile and D.cuda else raw_model
+    model = compile_model(raw_model, len(shapes)) if C.compile and D.cuda else raw_model
     if D.ddp:
         model = DDP(model, device_ids=[torch.device(C.device).index] if D.cuda else None)
     params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())
