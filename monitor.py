@@ -152,7 +152,8 @@ def buckets(loader):
     c = loader.cache
     if len(c.sizes) == 1:
         return ""
-    return ("\nbuckets: " + ", ".join(f"{W}x{H} ({len(m)})" for (W, H), m in zip(c.sizes, c.members))
+    merged = "".join(f"; {a} merged into {b}" for a, b in c.manifest.get("merged", {}).items())  # by data.py
+    return ("\nbuckets: " + ", ".join(f"{W}x{H} ({len(m)})" for (W, H), m in zip(c.sizes, c.members)) + merged
             + (f"; left out, smaller than a global batch: {loader.left_out}" if loader.left_out else ""))
 
 

@@ -415,6 +415,9 @@ def test_a_bucketed_run_resumes_exactly_and_samples_any_size(mixed, tmp_path, mo
     a, b = load(saved["a", 12]), load(saved["b", 12])
     for key in ("model", "ema", "optimizer", "loader_state", "step"):
         assert tensors_equal(a[key], b[key]), key
+    stage = train.main(args(mixed, tmp_path / "c", aspect_buckets=5, init_from=str(tmp_path / "a" / "ckpt.pt"),
+                            max_steps=2))
+    assert stage["step"] == 2  # init_from: its EMA weights start a new bucketed run
     import sample
     out = tmp_path / "png"
     sample.main(["--ckpt", str(tmp_path / "a" / "ckpt.pt"), "--size", "24x12", "--steps", "2", "--n", "2",
