@@ -29,7 +29,7 @@ from checkpoint import write_json
 from diffusion import Diffusion
 from encoders import load_text_encoder
 from loader import Loader
-from model import PRESETS, DiT, config_from_keys, convert_to_fp8, fp8_aligned, peak_flops
+from model import PRESETS, DiT, config_from_keys, convert_to_fp8, fp8_aligned, peak_flops, train_flops
 from optim import configure_optimizer, lr_at
 
 TEXT_LEN, TEXT_DIM = 77, 768  # CLIP ViT-L/14 token states, the shape the peer's caption_channels expects
@@ -160,12 +160,12 @@ def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
     steps: the body of train.py's loop (its own functions) minus its logging accumulators."""
     K = case_keys(preset, shape, C, device)
     if impl == "ours":
-        raw, ema, optimizer, _ = train.build_model(K, (4, grid, grid), TEXT_WIDTHS)
+        raw, ema, optimizer, _, levers = train.build_model(K, (4, grid, grid), TEXT_WIDTHS)
         ema_params, build = list(ema.parameters()), lambda: DiT(raw.config)
     else:  # as train.build_model builds ours: seeded; fp8 by the same rule, before the optimizer; an EMA copy of every
-        # parameter; under --grad_ckpt every block checkpointed; no token routing; AdamW alone (Muon's split is
-        # written for our blocks): with the recipe's --optimizer muon, ours/peer includes Muon's cost
-        K.route_frac, K.optimizer, build = 0.0, "adamw", lambda: PixArtPeer(**shape, grid=grid)
+        # parameter; under --grad_ckpt every block checkpointed; no token routing, no training levers; AdamW alone
+        # (Muon's split is written for our blocks): with the recipe's --optimizer muon, ours/peer includes Muon's cost
+        K.route_frac, K.optimizer, build, levers = 0.0, "adamw", lambda: PixArtPeer(**shape, grid=grid), None
         torch.manual_seed(K.seed)
         raw = build().to(device)
         if K.grad_ckpt:
@@ -193,11 +193,11 @@ def build_case(impl, label, preset, shape, grid, C, device, diffusion, ctx):
             rand = train.step_noise(step, K.batch * K.accum, (4, grid, grid), device, K, diffusion,
                                     train.routed_tokens(step, K.max_steps, tokens, K))
             lr = lr_at(step, K.max_steps, K)
-            train.train_step(model, optimizer, diffusion, loader, None, rand, lr, K, ctx)  # (batches: text states)
+            train.train_step(model, optimizer, diffusion, loader, None, rand, lr, K, ctx, levers=levers)  # text states
             train.ema_update(ema_params, params, step, K.ema_decay)
     counted = counter.get_total_flops()  # for MFU, ours is model.estimate_flops(), what model.mfu() uses
     return Case(f"{impl} {label}", impl, work, images=K.batch * K.accum, n_params=sum(p.numel() for p in params),
-                flops=raw.estimate_flops() if impl == "ours" else counted, flops_counted=counted)
+                flops=train_flops(raw, K) if impl == "ours" else counted, flops_counted=counted)
 
 def bench_training(label, preset, shape, grid, C, device, ctx, diffusion, steps, rounds, warmup, impls=IMPLS):
     """Ours and the peer at one shape: both resident and alternating; where both do not fit (OOM), one at a time in
@@ -419,6 +419,7 @@ def parse(argv):
     try:
         C = SimpleNamespace(**config.parse_args(rest, train.DEFAULTS))
         C.device = config.resolve_device(C.device)  # "auto": CUDA when there is a GPU, else the CPU
+        C.text_len = C.text_len or TEXT_LEN  # 0 = all of the tower's tokens: what the rows' models cross-attend to
         config.check_speed_keys(C)  # ckpt_blocks with grad_ckpt; fp8: a card with FP8 and torchao; or one line now
     except config.ConfigError as e:
         fail(e)

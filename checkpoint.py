@@ -12,6 +12,7 @@ from model import TRAINING_ONLY, DiTConfig, config_keys
 
 # the layout: train.py writes it with save_checkpoint, every reader checks it with load_checkpoint
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "config", "model_config", "loader_state", "rng", "progress")
+OPTIONAL_KEYS = ("sra_head",)  # SRA's head (train.py's sra_weight > 0), for resuming only
 FOR_SAMPLING = ("ema", "config", "model_config")
 FOR_RESUMING = ("model", "ema", "optimizer", "step", "model_config", "loader_state")  # rng, progress: optional
 # the train.py keys sample.py rebuilds the pipeline from
@@ -47,7 +48,7 @@ def write_json(path, obj, indent=1):
 def save_checkpoint(path, state):
     """The one writer of the layout (atomic)."""
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
-    unknown = [k for k in state if k not in CHECKPOINT_KEYS]
+    unknown = [k for k in state if k not in CHECKPOINT_KEYS + OPTIONAL_KEYS]
     if missing or unknown:
         raise ValueError(f"checkpoint layout: missing {missing}, unknown {unknown}")
     atomic_write(path, lambda f: torch.save(state, f))
@@ -126,17 +127,23 @@ def same_model(saved_config, config):
     return strip(saved) == strip(dataclasses.asdict(config))
 
 
-def restore(ck, path, C, model, ema, optimizer, loader):
-    """Continue from a checkpoint: weights, EMA, optimizer state (this run's hyperparameters), loader position, RNG.
-    -> (step, elapsed s, the planned horizon or None). ValueError for a checkpoint of another model or optimizer."""
+def restore(ck, path, C, model, ema, optimizer, loader, head=None):
+    """Continue from a checkpoint: weights, EMA, SRA's head, optimizer state (this run's hyperparameters), loader
+    position, RNG. -> (step, elapsed s, the planned horizon or None). ValueError for a checkpoint of another model or
+    optimizer, or one that would switch SRA on or off (its head and the head's optimizer state)."""
     if not same_model(ck["model_config"], model.config):
         raise ValueError(f"{path} holds a different model ({ck['model_config']}); use another --out_dir or "
                          "--resume never")
     kind = "muon" if "muon" in ck["optimizer"] else "adamw"
     if kind != C.optimizer:
         raise ValueError(f"{path} was trained with --optimizer {kind}, not {C.optimizer}: use another --out_dir")
+    if ("sra_head" in ck) != (head is not None):
+        raise ValueError(f"{path} was trained with SRA {'on' if 'sra_head' in ck else 'off'}: a resume cannot switch "
+                         f"it {'off' if 'sra_head' in ck else 'on'} (--sra_weight); use another --out_dir")
     model.load_state_dict(ck["model"])
     ema.load_state_dict(ck["ema"])
+    if head is not None:
+        head.load_state_dict(ck["sra_head"])
     optimizer.load_state_dict(ck["optimizer"])
     loader.load_state_dict(ck["loader_state"])
     if "rng" in ck:
@@ -145,8 +152,9 @@ def restore(ck, path, C, model, ema, optimizer, loader):
     return ck["step"], progress.get("elapsed_s", 0.0), progress.get("horizon")
 
 
-def checkpoint_state(C, model, ema, optimizer, loader, step, elapsed_s, horizon):
+def checkpoint_state(C, model, ema, optimizer, loader, step, elapsed_s, horizon, head=None):
     return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "config": dict(vars(C)), "model_config": dataclasses.asdict(model.config),
             "loader_state": loader.state_dict(), "rng": {"cpu": torch.get_rng_state()},
-            "progress": {"elapsed_s": elapsed_s, "horizon": horizon}}
+            "progress": {"elapsed_s": elapsed_s, "horizon": horizon},
+            **({"sra_head": head.state_dict()} if head is not None else {})}

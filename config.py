@@ -14,7 +14,7 @@ import sys
 import torch
 
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion, check_guidance, parse_cfg_interval
-from encoders import CONTEXT_LENGTH
+from encoders import CONTEXT_LENGTH, check_chunks
 from model import CHOICES as MODEL_CHOICES
 from model import PRESETS, config_from_keys
 
@@ -134,7 +134,8 @@ CHOICES = dict(lr_schedule=("constant", "cosine", "wsd"), optimizer=("adamw", "m
                prediction=PREDICTIONS, schedule=SCHEDULES, model=tuple(PRESETS), **MODEL_CHOICES)
 AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample_every=0, eval_every=0, warmup=0,
                 max_hours=0, depth=0, width=0, heads=0, patch=0, max_bad_steps=1, grad_clip=0, weight_decay=0,
-                min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8, ckpt_blocks=0)
+                min_snr_gamma=0, t_logit_std=0, noise_offset=0, input_perturbation=0, resolution=8, ckpt_blocks=0,
+                cfm_weight=0, disp_weight=0, sra_weight=0)
 UNIT = ("cond_drop", "decay_frac", "ema_decay", "route_until")  # in [0, 1]
 
 
@@ -187,16 +188,45 @@ def check(C):
             raise ConfigError(f"--device {C.device}: torch sees no CUDA device here (use --device cpu)")
     check_speed_keys(C)
     check_trackers(C)
+    check_levers(C)
+
+
+def check_levers(C):
+    """The training levers (diffusion.Levers; their weights >= 0 by AT_LEAST): ConfigError for what they cannot do.
+    Their blocks are checked only where their weight is > 0, so the defaults hold at any depth."""
+    if not C.cfm_weight < 1:
+        raise ConfigError(f"--cfm_weight {C.cfm_weight}: must be in [0, 1) (lambda; 1 would reward any prediction as "
+                          "far from another sample's target as from its own)")
+    if C.cfm_weight > 0 and C.prediction != "flow":
+        raise ConfigError(f"--cfm_weight {C.cfm_weight}: contrastive flow matching is for --prediction flow, not "
+                          f"{C.prediction}")
+    for key in ("cfm_weight", "disp_weight"):
+        if getattr(C, key) > 0 and C.batch < 2:
+            raise ConfigError(f"--{key} {getattr(C, key)}: contrasts the samples of a micro-batch, and --batch is 1")
+    if not 0 < C.sra_gap <= 1:
+        raise ConfigError(f"--sra_gap {C.sra_gap}: must be in (0, 1] (a fraction of the time range)")
+    mcfg = config_from_keys(C)
+    try:
+        if C.disp_weight > 0:
+            mcfg.block_index(C.disp_block, "--disp_block")
+        if C.sra_weight > 0 and (mcfg.block_index(C.sra_target_block, "--sra_target_block")
+                                 <= mcfg.block_index(C.sra_block, "--sra_block")):
+            raise ValueError(f"--sra_target_block {C.sra_target_block}: must be a later block than --sra_block "
+                             f"{C.sra_block} (depth {mcfg.depth})")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_layout(aspect_buckets, max_aspect, text_chunks):
     """The data layout keys (train.py's and data.py's): ConfigError."""
     if aspect_buckets < 0 or aspect_buckets == 1:
         raise ConfigError(f"--aspect_buckets {aspect_buckets}: 0 (square centre crops) or N >= 2 buckets")
-    if not max_aspect >= 1:
+    if not 1 <= max_aspect < math.inf:
         raise ConfigError(f"--max_aspect {max_aspect}: must be >= 1 (the widest bucket's width / height)")
-    if text_chunks not in (1, 2, 3):
-        raise ConfigError(f"--text_chunks {text_chunks}: 1, 2 or 3 chunks of 75 caption tokens")
+    try:
+        check_chunks(text_chunks)
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None
 
 
 def check_speed_keys(C):

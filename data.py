@@ -50,7 +50,6 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-import toys
 from checkpoint import write_json
 from config import ConfigError, check_layout, fail, resolve_device
 from encoders import LoadError, load_text_encoder, load_vae
@@ -99,8 +98,15 @@ def preprocess(img, size):
     return np.asarray(img.crop((left, top, left + W, top + H)))
 
 def oriented_size(img):
-    """(width, height) as the image is shown: EXIF orientations 5-8 store it rotated by 90 degrees."""
-    return img.size[::-1] if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else img.size
+    """(width, height) as the image is shown: EXIF orientations 5-8 store it rotated by 90 degrees. From the header
+    alone: PIL's getexif() decodes a whole PNG or WebP, whose EXIF (when it precedes the pixels) is in info."""
+    if img.format in ("PNG", "WEBP"):
+        exif = Image.Exif()
+        if img.info.get("exif"):
+            exif.load(img.info["exif"])
+    else:
+        exif = img.getexif()
+    return img.size[::-1] if exif.get(0x0112, 1) in (5, 6, 7, 8) else img.size
 
 def to_pixels(arrays):
     """uint8 (N, H, W, 3) images -> float (N, 3, H, W) in [-1, 1], what VAE.encode takes."""
@@ -233,12 +239,18 @@ class Buckets:
     def index(self, w, h):
         return self._kept[self.into[self.nearest(w, h)]]
 
+def bucket_size(resolution, aspect, multiple):
+    """(W, H) of the bucket of aspect W / H with about resolution^2 px, each side rounded to the nearest multiple
+    (halves up, at least one multiple): 46 x 22 at 32 px, aspect 2, multiple 2; 368 x 176 at 256 px, multiple 16."""
+    side = lambda x: multiple * max(1, math.floor(x / multiple + 0.5))
+    return side(resolution * math.sqrt(aspect)), side(resolution / math.sqrt(aspect))
+
 def bucket_sizes(resolution, n, max_aspect, multiple):
     """n sizes (W, H) of about resolution^2 pixels, aspect ratios W / H evenly spaced in log from 1 / max_aspect to
-    max_aspect, sides multiples of `multiple` (toys.bucket_size); a size two ratios round to is kept once."""
+    max_aspect, sides multiples of `multiple` (bucket_size); a size two ratios round to is kept once."""
     sizes = []
     for k in range(n):
-        size = toys.bucket_size(resolution, max_aspect ** (2 * k / (n - 1) - 1), multiple)
+        size = bucket_size(resolution, max_aspect ** (2 * k / (n - 1) - 1), multiple)
         sizes += [size] if size not in sizes else []
     return sizes
 
@@ -335,12 +347,20 @@ def _open_progress(out, rows, settings, prog):
     os.makedirs(out, exist_ok=True)
     if not prog:
         prog = dict(settings=settings, items=0, count=0, skipped={}, fixed={}, sizes={n: 0 for n in rows})
+    for n, fill in (("bucket.npy", 0), ("ncaptions.npy", 1)):  # a build started before these files: its rows
+        if n not in prog["sizes"]:  # (one square bucket, one caption an image) written out, then it continues
+            _write_rows(os.path.join(out, n), np.full(prog["count"], fill, np.int16))
+            prog["sizes"][n] = os.path.getsize(os.path.join(out, n))
     for n, row in rows.items():
         with open(os.path.join(out, n), "ab") as f:
             f.truncate(prog["sizes"][n])
             if row and prog["sizes"][n] == 0:
                 f.write(_npy_header(row[0], (0, *row[1])))  # placeholder row count
     return prog
+
+def _write_rows(path, a):
+    with open(path, "wb") as f:
+        f.write(_npy_header(a.dtype, (0, *a.shape[1:])) + a.tobytes())
 
 def _next_chunk(loaded, encode, pbar, batch_size, chunk_size):
     """The next chunk: (items read, non-empty _encode_group outputs, skip counts, fix counts); 0 items at the end."""
@@ -443,7 +463,7 @@ def _write_manifest(data, kind, out, settings, prog, rows, counts, buckets, vae,
 def build_cache(data, out, resolution, vae, text_encoder, device="cpu", text_states=False, batch_size=32,
                 chunk_size=512, workers=0, **layout):
     """Encode `data` into the folder `out`; returns `out`. vae / text_encoder: names or loaded objects. layout: any
-    of LAYOUT's keys (aspect_buckets, max_aspect, bucket_multiple, min_bucket, text_chunks).
+    of LAYOUT's keys (aspect_buckets, max_aspect, patch, min_bucket, text_chunks).
     Resumable: rows are appended chunk by chunk and progress.json (items, rows, byte sizes, the buckets) is committed
     after each chunk's data is fsynced; a rerun truncates the files to the last commit and continues.
     The .npy headers get the final row count at the end, then manifest.json is written, last."""
@@ -608,7 +628,7 @@ def main(argv=None):
     p.add_argument("--text_chunks", type=int, default=1, help="1..3 chunks of 75 caption tokens (train.py's key)")
     p.add_argument("--aspect_buckets", type=int, default=0, help="0: square centre crops; N >= 2: aspect buckets")
     p.add_argument("--max_aspect", type=float, default=2.0, help="the widest bucket's W / H (>= 1)")
-    p.add_argument("--patch", type=int, default=2, help="the DiT's patch: bucket sides are multiples of VAE factor x it")
+    p.add_argument("--patch", type=int, default=2, help="the DiT's patch (bucket sides: multiples of VAE factor x it)")
     p.add_argument("--min_bucket", type=int, default=64, help="a bucket with fewer images joins its neighbour "
                    "(train.py passes its global micro-batch)")
     p.add_argument("--device", default="auto", help="auto: cuda when there is a GPU, else cpu")
@@ -619,6 +639,8 @@ def main(argv=None):
     a.device = resolve_device(a.device)
     try:
         check_layout(a.aspect_buckets, a.max_aspect, a.text_chunks)
+        if a.patch < 1 or a.min_bucket < 1:
+            raise ConfigError(f"--patch {a.patch} / --min_bucket {a.min_bucket}: each must be >= 1")
         layout = dict(aspect_buckets=a.aspect_buckets, max_aspect=a.max_aspect, text_chunks=a.text_chunks,
                       patch=a.patch, min_bucket=a.min_bucket)
         if a.out and source_kind(a.data) != "cache":

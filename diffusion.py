@@ -156,6 +156,86 @@ def _cat_cond(uncond, cond):
 
 
 #################################################################################
+#          Training levers: contrastive flow matching, dispersive, SRA          #
+#################################################################################
+
+# The dispersive loss's temperature tau. The authors' PyTorch release (github.com/raywang4/DispLoss: transport.py's
+# disp_loss and its README) divides the squared distances by the feature size and uses tau 1 (weight 0.25, on the
+# last block); their JAX runs of the paper used tau 0.5 (weight 0.5, a quarter of the depth).
+DISP_TEMPERATURE = 1.0
+# SRA's smooth-L1 beta: the authors' loss.py (github.com/vvvvvjdy/SRA, SiT-SRA/loss.py: smooth_l1_loss(beta=0.05),
+# the paper's loss; their code now defaults to a cosine loss and calls smooth-L1 the paper's legacy)
+SRA_BETA = 0.05
+LEVER_TERMS = ("cfm", "disp", "sra")  # the terms Diffusion.loss returns (and train.py logs) beside the loss
+
+
+def derangement(u):
+    """(B,) uniform draws -> (B,) indices neg with neg[i] != i (B >= 2): the random cyclic order argsort(u), each
+    sample's negative its successor in it. Every sample is one other's negative, and for one i, neg[i] is uniform
+    over the others: the law of the CFM authors' draw (github.com/gstoica27/DeltaFM triplet_loss.py), which draws
+    each sample's other sample independently."""
+    order = u.argsort()                                                        # (B,)
+    neg = torch.empty_like(order)
+    neg[order] = order.roll(-1)                                                # order[k] -> order[k + 1]
+    return neg
+
+
+def contrastive_flow_error(pred, target, negatives):
+    """Contrastive flow matching (Stoica et al. 2025, arXiv 2506.05350, Sec. 3; DeltaFM's triplet_loss.py
+    compute_triplet_loss_efficiently): per sample, the mean squared distance of the predicted flow from ANOTHER
+    sample's flow target, target[negatives] (its own noise - x0); the loss subtracts lambda times it from the flow
+    matching error. pred, target (B, C, H, W), negatives (B,) -> (B,) float32."""
+    err = (pred.float() - target.float()[negatives]) ** 2                     # (B, C, H, W)
+    return err.mean(dim=tuple(range(1, err.ndim)))                            # (B,)
+
+
+def dispersive_loss(z, temperature=DISP_TEMPERATURE):
+    """Dispersive loss, InfoNCE-L2 form (Wang & He 2025, arXiv 2506.09027, Sec. 3; the authors' disp_loss): one
+    block's output z (B, ...) flattened per sample to D values, in float32; d_ij = ||z_i - z_j||^2 / D; the loss is
+    log of the mean of exp(-d_ij / tau) over all B^2 pairs (i = j included, as their "full BxB matrix"), computed
+    as a logsumexp. A scalar; its minimum spreads the micro-batch's states apart, with no positive pairs."""
+    z = z.float().flatten(1)                                                   # (B, D)
+    d = F.pdist(z).pow(2) / z.shape[1]                                         # (B (B - 1) / 2,) the pairs i < j
+    logits = torch.cat([-d, -d, d.new_zeros(z.shape[0])]) / temperature       # (B^2,) every (i, j)
+    return torch.logsumexp(logits, dim=0) - 2 * math.log(z.shape[0])
+
+
+def sra_loss(student, teacher, beta=SRA_BETA):
+    """Self-representation alignment (Jiang et al. 2025, arXiv 2505.02831, Sec. 3; SiT-SRA/loss.py): smooth-L1 of
+    the head's projection of the student block's output to the EMA teacher's block output, (B, N, W) each, in
+    float32, averaged over every element. A scalar."""
+    return F.smooth_l1_loss(student.float(), teacher.float(), beta=beta)
+
+
+@dataclasses.dataclass
+class Levers:
+    """train.py's extra training terms (issue 25), each on where its weight is > 0 (all 0: Diffusion.loss adds
+    nothing, draws nothing and calls the model as without them). Blocks are 0-based, already resolved."""
+    cfm_weight: float = 0.0     # lambda of contrastive flow matching (flow only, micro-batches of 2 or more)
+    disp_weight: float = 0.0    # the dispersive loss's weight, on the output of disp_block
+    disp_block: int = 0
+    sra_weight: float = 0.0     # SRA's weight: head(student's sra_block) -> the teacher's sra_target_block
+    sra_block: int = 0
+    sra_target_block: int = 0
+    sra_gap: float = 0.2        # the teacher's t: up to sra_gap of the time range earlier (Diffusion.earlier_t)
+    teacher: object = None      # SRA: the EMA model as a model_fn (x_t, t, cond, hidden=, output=); called no-grad
+    head: object = None         # SRA: the projector on the student's block (model.SRAHead)
+
+    @classmethod
+    def from_config(cls, config, depth, teacher=None, head=None):
+        """From train.py's keys (a dict) for a DiT of `depth` blocks (config.py has checked the indices)."""
+        blocks = {k: config[k] % depth for k in ("disp_block", "sra_block", "sra_target_block")}
+        return cls(config["cfm_weight"], config["disp_weight"], blocks["disp_block"], config["sra_weight"],
+                   blocks["sra_block"], blocks["sra_target_block"], config["sra_gap"], teacher, head)
+
+    @property
+    def blocks(self):
+        """The student blocks whose outputs the terms read: model_fn's `hidden` (none: the model is called as ever)."""
+        return tuple(sorted({b for b, w in ((self.disp_block, self.disp_weight), (self.sra_block, self.sra_weight))
+                             if w > 0}))
+
+
+#################################################################################
 #                             The diffusion process                             #
 #################################################################################
 
@@ -307,11 +387,17 @@ class Diffusion:
     #############################################################################
 
     def loss(self, model_fn, x0, cond, *, min_snr_gamma=0.0, noise_offset=0.0, input_perturbation=0.0,
-             t=None, noise=None, offset_noise=None, perturb_noise=None, generator=None):
+             t=None, noise=None, offset_noise=None, perturb_noise=None, generator=None, levers=None, cfm_u=None,
+             sra_u=None):
         """One denoising loss. Any of t (B,) / noise (B,C,H,W) / offset_noise (B,C,1,1) / perturb_noise (B,C,H,W)
         that is None is drawn from `generator`, in that order (the last two only when their strength is > 0).
         Returns (weighted mean loss, per-sample unweighted MSE (B,) float32 detached, t (B,): long, float for flow).
-        Offset noise and input perturbation apply to flow as they do to the others (they change the noise drawn)."""
+        Offset noise and input perturbation apply to flow as they do to the others (they change the noise drawn).
+        levers (a Levers): the training levers' terms are added to the loss, and the return gains a 4th value, {term
+        name: its value, a detached scalar} (LEVER_TERMS; empty where every weight is 0); the loss and per-sample
+        values stay the denoising loss's. cfm_u, sra_u (B,) U(0, 1): CFM's negatives (derangement) and SRA's teacher
+        times (earlier_t), drawn after the others where None and the lever is on. With blocks to read, model_fn is
+        called as model_fn(x_t, t, cond, hidden=blocks) -> (output, {block: (B, N, W)}) (model.DiT.forward)."""
         B, C = x0.shape[:2]
         if t is None and self.flow:
             t = self.T * self.shift(1 - _draw(generator, (B,), x0.device, uniform=True))  # sigma ~ U(0, 1], shifted
@@ -329,11 +415,37 @@ class Diffusion:
             if perturb_noise is None:
                 perturb_noise = _draw(generator, x0.shape, x0.device, x0.dtype)
             input_noise = noise + input_perturbation * perturb_noise
-        pred = model_fn(self.add_noise(x0, input_noise, t), t, cond)  # (B, C, H, W)
-        err = (pred.float() - self.target(x0, noise, t).float()) ** 2  # (B, C, H, W)
+        blocks = levers.blocks if levers is not None else ()
+        pred = model_fn(self.add_noise(x0, input_noise, t), t, cond, **({"hidden": blocks} if blocks else {}))
+        pred, states = pred if blocks else (pred, {})  # (B, C, H, W), {block: (B, N, W)}
+        target = self.target(x0, noise, t)  # (B, C, H, W)
+        err = (pred.float() - target.float()) ** 2  # (B, C, H, W)
         per_sample = err.mean(dim=tuple(range(1, err.ndim)))  # (B,)
         loss = (per_sample * self.loss_weight(t, min_snr_gamma)).mean()
-        return loss, per_sample.detach(), t
+        if levers is None:
+            return loss, per_sample.detach(), t
+        terms, uniform = {}, lambda u: _draw(generator, (B,), x0.device, uniform=True) if u is None else u
+        if levers.cfm_weight > 0:  # -lambda ||v - (eps~ - x0~)||^2, another sample's target (arXiv 2506.05350)
+            terms["cfm"] = contrastive_flow_error(pred, target, derangement(uniform(cfm_u))).mean()
+            loss = loss - levers.cfm_weight * terms["cfm"]
+        if levers.disp_weight > 0:  # log E_ij exp(-||z_i - z_j||^2 / D tau) of one block (arXiv 2506.09027)
+            terms["disp"] = dispersive_loss(states[levers.disp_block])
+            loss = loss + levers.disp_weight * terms["disp"]
+        if levers.sra_weight > 0:  # the EMA at an earlier t, same noise and caption (arXiv 2505.02831)
+            t_teacher = self.earlier_t(t, uniform(sra_u), levers.sra_gap)  # (B,)
+            with torch.no_grad():
+                aim = levers.teacher(self.add_noise(x0, input_noise, t_teacher), t_teacher, cond,
+                                     hidden=(levers.sra_target_block,), output=False)[levers.sra_target_block]
+            terms["sra"] = sra_loss(levers.head(states[levers.sra_block]), aim)
+            loss = loss + levers.sra_weight * terms["sra"]
+        return loss, per_sample.detach(), t, {k: v.detach() for k, v in terms.items()}
+
+    def earlier_t(self, t, u, gap):
+        """SRA's teacher time (arXiv 2505.02831 Sec. 3; SiT-SRA/loss.py: t - t_max U(0, 1), clamped at 0): per
+        sample gap * u * T earlier (less noisy), never below 0; u (B,) in [0, 1), gap a fraction of the time range
+        for every prediction kind. Flow: float, in the (shifted) sigma's units; eps / v / x0: rounded to a step."""
+        early = (t - gap * self.T * u.to(t.device)).clamp(min=0)  # (B,) float
+        return early if self.flow else early.round().long()
 
     #############################################################################
     #                                  Sampling                                 #

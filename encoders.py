@@ -32,7 +32,7 @@ def check_chunks(chunks):
 
 class LoadError(Exception):
     """An input that cannot be loaded: here a pretrained network (offline without its files, a broken checkpoint);
-    data.py's DataError (an empty, missing or unreadable data source) is a LoadError too, so one `except LoadError`
+    sources.py's DataError (an empty, missing or unreadable data source) is a LoadError too, so one `except LoadError`
     catches every reason a run cannot start from its inputs (the command lines map it to exit code 2)."""
 
 #################################################################################

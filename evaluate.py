@@ -32,7 +32,7 @@ from tqdm import tqdm
 import toys
 from checkpoint import atomic_write, write_json
 from config import fail, resolve_device
-from data import to_pixels
+from data import bucket_size, to_pixels
 from sources import IMAGE_EXTS
 from diffusion import SAMPLERS
 from encoders import ClipScorer, InceptionV3
@@ -236,8 +236,8 @@ TRUTH_MULTIPLE = 2  # --truth's bucket sides (no checkpoint): pixel space at pat
 
 
 def wide_sizes(resolution, multiple):
-    """The scenes_wide probe's (W, H): the 2:1 and 1:2 buckets of ~resolution^2 px, as training's (toys.bucket_size)."""
-    return [toys.bucket_size(resolution, aspect, multiple) for aspect in (2.0, 0.5)]
+    """The scenes_wide probe's (W, H): the 2:1 and 1:2 buckets of ~resolution^2 px, as training's (data.bucket_size)."""
+    return [bucket_size(resolution, aspect, multiple) for aspect in (2.0, 0.5)]
 
 
 def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, eta=0.0, guidance_rescale=0.0,

@@ -3,9 +3,10 @@ loader.py: a latent cache (data.py) -> training batches: infinite, deterministic
 across DDP ranks, resumable mid-epoch (the position is the checkpoint's loader_state), prefetched in a background
 thread. Caption dropout, flips and which of an image's captions it gets are drawn per sample from (seed, epoch,
 index), so they do not depend on how a global batch is split; a flipped sample takes the mirrored image's cached
-latent and its caption's "left" and "right" swapped (data.MIRROR_WORDS). With aspect buckets every global batch
-comes from one bucket (all ranks draw the same shape at each micro-step), the batches of all buckets in an order
-drawn per epoch.
+latent and its caption's "left" and "right" swapped (data.MIRROR_WORDS). With aspect buckets each optimizer step's
+images (batch x accum x ranks) come from one bucket, so every micro-step of every rank has one shape and
+accumulation and DDP split the same images as without buckets; the steps of all buckets in an order drawn per
+epoch.
 """
 import functools
 import queue
@@ -33,16 +34,16 @@ def epoch_plan(n, seed, epoch, cond_drop):
 
 
 @functools.lru_cache(maxsize=4)
-def bucket_batches(cache, global_batch, seed, epoch):
-    """One epoch's global batches of a bucketed cache: [(bucket, sample indices)]: each bucket's samples in the
-    epoch's permutation, cut into global batches (its tail dropped), the batches of all buckets in an order drawn
-    from (seed, epoch). A bucket smaller than a global batch gives none (Loader warns)."""
+def bucket_batches(cache, step_batch, seed, epoch):
+    """One epoch's optimizer steps on a bucketed cache: [(bucket, sample indices)]: each bucket's samples in the
+    epoch's permutation, cut into steps of step_batch (its tail dropped), the steps of all buckets in an order drawn
+    from (seed, epoch). A bucket smaller than a step gives none (Loader warns)."""
     perm = epoch_plan(len(cache), seed, epoch, 0.0)[0]
     in_bucket = cache.bucket[perm]
     batches = []
     for b in range(len(cache.sizes)):
         order = perm[in_bucket == b]
-        batches += [(b, order[k * global_batch:(k + 1) * global_batch]) for k in range(len(order) // global_batch)]
+        batches += [(b, order[k * step_batch:(k + 1) * step_batch]) for k in range(len(order) // step_batch)]
     return [batches[i] for i in np.random.default_rng([seed, epoch, 3]).permutation(len(batches))]
 
 def mirror_tokens(tokens, flip, pairs):
@@ -53,26 +54,27 @@ def mirror_tokens(tokens, flip, pairs):
     return torch.where(flip[:, None] & (is_a | is_b).any(-1), other, tokens)
 
 class Loader:
-    """Infinite deterministic batches from a cache. Per epoch e: perm from (seed, e), global batches of
-    batch_size * world_size in order (tail dropped; with buckets: bucket_batches), rank r takes slice [r*B, (r+1)*B)."""
+    """Infinite deterministic batches from a cache, one per micro-step. Per epoch e: perm from (seed, e), global
+    batches of batch_size * world_size in order (tail dropped), rank r takes slice [r*B, (r+1)*B). With buckets:
+    bucket_batches' steps of batch_size * accum * world_size, micro-step m of rank r takes [(m*world + r)*B, +B)."""
     def __init__(self, cache, batch_size, seed=0, rank=0, world_size=1, cond_drop=0.0, flip=True, device="cpu",
-                 prefetch=2):
+                 prefetch=2, accum=1):
         self._thread = None
         self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.cond_drop, self.flip, self.device, self.prefetch = cond_drop, flip, torch.device(device), prefetch
-        global_batch = batch_size * world_size
-        self.bucketed = len(self.cache.sizes) > 1
-        sizes = [len(m) for m in self.cache.members]
-        self.batches_per_epoch = sum(n // global_batch for n in sizes)
+        self.bucketed, self.accum = len(self.cache.sizes) > 1, accum if len(self.cache.sizes) > 1 else 1
+        step_batch, sizes = batch_size * world_size * self.accum, [len(m) for m in self.cache.members]
+        self.batches_per_epoch = sum(n // step_batch for n in sizes) * self.accum  # micro-steps
         if self.batches_per_epoch == 0:
             raise ValueError(f"cache has {len(self.cache)} samples, fewer than one global batch "
-                             f"({batch_size} x {world_size})" + (" in any bucket" if self.bucketed else ""))
-        self.left_out = {"%dx%d" % size: n for size, n in zip(self.cache.sizes, sizes) if n < global_batch}
-        if self.bucketed and self.left_out and rank == 0:  # data.py merges such buckets for the batch it builds for
-            warnings.warn(f"buckets with fewer images than a global batch of {global_batch} are left out: "
-                          f"{self.left_out} (rebuild the cache with --min_bucket {global_batch} to merge them)",
-                          stacklevel=2)
+                             f"({batch_size} x {world_size})" + (f" x accum {accum} in any bucket" if self.bucketed
+                                                                 else ""))
+        self.left_out = {"%dx%d" % size: n for size, n in zip(self.cache.sizes, sizes) if n < step_batch}
+        if self.bucketed and self.left_out and rank == 0:  # data.py merges such buckets for the step it builds for
+            warnings.warn(f"buckets with fewer images than an optimizer step's {step_batch} are left out: "
+                          f"{self.left_out} (this cache was built for a smaller step: give train.py another "
+                          "--cache_dir to build one that merges them)", stacklevel=2)
         self.step = 0  # batches consumed by the caller (prefetched ones do not count)
         self._mirror = self._mirror_pairs() if flip else None
         self._start()
@@ -99,8 +101,9 @@ class Loader:
         perm, flip, drop, pick = epoch_plan(len(c), self.seed, epoch, self.cond_drop)
         bucket, start = 0, (k * self.world_size + self.rank) * self.batch_size
         if self.bucketed:
-            bucket, perm = bucket_batches(c, self.batch_size * self.world_size, self.seed, epoch)[k]
-            start = self.rank * self.batch_size
+            (bucket, perm), micro = bucket_batches(c, self.batch_size * self.world_size * self.accum, self.seed,
+                                                   epoch)[k // self.accum], k % self.accum
+            start = (micro * self.world_size + self.rank) * self.batch_size  # train_step's rows of the step's noise
         idx = perm[start:start + self.batch_size]
         caption = c.caption_start[idx] + (pick[idx] * c.ncaptions[idx]).astype(np.int64)  # one of each image's
         return idx, (flip[idx] if self.flip else np.zeros(len(idx), bool)), drop[idx], caption, bucket

@@ -67,6 +67,18 @@ class DiTConfig:
         """Of n tokens, how many go through the routed blocks."""
         return n - int(self.route_frac * n)
 
+    def block_index(self, i, key="block"):
+        """A training lever's block key (0-based, negative from the end) -> 0..depth-1. ValueError beyond the depth,
+        or inside the routed blocks with route_frac > 0 (their outputs hold only the kept tokens)."""
+        j = i + self.depth if i < 0 else i
+        if not 0 <= j < self.depth:
+            raise ValueError(f"{key} {i}: beyond the depth {self.depth} (0..{self.depth - 1}, or -1 for the last)")
+        first, end = self.routed_blocks
+        if self.route_frac > 0 and first <= j < end:
+            raise ValueError(f"{key} {i}: block {j} is routed (blocks {first}..{end - 1} see only the kept tokens "
+                             "with route_frac > 0): choose a block outside them")
+        return j
+
     @property
     def n_mod(self):
         """Modulation vectors per block: shift, scale, gate of attention and MLP (+ the cross-attention's gate)."""
@@ -303,12 +315,15 @@ class DiT(nn.Module):
         x = x.view(x.shape[0], h, w, p, p, C)                                  # (B, h, w, p, p, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, h * p, w * p)  # (B, C, H, W)
 
-    def forward(self, x, t, text, pooled, route_scores=None):
-        """x (B,C,H,W); t (B,) int or float timesteps in [0, 1000); text (B,77,text_dim), of which the first
+    def forward(self, x, t, text, pooled, route_scores=None, hidden=(), output=True):
+        """x (B,C,H,W); t (B,) int or float timesteps in [0, 1000); text (B,77 x chunks,text_dim), of which the first
         config.text_len tokens are used (a causal CLIP tower's states after a short caption's EOT are padding);
         pooled (B,pooled_dim). route_scores (B, >= N) (training with route_frac > 0 only; train.py draws them from
         the step's seed, for the largest bucket): the first N score this grid's tokens, and in each sample the
-        kept_tokens(N) lowest-scored ones go through the routed blocks."""
+        kept_tokens(N) lowest-scored ones go through the routed blocks.
+        hidden: 0-based block indices whose outputs (B, N, W) the training levers read, from this same forward
+        (diffusion.Levers): -> (output, {index: that block's output}); output False: -> the dict alone, the forward
+        stopped after the last of them (SRA's EMA teacher: no later blocks, no final layer)."""
         p = self.config.patch
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W), N = h*w
@@ -331,6 +346,7 @@ class DiT(nn.Module):
         # so what a block keeps is mostly matmul and attention outputs, which that policy would keep too. k of
         # depth blocks checkpointed free ~k/depth of the activations for ~k/depth of a forward in recompute.
         ckpt_end = self.config.ckpt_blocks or len(self.blocks)
+        states = {}                                                            # hidden's {i: (B, N, W)}
         for i, block in enumerate(self.blocks):
             if route and i == first:  # the kept tokens (with their RoPE angles) go on; the others wait in x_all
                 keep = route_scores.argsort(dim=1)[:, :self.config.kept_tokens(h * w)]  # (B, K)
@@ -342,10 +358,15 @@ class DiT(nn.Module):
                 x = checkpoint(block, x, cb, text, block_rope, use_reentrant=False)  # (B, N|K, W)
             else:
                 x = block(x, cb, text, block_rope)                             # (B, N|K, W)
+            if i in hidden:
+                states[i] = x                                                  # (B, N, W)
+                if not output and len(states) == len(hidden):
+                    return states
         if route and end == len(self.blocks):
             x = rejoin(x_all, x)                                               # (B, N, W)
         x = self.final_layer(x, c)                                             # (B, N, p*p*C)
-        return self.unpatchify(x, h, w)                                        # (B, C, H, W)
+        x = self.unpatchify(x, h, w)                                           # (B, C, H, W)
+        return (x, states) if hidden else x
 
     #############################################################################
     #                          FLOPs and MFU                                    #
@@ -355,6 +376,11 @@ class DiT(nn.Module):
         """Training FLOPs per image (forward + backward = 3x forward; backward does two matmuls per forward one,
         PaLM arXiv 2204.02311 App. B), counting every matmul as 2*MACs including attention scores and values; the
         routed blocks at their kept tokens (with route_frac > 0: a training step's cost, not a sampling step's)."""
+        return 3 * 2 * self.forward_macs(grid)
+
+    def forward_macs(self, grid: int | None = None, upto: int | None = None) -> int:
+        """Multiply-adds of one image's forward (estimate_flops' count): the training forward, or with upto = k an
+        eval-mode forward (all tokens) that stops after blocks[k - 1], before the final layer (SRA's EMA teacher)."""
         cfg = self.config
         W, D, L, C, p = cfg.width, cfg.depth, cfg.text_len, cfg.in_channels, cfg.patch
         N = ((grid or cfg.input_size) // p) ** 2
@@ -367,13 +393,50 @@ class DiT(nn.Module):
         embed = (N * C * p * p * W + 256 * W + W * W + cfg.pooled_dim * W + W * W  # patch, t MLP, pooled MLP
                  + L * (cfg.text_dim * W + (W * W if cfg.text_proj == "mlp" else 0))  # text projection
                  + (W * cfg.n_mod * W if cfg.adaln == "single" else 0))  # t_block
-        macs = (D - routed) * block(N) + routed * block(cfg.kept_tokens(N)) + embed + N * W * p * p * C  # + final
-        return 3 * 2 * macs
+        if upto is not None:
+            return upto * block(N) + embed
+        return (D - routed) * block(N) + routed * block(cfg.kept_tokens(N)) + embed + N * W * p * p * C  # + final
 
-    def mfu(self, images_per_s: float, device, grid: int | None = None) -> float:
-        """Model FLOPs utilisation (PaLM App. B) against PEAK_FLOPS; nan where the peak is unknown (CPU)."""
+    def mfu(self, images_per_s: float, device, grid: int | None = None, flops: float | None = None) -> float:
+        """Model FLOPs utilisation (PaLM App. B) against PEAK_FLOPS; nan where the peak is unknown (CPU). flops: the
+        training FLOPs per image (train_flops' with the training levers), else estimate_flops(grid)."""
         peak = peak_flops(device)
-        return images_per_s * self.estimate_flops(grid) / peak if peak else float("nan")
+        return images_per_s * (flops or self.estimate_flops(grid)) / peak if peak else float("nan")
+
+
+def train_flops(model, keys, grid: int | None = None) -> float:
+    """Training FLOPs per image of train.py's step, the one count the start-up line, MFU and scripts/ablate.py's
+    equal-FLOP budgets use: the DiT's (estimate_flops), plus with sra_weight > 0 the EMA teacher's no-grad forward
+    up to sra_target_block (2 x forward_macs) and SRA's head (forward + backward, 3 x 2 x 4 W^2 a token). keys:
+    train.py's keys (a namespace or dict). CFM and the dispersive loss cost O(batch x tokens x width) an image, a
+    few parts in 1e4 of a block: not counted."""
+    keys = keys if isinstance(keys, dict) else vars(keys)
+    flops, cfg = model.estimate_flops(grid), model.config
+    if keys.get("sra_weight", 0) > 0:
+        tokens = ((grid or cfg.input_size) // cfg.patch) ** 2
+        teacher = model.forward_macs(grid, upto=cfg.block_index(keys["sra_target_block"]) + 1)
+        flops += 2 * teacher + 3 * 2 * tokens * SRAHead.macs_per_token(cfg.width)
+    return flops
+
+
+class SRAHead(nn.Module):
+    """SRA's projector on the student block's output (B, N, W) -> (B, N, W) (arXiv 2505.02831 Sec. 3; the authors'
+    SimpleHead, github.com/vvvvvjdy/SRA SiT-SRA/models/sit.py: Linear(W, 2W), SiLU, Linear(2W, W), xavier-uniform
+    weights and zero biases as their model's init). Trained with the DiT by the AdamW half of the optimizer; lives in
+    the checkpoint as "sra_head", outside the DiT (the EMA, sample.py and init_from never see it)."""
+    def __init__(self, width):
+        super().__init__()
+        self.linear1, self.act, self.linear2 = nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width)
+        for m in (self.linear1, self.linear2):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def macs_per_token(width):
+        return 2 * width * width + 2 * width * width
+
+    def forward(self, x):
+        return self.linear2(self.act(self.linear1(x)))                        # (B, N, W)
 
 # dense bf16 tensor-core FLOP/s with fp32 accumulate (no sparsity), matched by substring of the device name;
 # more specific names first

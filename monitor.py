@@ -24,9 +24,9 @@ import torch.distributed as dist
 
 from checkpoint import atomic_write
 from config import prompt_list
-from diffusion import parse_cfg_interval
+from diffusion import LEVER_TERMS, parse_cfg_interval
 from encoders import ClipScorer, load_vae
-from model import fp8_split
+from model import fp8_split, train_flops
 from sample import Pipeline, generate, make_grid, save_png
 
 
@@ -62,8 +62,10 @@ class Meter:
         self.bad_streak = torch.zeros((), device=device)  # non-finite steps in a row now
         self.bad_worst = torch.zeros((), device=device)   # the longest such streak since the last read
 
-    def add(self, per_sample, t, grad_norm, found_inf):
+    def add(self, per_sample, t, grad_norm, found_inf, terms=None):
         ok = 1.0 - found_inf  # skipped steps stay out of the averages
+        for k, v in (terms or {}).items():  # the training levers' terms (train_step: the step's mean of each)
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(ok > 0, v, 0.0)
         per_sample = torch.where(ok > 0, per_sample, 0.0)
         self.sums["loss"] += per_sample.mean()
         self.sums["n"] += ok
@@ -76,7 +78,8 @@ class Meter:
         self.bin_cnt.index_add_(0, b, ok.expand_as(per_sample))
 
     def read(self, ddp, world):
-        """Sum over ranks, read, reset. -> (mean loss, mean grad norm, skipped steps, loss by t bin, worst streak)"""
+        """Sum over ranks, read, reset. -> (mean loss, mean grad norm, skipped steps, loss by t bin, worst streak,
+        {lever term: its mean})"""
         if ddp:
             for v in (*self.sums.values(), self.bin_sum, self.bin_cnt):
                 dist.all_reduce(v)
@@ -84,7 +87,7 @@ class Meter:
         out = (self.sums["loss"].item() / n, self.sums["grad_norm"].item() / n,
                int(round(self.sums["skipped"].item() / world)),
                [round(s / max(c, 1e-9), 5) for s, c in zip(self.bin_sum.tolist(), self.bin_cnt.tolist())],
-               int(self.bad_worst.item()))
+               int(self.bad_worst.item()), {k: self.sums[k].item() / n for k in LEVER_TERMS if k in self.sums})
         for v in (*self.sums.values(), self.bin_sum, self.bin_cnt, self.bad_worst):
             v.zero_()
         return out
@@ -94,7 +97,8 @@ class Progress:
     """The log steps' bookkeeping: the meter's device-side sums, the clock (elapsed seconds across resumes), the
     skipped steps so far, and the record that log.jsonl and the console get."""
     def __init__(self, C, D, model, G, grid, T, step, elapsed_s):
-        self.C, self.D, self.model, self.G, self.grid = C, D, model, G, grid  # grid: the latent side (MFU)
+        self.C, self.D, self.model, self.G = C, D, model, G
+        self.flops = train_flops(model, C, grid)  # training FLOPs per image at the latent side grid (MFU), levers in
         self.meter, self.skipped = Meter(C.device, T), 0
         self.elapsed0, self.t_start = elapsed_s, time.time()
         self.t_log, self.step_log = self.t_start, step
@@ -106,17 +110,17 @@ class Progress:
         """Read the meter (the host sync: the clock after it) and re-plan the horizon. -> (the record, the longest
         run of non-finite steps since the last read, whether the time budget is spent)"""
         C, D = self.C, self.D
-        loss, gnorm, skipped, loss_by_t, worst = self.meter.read(D.ddp, D.world)
+        loss, gnorm, skipped, loss_by_t, worst, terms = self.meter.read(D.ddp, D.world)
         now = self.elapsed()
         time_up = horizon.plan(step, now)
         self.skipped += skipped
         dt = time.time() - self.t_log
         imgs = (step - self.step_log) * self.G / dt
-        mfu = self.model.mfu(imgs / D.world, C.device, self.grid)  # nan where the peak is unknown (CPU)
+        mfu = self.model.mfu(imgs / D.world, C.device, flops=self.flops)  # nan where the peak is unknown (CPU)
         eta_s = (horizon.steps - step) * dt / max(step - self.step_log, 1)
         if C.max_hours > 0:  # the horizon is planned from the second log step on: the budget bounds it before that
             eta_s = min(eta_s, max(0.0, C.max_hours * 3600 - now))
-        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "images_per_s": imgs,
+        rec = {"step": step, "loss": loss, **terms, "lr": lr, "grad_norm": gnorm, "images_per_s": imgs,
                "mfu": mfu if math.isfinite(mfu) else None, "skipped": self.skipped,
                "peak_mem_gb": torch.cuda.max_memory_allocated(C.device) / 2**30 if D.cuda else 0.0,
                "eta_h": eta_s / 3600, "elapsed_h": now / 3600, "loss_by_t": loss_by_t}
@@ -140,10 +144,14 @@ def describe(C, model, latent_shape, tokens, images, G, world, loader=None):
         picked, left = fp8_split(model)
         fp8 = f", {len(picked)} block linears in fp8" + (f" (not {', '.join(left)}: a side not a multiple of 16)"
                                                           if left else "")
+    levers = "".join(text for weight, text in (  # the training levers on, beside the FLOPs they cost
+        (C.cfm_weight, f", cfm {C.cfm_weight}"), (C.disp_weight, f", disp {C.disp_weight} on block {C.disp_block}"),
+        (C.sra_weight, f", sra {C.sra_weight}: block {C.sra_block} -> EMA {C.sra_target_block}, gap {C.sra_gap}"))
+        if weight > 0)
     return (f"model {C.model}: {params / 1e6:.1f}M params, depth {c.depth} width {c.width} heads {c.heads} patch "
             f"{c.patch}, {latent_shape} latents -> {tokens} tokens{routing}{fp8}, "
-            f"{model.estimate_flops(latent_shape[1]) / 1e9:.1f} GFLOP/img "
-            f"(train)\n{images} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
+            f"{train_flops(model, C, latent_shape[1]) / 1e9:.1f} GFLOP/img (train{levers})\n"
+            f"{images} images | micro-batch {C.batch} x accum {C.accum} x {world} ranks = {G} images/step | "
             f"{C.max_steps} steps max{budget} | device {C.device}" + (buckets(loader) if loader else ""))
 
 
@@ -165,7 +173,8 @@ def guidance(C):
 
 def console_line(rec):
     mfu = "-" if rec["mfu"] is None else f"{rec['mfu'] * 100:.1f}%"
-    return (f"step {rec['step']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
+    terms = "".join(f" | {k} {rec[k]:.4f}" for k in LEVER_TERMS if k in rec)  # the training levers' terms
+    return (f"step {rec['step']} | loss {rec['loss']:.4f}{terms} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
             f"{rec['images_per_s']:.1f} img/s | mfu {mfu} | mem {rec['peak_mem_gb']:.1f} GB | "
             f"skipped {rec['skipped']} | eta {rec['eta_h']:.2f} h")
 
@@ -333,7 +342,8 @@ def plot_curves(runs, path):
     logs = {label: read_log(p) for label, p in runs.items()}
     eval_keys = sorted({k for _, evals in logs.values() for r in evals for k, v in r.items()
                         if k not in ("step", "event") and isinstance(v, (int, float))})
-    panels = ["loss", "loss_by_t", "lr", "grad_norm", "images_per_s"] + eval_keys
+    terms = [k for k in LEVER_TERMS if any(_numeric(steps, k) for steps, _ in logs.values())]  # the levers' terms
+    panels = ["loss", *terms, "loss_by_t", "lr", "grad_norm", "images_per_s"] + eval_keys
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)

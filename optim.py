@@ -15,11 +15,13 @@ def muon_params(model):
     return [p for name, p in model.blocks.named_parameters() if p.ndim == 2 and "adaLN" not in name]
 
 
-def configure_optimizer(model, lr, weight_decay, betas, optimizer="adamw", muon_lr=0.02):
+def configure_optimizer(model, lr, weight_decay, betas, optimizer="adamw", muon_lr=0.02, extra=None):
     """AdamW, decay on parameters of >= 2 dims only; fused (one kernel per step, and it can skip a step on device).
-    optimizer "muon": Muon (muon_lr) on muon_params(model), this AdamW (lr) on the rest, as one MuonAdamW."""
+    optimizer "muon": Muon (muon_lr) on muon_params(model), this AdamW (lr) on the rest, as one MuonAdamW.
+    extra: a module trained beside the model by the AdamW half (SRA's head), its parameters after the model's."""
     muon = {id(p) for p in muon_params(model)} if optimizer == "muon" else set()
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in muon]
+    params += list(extra.parameters()) if extra is not None else []
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -30,6 +32,13 @@ def configure_optimizer(model, lr, weight_decay, betas, optimizer="adamw", muon_
     muon = torch.optim.Muon(muon_params(model), lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn="original")
     muon.param_groups[0]["lr_scale"] = muon_lr / lr
     return MuonAdamW(muon, adamw)
+
+
+def average_grads(module, world):
+    """A module trained beside a DDP-wrapped model but outside it (SRA's head): its gradients averaged over the ranks
+    as DDP averages the model's (each rank's divided by the world size, then summed). None: nothing to do."""
+    for p in module.parameters() if module is not None else ():
+        torch.distributed.all_reduce(p.grad.div_(world))
 
 
 def set_hyperparameters(optimizer, C):

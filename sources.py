@@ -53,7 +53,8 @@ def source_kind(data):
     if glob.glob(data) and all(p.endswith(".tar") for p in glob.glob(data)):
         return "webdataset"
     raise DataError(f"data source {data!r} not found or not supported: "
-                    "expected a folder, a .tar glob, a cache, 'shapes[:N[:SEED]]' or 'scenes[:N[:SEED]]'")
+                    "expected a folder, a .tar glob, a cache, or shapes | scenes | scenes_wide | scenes_wide2"
+                    "[:N[:SEED]]")
 
 def source_items(data, resolution):
     """(iterator of Items in a fixed order, item count or None when unknown before reading)."""
@@ -112,8 +113,11 @@ def _metadata_item(root, line):
         path = os.path.join(root, name)
     except (ValueError, KeyError, TypeError, AttributeError):
         return Item(line[:80].decode("utf-8", "replace"), error="bad_metadata")
-    several = isinstance(text, list)
-    return Item(name, lambda: (_read_file(path), [str(t) for t in text] if several else text and str(text)))
+    return Item(name, lambda: (_read_file(path), _json_caption(text)))
+
+def _json_caption(text):
+    """A JSON `text`: a list (several captions), None (missing), or anything else as its text (0 -> "0")."""
+    return [str(t) for t in text] if isinstance(text, list) else None if text is None else str(text)
 
 # A folder of images, each captioned by the same-named .txt file beside it (several lines: several captions).
 
@@ -164,11 +168,10 @@ def _tar_caption(tf, member):
     raw = tf.extractfile(member).read()
     if not member.name.endswith(".json"):
         return raw
-    text = json.loads(raw).get("text")  # a bad .json is a read_error
-    return [str(t) for t in text] if isinstance(text, list) else text and str(text)
+    return _json_caption(json.loads(raw).get("text"))  # a bad .json is a read_error
 
-# The built-in sets "shapes[:N[:SEED]]", "scenes[:N[:SEED]]" and the rest of toys.VERSIONS: toys.py draws them (and reads them back for
-# evaluate.py's probes); sample i is a function of (i, SEED, resolution) only.
+# The built-in sets (toys.VERSIONS: "shapes", "scenes", "scenes_wide", "scenes_wide2", each [:N[:SEED]]): toys.py
+# draws them (and reads them back for evaluate.py's probes); sample i is a function of (i, SEED, resolution) only.
 
 def builtin_set(data):
     """(set, count, seed) of a built-in set's name, None for other sources; a scenes count below 1 is a DataError."""

@@ -22,7 +22,7 @@ scenes: scenes of flat shapes on a grid with a caption in one of GenEval's six c
 scenes_wide: the scenes grammar, categories, held-out split, colours and sizes on a 2 x 4 grid at 2:1 (even samples)
 or 4 x 2 at 1:2 (odd ones), so that a square centre crop cuts off the outer columns (rows); "scenes_wide2" is the
 same scenes with two captions each, the short one and a long one that places every object in words. For issue 24's
-crop-vs-buckets and short-vs-long measurements; bucket_size() is the buckets' size rule.
+crop-vs-buckets and short-vs-long measurements (data.bucket_size is the buckets' size rule).
 
 A caption describes every object in its image: an attribute it does not name (a colour in "a triangle", every
 size) is free, but there are no unnamed objects. Resolutions below MIN_RESOLUTION (32 px, where the small objects
@@ -337,12 +337,6 @@ def check_wide_resolution(resolution):
         raise ValueError(f"scenes_wide needs >= {WIDE_MIN_RESOLUTION} px (its resized objects are not read reliably "
                          f"below), got {resolution}")
 
-
-def bucket_size(resolution, aspect, multiple):
-    """(W, H) of the bucket of aspect W / H with about resolution^2 px, each side rounded to the nearest multiple
-    (halves up, at least one multiple): 46 x 22 at 32 px, aspect 2, multiple 2; 368 x 176 at 256 px, multiple 16."""
-    side = lambda x: multiple * max(1, math.floor(x / multiple + 0.5))
-    return side(resolution * math.sqrt(aspect)), side(resolution / math.sqrt(aspect))
 
 
 def grid_for(size):

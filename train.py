@@ -27,11 +27,11 @@ import monitor
 from checkpoint import (FOR_RESUMING, FOR_SAMPLING, CheckpointError, checkpoint_state, find_resume,
                         inherit_architecture, load_checkpoint, restore, save_checkpoint)
 from config import ConfigError, fail
-from diffusion import Diffusion
+from diffusion import Diffusion, Levers
 from encoders import LoadError, load_text_encoder
 from loader import Loader
-from model import DiT, compile_model, config_from_keys, convert_to_fp8
-from optim import Horizon, configure_optimizer, fit_warmup, lr_at, set_hyperparameters
+from model import DiT, SRAHead, compile_model, config_from_keys, convert_to_fp8
+from optim import Horizon, average_grads, configure_optimizer, fit_warmup, lr_at, set_hyperparameters
 
 _PROMPTS = "a red fox in the snow|an astronaut riding a horse|a bowl of fruit on a wooden table|a lighthouse at sunset"
 # -----------------------------------------------------------------------------
@@ -123,6 +123,13 @@ beta_end = 0.012           # last beta (linear schedules)
 zero_terminal_snr = False  # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0
 noise_offset = 0.0         # offset noise strength (per-channel constant added to the noise)
 input_perturbation = 0.0   # input perturbation strength (arXiv 2301.11706)
+cfm_weight = 0.0           # contrastive flow matching's lambda in [0, 1) (arXiv 2506.05350): off another's flow target
+disp_weight = 0.0          # dispersive loss's weight (arXiv 2506.09027): InfoNCE-L2 over the micro-batch, one block
+disp_block = -1            # the dispersive loss's block (0-based; negative: from the end)
+sra_weight = 0.0           # self-representation alignment's weight (arXiv 2505.02831): a block -> a later EMA block
+sra_block = 0              # SRA's student block: a head on its output, smooth-L1 to the EMA's sra_target_block output
+sra_target_block = -1      # SRA's EMA block (the paper: ~1/3 and ~2/3 of the depth); the EMA's forward stops there
+sra_gap = 0.2              # SRA's teacher sees t - sra_gap U(0, 1) T (clamped at 0): a fraction of the time range
 DEFAULTS = config.keys_of(globals())  # -----------------------------------------------------------------------
 
 #################################################################################
@@ -133,14 +140,16 @@ def step_noise(step, n, shape, device, C, diffusion, tokens=0):
     """All randomness of one optimizer step, a function of (seed, step) alone: the same samples get the same
     t and noise whatever the micro-batch, accumulation or number of ranks (exact resume, accum and DDP). shape: the
     latents' (C, h, w), or with buckets (C, the largest h * w), which fit_noise cuts to each micro-batch's bucket.
-    -> (t, noise, offset noise, input perturbation, token routing scores (n, tokens)); None where unused."""
+    -> (t, noise, offset noise, input perturbation, routing scores (n, tokens), CFM's, SRA's U(0, 1)); None: unused."""
     g = torch.Generator(device=device).manual_seed(C.seed * 1_000_003 + step)
     t = diffusion.draw_t(n, g, device, C.t_logit_mean, C.t_logit_std)  # the logit-normal, or uniform
     noise = torch.randn((n, *shape), generator=g, device=device)
     offset = torch.randn((n, shape[0], 1, 1), generator=g, device=device) if C.noise_offset > 0 else None
     perturb = torch.randn((n, *shape), generator=g, device=device) if C.input_perturbation > 0 else None
     route = torch.rand((n, tokens), generator=g, device=device) if C.route_frac > 0 and tokens > 0 else None
-    return t, noise, offset, perturb, route  # (route drawn last: an unrouted step draws the same t and noise)
+    cfm = torch.rand((n,), generator=g, device=device) if C.cfm_weight > 0 else None  # diffusion.derangement's
+    sra = torch.rand((n,), generator=g, device=device) if C.sra_weight > 0 else None  # diffusion.earlier_t's
+    return t, noise, offset, perturb, route, cfm, sra  # (route, then the levers': a step draws today's t and noise)
 
 
 def routed_tokens(step, horizon, tokens, C):
@@ -155,12 +164,13 @@ def fit_noise(a, x):
     return None if a is None else a.flatten(2)[..., :x[0, 0].numel()].reshape(x.shape)
 
 
-def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank=0, world=1):
+def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ctx, rank=0, world=1, levers=None):
     """One optimizer step: C.accum micro-steps of forward + backward, then clip and the optimizer. No host sync:
-    a non-finite gradient makes fused AdamW skip the update on the device (the found_inf hook GradScaler uses)."""
-    t_all, noise_all, offset_all, perturb_all, route_all = rand
+    a non-finite gradient makes fused AdamW skip the update on the device (the found_inf hook GradScaler uses).
+    levers: diffusion.Levers (None: off). -> (per-sample losses, t, grad norm, found_inf, {lever term: mean})"""
+    t_all, noise_all, offset_all, perturb_all, route_all, cfm_all, sra_all = rand
     ddp = isinstance(model, DDP)
-    losses, ts = [], []
+    losses, ts, terms = [], [], {}
     for micro in range(C.accum):
         batch = next(loader)
         first = (micro * world + rank) * C.batch  # this micro-batch's share of the step's noise
@@ -172,14 +182,17 @@ def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ct
         with sync:
             with ctx:
                 cond = (batch["states"], batch["pooled"]) if "states" in batch else encode_text(batch["tokens"])
-                loss, per_sample, t = diffusion.loss(
-                    lambda x, tt, c: model(x, tt, *c, **route), batch["latents"], cond,
+                loss, per_sample, t, term = diffusion.loss(
+                    lambda x, tt, c, **k: model(x, tt, *c, **route, **k), batch["latents"], cond,
                     min_snr_gamma=C.min_snr_gamma, noise_offset=C.noise_offset, input_perturbation=C.input_perturbation,
                     t=pick(t_all), noise=fit_noise(pick(noise_all), batch["latents"]), offset_noise=pick(offset_all),
-                    perturb_noise=fit_noise(pick(perturb_all), batch["latents"]))
+                    perturb_noise=fit_noise(pick(perturb_all), batch["latents"]), levers=levers or Levers(),
+                    cfm_u=pick(cfm_all), sra_u=pick(sra_all))
             (loss / C.accum).backward()
         losses.append(per_sample)
         ts.append(t)
+        terms = {k: terms.get(k, 0.0) + v / C.accum for k, v in term.items()}
+    average_grads(levers.head if ddp and levers else None, world)  # SRA's head is outside DDP's module
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, C.grad_clip if C.grad_clip > 0 else float("inf"))
     found_inf = (~torch.isfinite(grad_norm)).float()
@@ -188,7 +201,7 @@ def train_step(model, optimizer, diffusion, loader, encode_text, rand, lr, C, ct
         group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return torch.cat(losses), torch.cat(ts), grad_norm, found_inf
+    return torch.cat(losses), torch.cat(ts), grad_norm, found_inf, terms
 
 
 @torch.no_grad()
@@ -259,9 +272,9 @@ def open_data(C, D):
     try:
         cache_path = error = None
         if D.master:
-            try:  # small buckets merge until each holds a global micro-batch; sides divide into the model's patches
+            try:  # small buckets merge until each holds an optimizer step; sides divide into the model's patches
                 layout = dict(aspect_buckets=C.aspect_buckets, max_aspect=C.max_aspect, text_chunks=C.text_chunks,
-                              patch=config_from_keys(C).patch, min_bucket=C.batch * D.world)
+                              patch=config_from_keys(C).patch, min_bucket=C.batch * C.accum * D.world)
                 cache_path = datalib.ensure_cache(C.data, C.resolution, C.vae, C.text_encoder, cache_dir=C.cache_dir,
                                                   device=C.device, text_states=C.text_states, **layout)
             except LoadError as e:  # data.DataError is one
@@ -281,9 +294,9 @@ def open_data(C, D):
 
 
 def build_model(C, latent_shape, text_encoder, init=None, base_grid=None):
-    """-> (model, EMA copy in eval mode, optimizer, Diffusion), seeded by C.seed. init (init_from's checkpoint): its
-    EMA weights start both. base_grid (init_from's training grid): the model's position grid, so that a new
-    resolution interpolates the positions the weights learnt, as sampling at another resolution does."""
+    """-> (model, EMA copy in eval mode, optimizer, Diffusion, Levers), seeded by C.seed. init (init_from's
+    checkpoint): its EMA weights start both. base_grid (init_from's training grid): the model's position grid, so
+    that a new resolution interpolates the positions the weights learnt, as sampling at another resolution does."""
     torch.manual_seed(C.seed)
     mcfg = config_from_keys(C, in_channels=latent_shape[0], input_size=base_grid or latent_shape[1],
                             text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim)
@@ -300,8 +313,11 @@ def build_model(C, latent_shape, text_encoder, init=None, base_grid=None):
         except RuntimeError as e:  # e.g. another latent channel count or text width
             fail(f"--init_from {C.init_from}: its weights do not fit this model: {str(e).splitlines()[0]}")
     ema.load_state_dict(model.state_dict())
-    optimizer = configure_optimizer(model, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2), C.optimizer, C.muon_lr)
-    return model, ema, optimizer, Diffusion.from_config(vars(C))
+    head = SRAHead(mcfg.width).to(C.device) if C.sra_weight > 0 else None  # drawn after the model's init
+    optimizer = configure_optimizer(model, C.lr, C.weight_decay, (C.adam_beta1, C.adam_beta2), C.optimizer, C.muon_lr,
+                                    head)
+    levers = Levers.from_config(vars(C), mcfg.depth, lambda x, tt, c, **k: ema(x, tt, *c, **k), head)
+    return model, ema, optimizer, Diffusion.from_config(vars(C)), levers
 
 
 def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
@@ -311,18 +327,18 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
     cache, text_encoder = open_data(C, D)
     latent_shape, shapes = tuple(cache.manifest["latent_shape"]), cache.latent_shapes  # the square's; each bucket's
     noise_shape = shapes[0] if len(shapes) == 1 else (latent_shape[0], max(h * w for _, h, w in shapes))  # largest
-    raw_model, ema_model, optimizer, diffusion = build_model(C, latent_shape, text_encoder, init, base_grid)
+    raw_model, ema_model, optimizer, diffusion, levers = build_model(C, latent_shape, text_encoder, init, base_grid)
     if init is not None:
         init.clear()  # its tensors freed now (the caller holds this same dict)
     try:
         loader = Loader(cache, C.batch, seed=C.seed, rank=D.rank, world_size=D.world, cond_drop=C.cond_drop,
-                        flip=C.flip, device=C.device)
+                        flip=C.flip, device=C.device, accum=C.accum)
     except ValueError as e:  # fewer samples than one global batch
         fail(f"{e}: lower --batch")
     step, elapsed, horizon = 0, 0.0, Horizon(C, C.max_steps)
     if ck is not None:
         try:
-            step, elapsed, planned = restore(ck, resume_from, C, raw_model, ema_model, optimizer, loader)
+            step, elapsed, planned = restore(ck, resume_from, C, raw_model, ema_model, optimizer, loader, levers.head)
         except ValueError as e:
             loader.close()
             fail(e)
@@ -340,12 +356,14 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
     if D.ddp:
         model = DDP(model, device_ids=[torch.device(C.device).index] if D.cuda else None)
     params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())
-    assert all(p.requires_grad for p in params) and sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+    tuned = params + (list(levers.head.parameters()) if levers.head is not None else [])  # + SRA's head
+    assert all(p.requires_grad for p in tuned) and sum(len(g["params"]) for g in optimizer.param_groups) == len(tuned)
 
     G = C.batch * C.accum * D.world  # images per optimizer step
     p = raw_model.config.patch
     tokens = max((h // p) * (w // p) for _, h, w in shapes)  # routing scores: for the largest bucket
-    print0(monitor.describe(C, raw_model, latent_shape, tokens, len(cache), G, D.world, loader))
+    square = (latent_shape[1] // p) * (latent_shape[2] // p)  # the start-up line's (buckets: about as many)
+    print0(monitor.describe(C, raw_model, latent_shape, square, len(cache), G, D.world, loader))
     # stop on SIGTERM/SIGINT after the current step, with a checkpoint
     stop = {"signal": None}
     previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
@@ -362,7 +380,7 @@ def setup(C, D, ckpt_path, resume_from, ck, init, base_grid, argv):
         G=G, tokens=tokens, step=step, horizon=horizon, ckpt_path=ckpt_path, run_log=run_log, bar=bar,
         progress=monitor.Progress(C, D, raw_model, G, latent_shape[1], diffusion.T, step, elapsed),
         watcher=monitor.Watcher(C, cache.manifest.get("source_kind"), ema_model, diffusion, text_encoder, ckpt_path),
-        stop=stop, previous_handlers=previous_handlers)
+        stop=stop, previous_handlers=previous_handlers, levers=levers)
 
 
 def log_step(C, D, R, lr):
@@ -386,7 +404,7 @@ def save_and_watch(C, R, last, signalled):
     step, W = R.step, R.watcher
     if step % C.ckpt_every == 0 or last or signalled:
         save_checkpoint(R.ckpt_path, checkpoint_state(C, R.raw_model, R.ema_model, R.optimizer, R.loader, step,
-                                                      R.progress.elapsed(), R.horizon.steps))
+                                                      R.progress.elapsed(), R.horizon.steps, R.levers.head))
         R.run_log.curves()
     if signalled:
         return
@@ -426,11 +444,11 @@ def main(argv):
         rand = step_noise(R.step, R.G, R.noise_shape, C.device, C, R.diffusion,
                           routed_tokens(R.step, R.horizon.steps, R.tokens, C))
         lr = lr_at(R.step, R.horizon.steps, C)
-        per_sample, t, grad_norm, found_inf = train_step(R.model, R.optimizer, R.diffusion, R.loader,
-                                                         R.text_encoder.encode, rand, lr, C, D.ctx, D.rank, D.world)
+        out = train_step(R.model, R.optimizer, R.diffusion, R.loader, R.text_encoder.encode, rand, lr, C, D.ctx,
+                         D.rank, D.world, R.levers)  # per-sample loss, t, grad norm, found_inf, the levers' terms
         ema_update(R.ema_params, R.params, R.step, C.ema_decay)
         R.step += 1
-        R.progress.meter.add(per_sample, t, grad_norm, found_inf)
+        R.progress.meter.add(*out)
         if R.bar is not None:
             R.bar.update(1)
         time_up = log_step(C, D, R, lr) if R.step % C.log_every == 0 or R.step >= R.horizon.steps else False

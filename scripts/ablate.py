@@ -9,7 +9,7 @@ Ablations at an equal budget: train.py once per row and seed, evaluate.py's prob
 A row is `name: --key value --key value ...` (train.py keys; one per line in a rows file, `#` comments), trained
 as `train.py BASE ROW --seed S --out_dir OUT/name-sS` plus the budget:
   --flops F   equal training FLOPs: max_steps = round(F / (FLOPs per image x batch x accum)) per row, FLOPs per
-              image from model.py's DiT.estimate_flops() for the row's model, built as train.py builds it
+              image from model.py's train_flops() for the row's model and levers, built as train.py builds it
   --steps N   equal optimizer steps (--max_steps N)
   --hours H   equal wall-clock (--max_hours H; the LR decay is planned to end on time)
 then probed: `evaluate.py --ckpt OUT/name-sS/ckpt.pt --probe P --cfg C --probe_n N --steps K --out .../eval.json`.
@@ -32,7 +32,7 @@ import data as datalib
 import train
 from checkpoint import atomic_write, write_json
 from encoders import load_text_encoder
-from model import DiT, config_from_keys
+from model import DiT, config_from_keys, train_flops
 from optim import fit_warmup
 
 TRAIN, EVALUATE = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "evaluate.py")
@@ -190,7 +190,7 @@ def vae_geometry(name):
 
 
 def flops_per_image(keys, name="?"):
-    """model.py's DiT.estimate_flops() for the model train.py would build from `keys` (train.build_model): latent
+    """model.py's train_flops() for the model train.py would build from `keys` (train.build_model): latent
     shape and text widths from the cache's manifest when --data is a cache, else from the VAE and text encoder.
     -> (the run's mean per image, a routed step's (what train.py prints), an unrouted step's); all three are equal
     without routing, and route_until < 1 mixes the last two as train.routed_tokens splits the steps."""
@@ -208,8 +208,8 @@ def flops_per_image(keys, name="?"):
     mcfg = config_from_keys(C, in_channels=channels, input_size=side, text_dim=text_dim, pooled_dim=pooled_dim)
     if side % mcfg.patch:
         raise ToolError(f"row {name}: {side} x {side} latents are not divisible by patch {mcfg.patch}")
-    with torch.device("meta"):  # no memory, whatever the size: estimate_flops reads the config only
-        routed, unrouted = DiT(mcfg).estimate_flops(), DiT(dataclasses.replace(mcfg, route_frac=0.0)).estimate_flops()
+    with torch.device("meta"):  # no memory, whatever the size: train_flops reads the config only (levers included)
+        routed, unrouted = (train_flops(DiT(m), C) for m in (mcfg, dataclasses.replace(mcfg, route_frac=0.0)))
     # an unrouted finish (route_until < 1): the run's mean, as train.routed_tokens splits its steps
     until = C.route_until if mcfg.route_frac > 0 else 1.0
     return until * routed + (1 - until) * unrouted, routed, unrouted

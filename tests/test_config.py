@@ -45,10 +45,15 @@ def test_cli_parses_both_forms_and_config_files(tmp_path):
                                          (["--text_len", "-1"], "must be 0 (all) .. 77"),
                                          (["--text_len", "78"], "must be 0 (all) .. 77"),
                                          (["--text_len", "155", "--text_chunks", "2"], "must be 0 (all) .. 154"),
-                                         (["--text_chunks", "4"], "text_chunks 4: 1, 2 or 3"),
+                                         (["--text_chunks", "4"], "--text_chunks must be 1..3"),
                                          (["--aspect_buckets", "1"], "aspect_buckets 1: 0 (square"),
                                          (["--aspect_buckets", "-3"], "aspect_buckets -3"),
-                                         (["--max_aspect", "0.9"], "max_aspect 0.9: must be >= 1")])
+                                         (["--max_aspect", "0.9"], "max_aspect 0.9: must be >= 1"),
+                                         (["--max_aspect", "inf"], "max_aspect inf: must be >= 1"),
+                                         (["--sample_cfg_interval", "0.9,0.1"], "needs 0 <= LO <= HI <= 1"),
+                                         (["--sample_cfg_interval", "half"], "--sample_*"),
+                                         (["--sample_apg", "0", "--sample_cfg_zero_star", "true"], "choose one"),
+                                         (["--sample_cfg_zero_star", "true", "--prediction", "v"], "flow")])
 def test_cli_errors_exit_2_before_work(argv, needle, tmp_path):
     r = subprocess.run([sys.executable, "train.py", *argv, "--out_dir", str(tmp_path / "o")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
@@ -123,6 +128,39 @@ def test_fp8_and_ckpt_blocks_refusals_exit_2_with_one_line(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("over,needle", [
+    (dict(cfm_weight=-0.1), "--cfm_weight -0.1: must be >= 0"), (dict(disp_weight=-1), "--disp_weight -1.0: must be"),
+    (dict(sra_weight=-0.5), "--sra_weight -0.5: must be >= 0"), (dict(cfm_weight="nan"), "--cfm_weight nan"),
+    (dict(cfm_weight=1), "--cfm_weight 1.0: must be in [0, 1)"),
+    (dict(cfm_weight=0.1, prediction="v", optimizer="adamw"), "for --prediction flow, not v"),
+    (dict(cfm_weight=0.1, batch=1), "--cfm_weight 0.1: contrasts the samples of a micro-batch, and --batch is 1"),
+    (dict(disp_weight=0.1, batch=1), "--disp_weight 0.1: contrasts"),
+    (dict(disp_weight=0.5, disp_block=2), "--disp_block 2: beyond the depth 2"),
+    (dict(disp_weight=0.5, disp_block=-3), "--disp_block -3: beyond the depth 2"),
+    (dict(sra_weight=0.5, sra_block=1, sra_target_block=0), "--sra_target_block 0: must be a later block than"),
+    (dict(sra_weight=0.5, sra_block=-1, sra_target_block=-1), "--sra_target_block -1: must be a later block"),
+    (dict(sra_weight=0.5, sra_target_block=5), "--sra_target_block 5: beyond the depth 2"),
+    (dict(sra_gap=0), "--sra_gap 0.0: must be in (0, 1]"), (dict(sra_gap=1.5), "--sra_gap 1.5: must be in (0, 1]"),
+    (dict(disp_weight=0.5, disp_block=0, route_frac=0.5, route_from=0, route_to=1), "--disp_block 0: block 0 is "
+     "routed"),
+    (dict(sra_weight=0.5, route_frac=0.5, route_from=1, route_to=2), "--sra_target_block -1: block 1 is routed"),
+])
+def test_training_lever_refusals_exit_2_before_any_work(tmp_path, capsys, over, needle):
+    """Issue 25's bad input: one line, exit 2, before the cache or anything else (the data is not even built)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(args("shapes", tmp_path / "o", **over))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_lever_blocks_are_checked_only_where_their_weight_is_on(tmp_path):
+    """At weight 0 a block key is not read: the defaults hold at any depth (depth 1 here), and a routed block does
+    not stop a run that does not use it."""
+    for over in (dict(depth=1), dict(route_frac=0.5, route_from=0, route_to=1, disp_block=0, sra_block=0)):
+        config.check(SimpleNamespace(**parse(args("shapes", tmp_path / "o", **over))))
 
 
 def test_muon_needs_a_torch_that_has_it(cache, tmp_path, monkeypatch, capsys):

@@ -93,7 +93,8 @@ def test_scenes_source_builds_the_scene_samples(tmp_path):
     assert _keys(c.path) == [f"scene{i}" for i in range(6)] and c.captions() == [t for t, _ in want]
     pixels = np.stack([np.asarray(im) for _, im in want]).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
     assert np.array_equal(c.latents[:, 0], pixels.astype(np.float16))
-    assert sources.builtin_set("scenes") == ("scenes", toys.SCENES_DEFAULT_COUNT, 0) and data.source_kind("scenes:5") == "scenes"
+    assert sources.builtin_set("scenes") == ("scenes", toys.SCENES_DEFAULT_COUNT, 0)
+    assert data.source_kind("scenes:5") == "scenes"
     assert data.source_fingerprint("scenes:6:3") != data.source_fingerprint("scenes:6:4")
     before = data.source_fingerprint("scenes:6:3")
     toys.VERSIONS["scenes"], old = "scenes-v2", toys.VERSIONS["scenes"]
@@ -253,6 +254,64 @@ def test_kill_and_resume_gives_the_identical_cache(tmp_path, monkeypatch):
     assert len(c) == 40 and _keys(out) == [f"shape{i}" for i in range(40)] and c.states.shape == (40, 77, 64)
 
 
+def _kill_in_third_chunk(monkeypatch):
+    """The build dies inside its third chunk's commit, after two of its appends (uncommitted rows left on disk)."""
+    real_commit, commits, appends = data._commit_chunk, [], []
+
+    def crash(f, payload):
+        appends.append(1)
+        if len(appends) > 2:
+            raise KeyboardInterrupt("killed")
+        f.write(payload)
+
+    def commit(*a, **k):
+        commits.append(1)
+        if len(commits) == 3:
+            monkeypatch.setattr(data, "_append", crash)
+        return real_commit(*a, **k)
+    monkeypatch.setattr(data, "_commit_chunk", commit)
+
+
+def test_a_killed_bucketed_build_resumes_with_its_buckets(tmp_path, monkeypatch):
+    """The first pass's bucket plan (progress.json's `into`) is committed with the first chunk; a rerun reuses it
+    and gives the cache of one uninterrupted build, byte for byte."""
+    from conftest import mixed_folder
+    src = mixed_folder(tmp_path / "im", n=42)
+    kw = dict(resolution=16, vae="none", text_encoder="tiny", batch_size=4, chunk_size=8, aspect_buckets=5, patch=4,
+              min_bucket=8)
+    once = data.build_cache(src, str(tmp_path / "once"), **kw)
+    _kill_in_third_chunk(monkeypatch)
+    out = str(tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        data.build_cache(src, out, **kw)
+    progress = json.load(open(os.path.join(out, "progress.json")))
+    assert progress["items"] == 16 and progress["into"] and progress["min_bucket"] == 8
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "plan_buckets", lambda *a: pytest.fail("the first pass ran again"))
+    data.build_cache(src, out, **kw)
+    assert _file_bytes(out) == _file_bytes(once)
+
+
+def test_a_build_killed_before_buckets_and_captions_existed_continues(tmp_path, monkeypatch):
+    """A progress.json of the code before this layout (no bucket.npy / ncaptions.npy): its committed images get
+    those rows (one square bucket, one caption each), and the build continues to the cache of one whole build."""
+    kw = dict(resolution=16, vae="none", text_encoder="tiny", batch_size=4, chunk_size=8)
+    once = data.build_cache("shapes:24", str(tmp_path / "once"), **kw)
+    _kill_in_third_chunk(monkeypatch)
+    out = str(tmp_path / "old")
+    with pytest.raises(KeyboardInterrupt):
+        data.build_cache("shapes:24", out, **kw)
+    monkeypatch.undo()
+    prog = json.load(open(os.path.join(out, "progress.json")))
+    assert prog["count"] == 16
+    for name in ("bucket.npy", "ncaptions.npy"):  # as the old code left it
+        os.remove(os.path.join(out, name))
+        del prog["sizes"][name]
+    json.dump(prog, open(os.path.join(out, "progress.json"), "w"))
+    data.build_cache("shapes:24", out, **kw)
+    assert _file_bytes(out) == _file_bytes(once)
+
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(data.fcntl is None, reason="the build lock is POSIX flock")
@@ -333,6 +392,17 @@ def _cover_crop(img, W, H):
     return np.asarray(img.crop((left, top, left + W, top + H)))
 
 
+@pytest.mark.parametrize("resolution, aspect, multiple, want", [
+    (32, 2, 2, (46, 22)), (32, 0.5, 2, (22, 46)), (64, 2, 2, (90, 46)),  # issue 24's pixel-space, patch-2 buckets
+    (256, 2, 16, (368, 176)), (256, 1, 16, (256, 256)), (40, 2, 4, (56, 28)),  # sd-vae-ft-mse x patch 2; 40 px demo
+    (40, 1, 16, (48, 48)),   # 40 / 16 = 2.5: halves round up
+    (8, 0.25, 16, (16, 16)),  # never below one multiple
+])
+def test_bucket_size_against_hand_computed_values(resolution, aspect, multiple, want):
+    """W = sqrt(R^2 a), H = sqrt(R^2 / a), each to the nearest multiple: e.g. 32 px, a = 2: 45.25 -> 46, 22.63 -> 22."""
+    assert data.bucket_size(resolution, aspect, multiple) == want
+
+
 def test_bucket_sizes_are_the_aspect_ratios_evenly_in_log():
     sizes = data.bucket_sizes(256, 5, 2.0, 16)
     assert sizes == [(176, 368), (208, 304), (256, 256), (304, 208), (368, 176)]  # 256 * 2^(+-1/2, +-1/4, 0), / 16
@@ -401,7 +471,8 @@ def test_several_captions_from_every_source_form(tmp_path):
             _write(meta / f"{i}.png", img), _write(txt / f"{i}.png", img)
             f.write(json.dumps({"file_name": f"{i}.png", "text": caps if len(caps) > 1 else caps[0]}) + "\n")
             _write(txt / f"{i}.txt", ("\n\n".join(caps) + "\n").encode())  # blank lines are not captions
-    _tar(tars / "0.tar", [(f"{i:03d}", {"png": img, "txt": "\n".join(caps).encode()}) for i, caps in enumerate(want[:2])]
+    _tar(tars / "0.tar", [(f"{i:03d}", {"png": img, "txt": "\n".join(caps).encode()})
+                          for i, caps in enumerate(want[:2])]
          + [("002", {"png": img, "json": json.dumps({"text": want[2]}).encode()})])
     for src in (meta, txt, tars):
         c = data.LatentCache(data.build_cache(str(src), str(tmp_path / f"c_{src.name}"), 16, "none", te))
@@ -463,7 +534,8 @@ def test_a_cache_from_before_buckets_and_captions_still_loads(tmp_path):
 
 def test_layout_keys_are_checked_with_exit_code_2(tmp_path, capsys):
     for argv, needle in ((["--aspect_buckets", "1"], "aspect_buckets 1"), (["--aspect_buckets", "-2"], "aspect_bu"),
-                         (["--max_aspect", "0.5"], "max_aspect 0.5"), (["--text_chunks", "4"], "text_chunks 4")):
+                         (["--max_aspect", "0.5"], "max_aspect 0.5"), (["--text_chunks", "4"], "must be 1..3"),
+                         (["--patch", "0"], "--patch 0"), (["--min_bucket", "0"], "--min_bucket 0")):
         with pytest.raises(SystemExit) as e:
             data.main(["--data", "shapes:4", "--out", str(tmp_path / "c"), "--vae", "none", "--text_encoder", "tiny",
                        *argv])

@@ -12,7 +12,8 @@ from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.training_utils import compute_snr
 from scipy.stats import norm
 
-from diffusion import Diffusion, Guidance, check_guidance, parse_cfg_interval, rescale_cfg
+from diffusion import (Diffusion, Guidance, Levers, check_guidance, derangement, dispersive_loss, parse_cfg_interval,
+                       rescale_cfg, sra_loss)
 
 T = 1000
 BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 0.02)}
@@ -874,3 +875,164 @@ def test_guidance_refusals():
     for text in ("0.2", "0.2,0.5,0.8", "a,b", "0.2;0.8"):
         with pytest.raises(ValueError, match="LO,HI"):
             parse_cfg_interval(text)
+
+
+#################################################################################
+#        Training levers: each term against a float64 recomputation            #
+#################################################################################
+
+
+def lever_batch(B=4, seed=21):
+    """A hand-built flow batch: x0, noise (B, 2, 4, 4), cond (B, 1), t (flow, float), and U(0, 1) draws."""
+    g = torch.Generator().manual_seed(seed)
+    x0, noise = torch.randn(2, B, 2, 4, 4, generator=g)
+    return dict(x0=x0, noise=noise, cond=torch.randn(B, 1, generator=g), u=torch.rand(B, generator=g),
+                t=torch.tensor([1.0, 250.5, 731.2, 1000.0, 90.0, 500.0][:B]))
+
+
+def lever_model(x, t, cond, hidden=(), output=True):
+    """flow_model with hidden "block outputs" (B, 8, 4): block b's is (b + 1) x's values plus t / T."""
+    states = {b: x.reshape(x.shape[0], 8, 4) * (b + 1) + (t / T).view(-1, 1, 1) for b in hidden}
+    if not output:
+        return states
+    return (flow_model(x, t, cond), states) if hidden else flow_model(x, t, cond)
+
+
+def fm_reference(k, t=None, noise=None):
+    """Float64: the flow input x_sigma, the target eps - x0 and the model's prediction (run in float32 as in the
+    loss) for batch k."""
+    t = k["t"] if t is None else t
+    x0, eps = k["x0"].double(), (k["noise"] if noise is None else noise).double()
+    s = (t.double() / T).view(-1, 1, 1, 1)
+    x_in = (1 - s) * x0 + s * eps
+    return x_in, eps - x0, flow_model(x_in.float(), t, k["cond"]).double()
+
+
+def test_derangement_is_a_permutation_without_fixed_points_and_uniform_over_the_others():
+    g = torch.Generator().manual_seed(5)
+    for B in range(2, 9):
+        for _ in range(20):
+            neg = derangement(torch.rand(B, generator=g))
+            assert sorted(neg.tolist()) == list(range(B)) and all(neg[i] != i for i in range(B))
+    counts = torch.bincount(torch.stack([derangement(torch.rand(4, generator=g))[0] for _ in range(6000)]), minlength=4)
+    assert counts[0] == 0 and ((counts[1:] / 6000 - 1 / 3).abs() < 0.025).all(), counts  # neg[0]: 1, 2, 3 alike
+
+
+@pytest.mark.parametrize("lam", [0.05, 0.5])
+def test_contrastive_flow_matching_equals_float64_recomputation(lam):
+    """arXiv 2506.05350's objective: mean_i [ ||v_i - (eps_i - x0_i)||^2 - lambda ||v_i - (eps_j - x0_j)||^2 ] with
+    j the successor of i in the cyclic order of the draws u (a derangement); the per-sample values and the terms'
+    "cfm" are the unweighted errors."""
+    d, k = Diffusion(prediction="flow"), lever_batch()
+    loss, per_sample, _, terms = d.loss(lever_model, k["x0"], k["cond"], t=k["t"], noise=k["noise"],
+                                        levers=Levers(cfm_weight=lam), cfm_u=k["u"])
+    _, target, pred = fm_reference(k)
+    order = sorted(range(4), key=lambda i: float(k["u"][i]))
+    neg = {order[n]: order[(n + 1) % 4] for n in range(4)}
+    fm = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    away = torch.stack([((pred[i] - target[neg[i]]) ** 2).mean() for i in range(4)])
+    torch.testing.assert_close(per_sample.double(), fm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["cfm"].double(), away.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), fm.mean() - lam * away.mean(), rtol=1e-5, atol=1e-6)
+    assert set(terms) == {"cfm"} and not terms["cfm"].requires_grad
+
+
+def test_dispersive_loss_equals_float64_recomputation():
+    """arXiv 2506.09027's InfoNCE-L2 form as the authors' code: z flattened per sample (D values), d_ij = ||z_i -
+    z_j||^2 / D, log (1 / B^2) sum over every (i, j) of exp(-d_ij / tau); in float32 whatever z's dtype."""
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(5, 3, 4, generator=g) * torch.tensor([0.2, 1.0, 0.5, 2.0, 0.1]).view(-1, 1, 1)
+    for zz in (z, z.bfloat16()):
+        zd = zz.double().flatten(1)
+        dist = ((zd[:, None] - zd[None]) ** 2).sum(-1) / zd.shape[1]                      # (5, 5)
+        for tau in (1.0, 0.5):
+            ref = torch.log(torch.exp(-dist / tau).mean())
+            got = dispersive_loss(zz, temperature=tau)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    twins = torch.cat([z[:1], z[:1], z[1:]]).requires_grad_()  # two equal samples: a finite gradient
+    dispersive_loss(twins).backward()
+    assert torch.isfinite(twins.grad).all()
+    d, k = Diffusion(prediction="flow"), lever_batch()  # in the loss: one block's output, times the weight
+    loss, per_sample, _, terms = d.loss(lever_model, k["x0"], k["cond"], t=k["t"], noise=k["noise"],
+                                        levers=Levers(disp_weight=0.25, disp_block=1))
+    x_in, _, _ = fm_reference(k)
+    states = lever_model(x_in.float(), k["t"], k["cond"], hidden=(1,), output=False)
+    torch.testing.assert_close(terms["disp"], dispersive_loss(states[1]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss, per_sample.mean() + 0.25 * terms["disp"], rtol=1e-6, atol=1e-7)
+
+
+def test_sra_loss_equals_float64_recomputation_and_the_teacher_sees_an_earlier_t():
+    """arXiv 2505.02831 as the authors' loss.py: smooth-L1 (beta 0.05) of head(student block) to the EMA teacher's
+    block, the teacher called without gradients on the same noise and caption at earlier_t; mean over elements."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2, 3, 8, 4, generator=g) * 0.1  # differences on both sides of beta
+    diff = (a.double() - b.double()).abs()
+    ref = torch.where(diff < 0.05, 0.5 * diff ** 2 / 0.05, diff - 0.5 * 0.05).mean()
+    assert ((diff < 0.05).any() and (diff > 0.05).any())
+    torch.testing.assert_close(sra_loss(a, b).double(), ref, rtol=1e-6, atol=1e-8)
+    d, k = Diffusion(prediction="flow"), lever_batch()
+    seen = {}
+    def teacher(x, t, cond, **kw):
+        seen.update(x=x, t=t, cond=cond, kw=kw, grad=torch.is_grad_enabled())
+        return {b: s - 0.5 for b, s in lever_model(x, t, cond, **kw).items()}  # "the EMA": another function
+    head = lambda z: 1.5 * z
+    levers = Levers(sra_weight=0.7, sra_block=0, sra_target_block=2, sra_gap=0.3, teacher=teacher, head=head)
+    loss, per_sample, _, terms = d.loss(lever_model, k["x0"], k["cond"], t=k["t"], noise=k["noise"], levers=levers,
+                                        sra_u=k["u"])
+    t_ref = (k["t"].double() - 0.3 * T * k["u"].double()).clamp(min=0)
+    x_in, _, _ = fm_reference(k)
+    x_teacher, _, _ = fm_reference(k, t=t_ref)
+    torch.testing.assert_close(seen["t"].double(), t_ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(seen["x"].double(), x_teacher, rtol=1e-5, atol=1e-6)
+    assert seen["kw"] == dict(hidden=(2,), output=False) and not seen["grad"] and seen["cond"] is k["cond"]
+    student = 1.5 * lever_model(x_in.float(), k["t"], k["cond"], hidden=(0,), output=False)[0].double()
+    aim = lever_model(x_teacher.float(), t_ref.float(), k["cond"], hidden=(2,), output=False)[2].double() - 0.5
+    diff = (student - aim).abs()
+    ref = torch.where(diff < 0.05, 0.5 * diff ** 2 / 0.05, diff - 0.025).mean()
+    torch.testing.assert_close(terms["sra"].double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), per_sample.double().mean() + 0.7 * ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["flow", "v", "eps"])
+def test_sra_teacher_time_is_earlier_by_up_to_the_gap_and_clamped_at_0(prediction):
+    """t - gap * u * T, clamped at 0 (sigma units for flow; rounded to a step for the others): never later than t,
+    never more than gap * T earlier, 0 where that would go below."""
+    d = Diffusion(prediction=prediction)
+    g = torch.Generator().manual_seed(8)
+    t = d.draw_t(4000, g)
+    u = torch.rand(4000, generator=g)
+    for gap in (0.05, 0.2, 1.0):
+        early = d.earlier_t(t, u, gap)
+        ref = (t.double() - gap * u.double() * T).clamp(min=0)
+        assert early.dtype == t.dtype
+        if prediction == "flow":
+            torch.testing.assert_close(early.double(), ref, rtol=0, atol=1e-3)
+        else:
+            assert (early.double() - ref).abs().max() <= 0.5 + 1e-4
+        assert (early <= t).all() and (early >= 0).all() and (early.double() >= t.double() - gap * T - 0.5).all()
+        assert (early[t.double() < gap * T * u.double() - 0.5] == 0).all() and (early == 0).any()
+
+
+def test_levers_off_compute_and_draw_nothing():
+    """Levers with every weight 0: the model is called as without levers (no `hidden`), the loss and per-sample
+    values are bitwise those without, no term, and the generator gives no extra draw."""
+    d, k = Diffusion(prediction="flow"), lever_batch()
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    plain = d.loss(flow_model, k["x0"], k["cond"], generator=g1, noise_offset=0.1)
+    off = d.loss(flow_model, k["x0"], k["cond"], generator=g2, noise_offset=0.1, levers=Levers(sra_gap=0.5))
+    assert len(plain) == 3 and off[3] == {}
+    assert all(torch.equal(a, b) for a, b in zip(plain, off[:3]))
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_lever_draws_come_from_the_generator_after_todays():
+    d, k = Diffusion(prediction="flow"), lever_batch()
+    levers = Levers(cfm_weight=0.3, sra_weight=0.5, teacher=lever_model, head=lambda z: z)
+    drawn = d.loss(lever_model, k["x0"], k["cond"], generator=torch.Generator().manual_seed(10), levers=levers)
+    g = torch.Generator().manual_seed(10)
+    t = T * (1 - torch.rand(4, generator=g))
+    noise = torch.randn(4, 2, 4, 4, generator=g)
+    cfm_u, sra_u = torch.rand(4, generator=g), torch.rand(4, generator=g)
+    given = d.loss(lever_model, k["x0"], k["cond"], t=t, noise=noise, levers=levers, cfm_u=cfm_u, sra_u=sra_u)
+    assert torch.equal(drawn[0], given[0]) and all(torch.equal(drawn[3][n], given[3][n]) for n in ("cfm", "sra"))

@@ -399,7 +399,7 @@ def test_scenes_wide_truth_cli_scores_true_renders_at_both_bucket_sizes(tmp_path
 def test_scenes_wide_probe_samples_at_the_two_bucket_sizes(monkeypatch):
     """A stand-in pipeline whose generate draws a true render of each prompt at the size asked for (a perfect
     model): the probe asks for the 2:1 and 1:2 buckets of the checkpoint's resolution with sides multiples of the
-    VAE factor x patch (toys.bucket_size: issue 24's 368 x 176 for sd-vae-ft-mse at 256 px, patch 2), image k at
+    VAE factor x patch (data.bucket_size: issue 24's 368 x 176 for sd-vae-ft-mse at 256 px, patch 2), image k at
     the k % 2-th size, and reads every one right (an image scored against another's prompt would not be)."""
     calls = []
 

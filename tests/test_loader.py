@@ -233,3 +233,15 @@ def test_a_bucket_smaller_than_the_global_batch_is_left_out_with_a_warning(mixed
         loader = Loader(mixed, 12, seed=0, prefetch=0)
     assert loader.left_out == {"12x24": 8, "12x20": 8, "16x16": 8, "20x12": 8}
     assert loader.batches_per_epoch == 1 and loader.plan(0)[4] == 4
+
+
+def test_bucketed_accumulation_splits_one_step_of_one_bucket(mixed):
+    """accum 2 x micro-batch 4 reads, step by step, the images of micro-batch 8 x accum 1, in train_step's row order."""
+    c = data.LatentCache(mixed)
+    one, two = Loader(c, 8, seed=4, prefetch=0), Loader(c, 4, seed=4, prefetch=0, accum=2)
+    assert two.batches_per_epoch == 2 * one.batches_per_epoch == 12
+    for step in range(9):
+        whole, parts = next(one), [next(two), next(two)]
+        assert two.plan(2 * step)[4] == two.plan(2 * step + 1)[4] == one.plan(step)[4]
+        for k in whole:
+            assert torch.equal(torch.cat([p[k] for p in parts]), whole[k])

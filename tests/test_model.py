@@ -586,3 +586,82 @@ def test_switch_flop_estimates_match_flop_counter(over):
     with FlopCounterMode(display=False) as fwd:
         model(*args)
     assert abs(model.estimate_flops(16) / 3 / (fwd.get_total_flops() / B) - 1) < 1e-9
+
+
+#################################################################################
+#               The training levers' hidden states, head and FLOPs              #
+#################################################################################
+
+@pytest.mark.parametrize("over", [{}, dict(grad_ckpt=True), dict(route_frac=0.5, route_from=1, route_to=2, depth=4)])
+def test_hidden_states_are_the_blocks_outputs_of_the_same_forward(over):
+    """hidden=(i, ...) returns each block's output (what a forward hook on it sees) beside the unchanged output, in
+    training with grad_ckpt and with routing (blocks outside the routed range); output=False stops after the last
+    asked block: the blocks after it and the final layer never run."""
+    cfg = DiTConfig(**{**TINY, "depth": 3, **over})
+    model = randomized(cfg).train()
+    args = inputs(cfg)
+    route = {"route_scores": torch.rand(2, 64, generator=torch.Generator().manual_seed(2))} if "route_frac" in over \
+        else {}
+    asked = (0, cfg.depth - 1)
+    seen, calls = {}, []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+        block.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+    model.final_layer.register_forward_pre_hook(lambda m, a: calls.append("final"))
+    plain = model(*args, **route)
+    out, states = model(*args, **route, hidden=asked)
+    assert torch.equal(out, plain) and sorted(states) == list(asked)
+    for i in asked:
+        assert states[i].shape == (2, 64, cfg.width) and torch.equal(states[i], seen[i]), i  # 64 tokens
+    out.pow(2).mean().backward()  # the states are part of the graph (grad_ckpt: recomputed)
+    calls.clear()
+    early = model(*args, **route, hidden=(0,), output=False)
+    assert list(early) == [0] and torch.equal(early[0], states[0]) and calls == [0]
+
+
+def test_block_index_counts_from_the_end_and_refuses_beyond_the_depth_or_inside_the_routing():
+    cfg = DiTConfig(**{**TINY, "depth": 6})
+    assert [cfg.block_index(i) for i in (0, 5, -1, -6)] == [0, 5, 5, 0]
+    for bad in (6, -7):
+        with pytest.raises(ValueError, match="beyond the depth 6"):
+            cfg.block_index(bad, "--disp_block")
+    routed = dataclasses.replace(cfg, route_frac=0.5, route_from=2, route_to=-2)  # blocks 2, 3
+    assert [routed.block_index(i) for i in (1, 4, -1)] == [1, 4, 5]
+    for bad in (2, 3, -3):
+        with pytest.raises(ValueError, match="is routed"):
+            routed.block_index(bad)
+
+
+def test_sra_head_is_the_authors_projector():
+    """Linear(W, 2W), SiLU, Linear(2W, W) (the authors' SimpleHead), xavier-uniform weights, zero biases."""
+    torch.manual_seed(0)
+    head = M.SRAHead(64)
+    assert [tuple(p.shape) for p in head.parameters()] == [(128, 64), (128,), (64, 128), (64,)]
+    assert not head.linear1.bias.any() and not head.linear2.bias.any()
+    bound = (6 / (64 + 128)) ** 0.5  # xavier-uniform's
+    assert head.linear1.weight.abs().max() <= bound and head.linear1.weight.abs().max() > 0.9 * bound
+    z = torch.randn(2, 5, 64)
+    torch.testing.assert_close(head(z), F.linear(F.silu(F.linear(z, head.linear1.weight)), head.linear2.weight))
+
+
+@pytest.mark.parametrize("target,grid", [(-1, 32), (5, 32), (0, 16)])
+def test_train_flops_add_the_teachers_forward_and_the_head(target, grid):
+    """train_flops = estimate_flops + the EMA teacher's no-grad forward up to sra_target_block (flop counter: a
+    forward with output=False) + the head's forward and backward; nothing more with every weight 0, and the same
+    count CFM or dispersive alone (O(B N W), not counted)."""
+    cfg = make_config("DiT-S/2")
+    B = 2
+    with torch.device("meta"):
+        model, head = DiT(cfg).eval(), M.SRAHead(cfg.width)
+        args = inputs(cfg, B=B, grid=grid, device="meta")
+        j = cfg.block_index(target)
+        with FlopCounterMode(display=False) as teacher:
+            model(*args, hidden=(j,), output=False)
+        tokens = torch.randn(B, (grid // 2) ** 2, cfg.width)
+        with FlopCounterMode(display=False) as head_fwd:
+            head(tokens)
+    off = dict(sra_weight=0.0, sra_target_block=target, cfm_weight=0.5, disp_weight=0.5)
+    assert M.train_flops(model, off, grid) == model.estimate_flops(grid)
+    on = M.train_flops(model, {**off, "sra_weight": 0.2}, grid)
+    assert abs((on - model.estimate_flops(grid)) / (teacher.get_total_flops() / B + 3 * head_fwd.get_total_flops() / B)
+               - 1) < 1e-9

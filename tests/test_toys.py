@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+import data
 import toys
 from toys import SceneObject
 
@@ -270,17 +271,6 @@ def test_wide_set_names_and_versions():
     assert {"scenes_wide", "scenes_wide2"} <= set(toys.VERSIONS)
 
 
-@pytest.mark.parametrize("resolution, aspect, multiple, want", [
-    (32, 2, 2, (46, 22)), (32, 0.5, 2, (22, 46)), (64, 2, 2, (90, 46)),  # issue 24's pixel-space, patch-2 buckets
-    (256, 2, 16, (368, 176)), (256, 1, 16, (256, 256)), (40, 2, 4, (56, 28)),  # sd-vae-ft-mse x patch 2; 40 px demo
-    (40, 1, 16, (48, 48)),   # 40 / 16 = 2.5: halves round up
-    (8, 0.25, 16, (16, 16)),  # never below one multiple
-])
-def test_bucket_size_against_hand_computed_values(resolution, aspect, multiple, want):
-    """W = sqrt(R^2 a), H = sqrt(R^2 / a), each to the nearest multiple: e.g. 32 px, a = 2: 45.25 -> 46, 22.63 -> 22."""
-    assert toys.bucket_size(resolution, aspect, multiple) == want
-
-
 def wide_cell(obj, width, height, grid):
     """The grid cell a read object's centroid falls in, on a (rows, cols) grid over a width x height image."""
     x, y = obj.centroid
@@ -314,14 +304,14 @@ def test_wide_scenes_are_2_to_1_and_1_to_2_and_read_back_exactly():
 
 @pytest.mark.parametrize("resolution, multiple", [(40, 1), (40, 2), (40, 4), (40, 8), (64, 2), (256, 16)])
 def test_wide_scenes_resized_to_their_buckets_read_back_exactly(resolution, multiple):
-    """What data.py's bucket path trains on: each render resized (PIL LANCZOS) to the bucket of its aspect, at
+    """What data.py's bucket path trains on: each render covering the bucket of its aspect (data.preprocess), at
     WIDE_MIN_RESOLUTION and above, for pixel space at patch 1-8 and for sd-vae-ft-mse (factor 8) at patch 2: 1.0.
     (At 32 px a patch-4 bucket, 44 x 24, reads 0.95 of 400 scenes: why the set starts at 40 px.)"""
     images, specs, sizes = [], [], set()
     for i in range(300 if resolution < 256 else 80):
         image, _ = toys.wide_scene_sample(i, 2, resolution)
-        size = toys.bucket_size(resolution, image.size[0] / image.size[1], multiple)
-        images.append(np.asarray(image.resize(size, Image.Resampling.LANCZOS)))
+        size = data.bucket_size(resolution, image.size[0] / image.size[1], multiple)
+        images.append(data.preprocess(image, size))
         specs.append(toys.draw_scene(i, 2, wide=True)[0])
         sizes.add(size)
     assert len(sizes) == 2

@@ -39,10 +39,14 @@ def test_overfits_four_examples(tmp_path):
     assert last < first / 10, (first, last)
 
 
+LEVERS = [dict(cfm_weight=0.3), dict(disp_weight=0.5, disp_block=0), dict(sra_weight=0.5, sra_gap=0.5)]
+
+
 @pytest.mark.parametrize("over", [{}, dict(optimizer="adamw", prediction="v", t_logit_std=0.0, min_snr_gamma=5),
-                                  dict(route_frac=0.5, route_from=0, route_to=1)])
+                                  dict(route_frac=0.5, route_from=0, route_to=1), *LEVERS])
 def test_resume_is_exact(cache, tmp_path, monkeypatch, over):
-    """12 steps in one run == 6 steps, a restart from that checkpoint, 6 more (weights, EMA, optimizer, loader)."""
+    """12 steps in one run == 6 steps, a restart from that checkpoint, 6 more (weights, EMA, optimizer, loader; SRA's
+    head); with a training lever on, its term is logged beside the loss."""
     saved = keep_checkpoints(monkeypatch)
     run = dict(max_steps=12, ckpt_every=6, noise_offset=0.1, input_perturbation=0.1, **over)
     train.main(args(cache, tmp_path / "a", **run))
@@ -52,9 +56,13 @@ def test_resume_is_exact(cache, tmp_path, monkeypatch, over):
     out = train.main(args(cache, tmp_path / "b", **run))
     assert out["step"] == 12 and sorted(saved) == [("a", 6), ("a", 12), ("b", 12)]
     a, b = load(saved["a", 12]), load(saved["b", 12])
-    for key in ("model", "ema", "optimizer", "loader_state", "step"):
+    assert ("sra_head" in a) == ("sra_weight" in over) and a.keys() == b.keys()
+    for key in ("model", "ema", "optimizer", "loader_state", "step", *(["sra_head"] if "sra_head" in a else [])):
         assert tensors_equal(a[key], b[key]), key
     assert not tensors_equal(load(saved["a", 6])["model"], a["model"])  # and training did move the weights
+    terms = {name for name in ("cfm", "disp", "sra") if f"{name}_weight" in over}
+    assert all(terms <= rec.keys() and not {"cfm", "disp", "sra"} - terms & rec.keys() for rec in log_records(
+        tmp_path / "b"))
 
 
 def muon_tolerances(model):
@@ -65,11 +73,15 @@ def muon_tolerances(model):
     return {n: 4e-4 if id(p) in muon else 1e-6 for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("optimizer,steps", [("adamw", 3), ("muon", 1)])
-def test_accumulation_is_exact(cache, tmp_path, optimizer, steps):
-    """micro-batch 8 x accum 1 == micro-batch 4 x accum 2 (fp32)."""
-    one = train.main(args(cache, tmp_path / "a", batch=8, accum=1, max_steps=steps, grad_clip=0.5, optimizer=optimizer))
-    two = train.main(args(cache, tmp_path / "b", batch=4, accum=2, max_steps=steps, grad_clip=0.5, optimizer=optimizer))
+@pytest.mark.parametrize("optimizer,steps,over", [("adamw", 3, {}), ("muon", 1, {}),
+                                                  ("adamw", 3, dict(sra_weight=0.5, sra_gap=0.5))])
+def test_accumulation_is_exact(cache, tmp_path, optimizer, steps, over):
+    """micro-batch 8 x accum 1 == micro-batch 4 x accum 2 (fp32); SRA's term is a mean over samples, so with it too
+    (CFM and the dispersive loss are per micro-batch: test_levers_per_micro_batch_ddp_equals_accumulation)."""
+    one = train.main(args(cache, tmp_path / "a", batch=8, accum=1, max_steps=steps, grad_clip=0.5, optimizer=optimizer,
+                          **over))
+    two = train.main(args(cache, tmp_path / "b", batch=4, accum=2, max_steps=steps, grad_clip=0.5, optimizer=optimizer,
+                          **over))
     atol = muon_tolerances(one["model"]) if optimizer == "muon" else {}
     for (name, p), q in zip(one["model"].named_parameters(), two["model"].parameters()):
         torch.testing.assert_close(p, q, atol=atol.get(name, 1e-6), rtol=0, msg=name)
@@ -91,6 +103,56 @@ def test_ddp_equals_one_process(cache, tmp_path, optimizer, steps):
     atol = muon_tolerances(single["model"]) if optimizer == "muon" else {}
     for name, p in single["model"].state_dict().items():
         torch.testing.assert_close(ddp["model"][name], p, atol=max(atol.get(name, 0), 1e-5), rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_levers_per_micro_batch_ddp_equals_accumulation(cache, tmp_path):
+    """CFM and the dispersive loss contrast the samples of one micro-batch, so their invariant is 1 process x accum 2
+    == 2 gloo ranks x accum 1 at the same micro-batch (the same samples and draws in each); SRA on too: its head,
+    outside DDP's module, has its gradients averaged over the ranks by hand. The logged terms agree as well."""
+    over = dict(batch=4, max_steps=3, optimizer="adamw", cfm_weight=0.3, disp_weight=0.5, disp_block=0,
+                sra_weight=0.5, sra_gap=0.5, log_every=1)
+    train.main(args(cache, tmp_path / "one", accum=2, **over))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *args(cache, tmp_path / "two", accum=1, **over)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = load(tmp_path / "one" / "ckpt.pt"), load(tmp_path / "two" / "ckpt.pt")
+    assert one["step"] == two["step"] == 3
+    for key in ("model", "sra_head"):
+        for name, p in one[key].items():
+            torch.testing.assert_close(two[key][name], p, atol=1e-5, rtol=0, msg=f"{key}.{name}")
+    for a, b in zip(log_records(tmp_path / "one"), log_records(tmp_path / "two"), strict=True):
+        for key in ("loss", "cfm", "disp", "sra"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_lever_draws_come_after_todays_and_weight_0_draws_none():
+    """step_noise with the levers on: today's t, noise, offset, perturbation and routing scores bitwise, then CFM's
+    and SRA's U(0, 1) from the same generator; with them off, nothing more is drawn."""
+    d = Diffusion(prediction="flow")
+    base = SimpleNamespace(seed=3, t_logit_mean=0.0, t_logit_std=1.0, noise_offset=0.1, input_perturbation=0.1,
+                           route_frac=0.5, cfm_weight=0.0, sra_weight=0.0)
+    on = SimpleNamespace(**{**vars(base), "cfm_weight": 0.1, "sra_weight": 0.2})
+    today = train.step_noise(5, 8, (3, 4, 4), "cpu", base, d, 16)
+    levers = train.step_noise(5, 8, (3, 4, 4), "cpu", on, d, 16)
+    assert today[5:] == (None, None) and all(torch.equal(a, b) for a, b in zip(today[:5], levers[:5]))
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 5)
+    d.draw_t(8, g, "cpu", 0.0, 1.0)
+    for shape in ((8, 3, 4, 4), (8, 3, 1, 1), (8, 3, 4, 4)):
+        torch.randn(shape, generator=g)
+    torch.rand((8, 16), generator=g)
+    assert torch.equal(levers[5], torch.rand(8, generator=g)) and torch.equal(levers[6], torch.rand(8, generator=g))
+
+
+@pytest.mark.parametrize("first,then", [(0.0, 0.5), (0.5, 0.0)])
+def test_a_resume_that_switches_sra_on_or_off_is_refused(cache, tmp_path, capsys, first, then):
+    train.main(args(cache, tmp_path / "o", max_steps=2, sra_weight=first))
+    with pytest.raises(SystemExit) as e:
+        train.main(args(cache, tmp_path / "o", max_steps=4, sra_weight=then))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"trained with SRA {'on' if first else 'off'}: a resume cannot switch it" in err
 
 
 @pytest.mark.slow
@@ -159,8 +221,8 @@ def test_a_streak_of_bad_steps_stops_the_run_even_if_it_ends_before_the_log_step
 
     def flaky_step(*a, **k):
         calls.append(1)
-        loss, t, norm, found_inf = real_step(*a, **k)
-        return loss, t, norm, torch.ones_like(found_inf) if len(calls) <= 3 else found_inf
+        loss, t, norm, found_inf, terms = real_step(*a, **k)
+        return loss, t, norm, torch.ones_like(found_inf) if len(calls) <= 3 else found_inf, terms
 
     monkeypatch.setattr(train, "train_step", flaky_step)
     with pytest.raises(SystemExit) as e:
@@ -247,7 +309,7 @@ def test_an_fp8_model_trains_and_its_checkpoint_loads_without_torchao(tmp_path, 
     from model import DiT, DiTConfig
     C = SimpleNamespace(**parse(args("shapes", tmp_path / "o", fp8=True, batch=2)))  # parsed, unchecked
     te = SimpleNamespace(dim=32, pooled_dim=24)
-    model, ema, optimizer, diffusion = train.build_model(C, (3, 16, 16), te)
+    model, ema, optimizer, diffusion, _ = train.build_model(C, (3, 16, 16), te)
     assert sum(type(m).__name__ == "Float8Linear" for m in model.modules()) == 7 * 2
     assert "14 block linears in fp8" in monitor.describe(C, model, (3, 16, 16), 16, 32, 2, 1)
     g = torch.Generator().manual_seed(0)
@@ -365,6 +427,7 @@ def test_same_command_same_checkpoint_and_images(tmp_path):
     train.main(fixture.argv(str(tmp_path)))
     ckpt = os.path.join(tmp_path, "run", "ckpt.pt")
     got, want = load(ckpt), load(os.path.join(fixture.OUT, "ckpt.pt"))
+    assert got.keys() == want.keys()  # the training levers off: no SRA head, nothing new in the checkpoint
     for key in ("model", "ema", "optimizer", "step", "model_config", "loader_state", "rng"):
         assert tensors_equal(got[key], want[key], atol=atol if key != "rng" else 0.0), key
     new = set(got["config"]) - set(want["config"]) - {"out_dir", "cache_dir"}  # keys added since: at their defaults
@@ -402,8 +465,9 @@ def test_the_demo_config_follows_prompts(tmp_path):
 ##### aspect buckets, several captions, long captions through the command line
 
 def test_a_bucketed_run_resumes_exactly_and_samples_any_size(mixed, tmp_path, monkeypatch, capsys):
-    """A mixed-aspect imagefolder (1:1, 2:1, 1:2, odd sizes) in 5 buckets with several captions, text_chunks 2: 12
-    steps == 6 + resume + 6 (weights, EMA, optimizer, loader); sample.py --size writes non-square PNGs from it."""
+    """A mixed-aspect imagefolder (1:1, 2:1, 1:2, odd sizes) in 5 buckets with several captions, accumulation,
+    flips and routing: 12 steps == 6 + resume + 6 (weights, EMA, optimizer, loader); its EMA starts another bucketed
+    run (init_from); sample.py --size writes non-square PNGs from it."""
     saved = keep_checkpoints(monkeypatch)
     run = dict(data=mixed, aspect_buckets=5, text_chunks=1, max_steps=12, ckpt_every=6, flip=True, accum=2,
                route_frac=0.5, route_from=0, route_to=1)
@@ -472,3 +536,30 @@ def test_text_chunks_train_and_sample_with_long_captions(tmp_path):
     assert torch.equal(states, te(["a red circle " * 40])[0])
     with pytest.raises(SystemExit):  # the cache's chunks must be the run's
         train.main(args(c2, tmp_path / "p", resolution=40, text_chunks=1, max_steps=1))
+
+
+def test_bucketed_accumulation_is_exact(mixed, tmp_path):
+    """With buckets an optimizer step's images come from one bucket, so micro-batch 8 x accum 1 == micro-batch 4 x
+    accum 2 as without buckets (fp32, AdamW)."""
+    run = dict(aspect_buckets=5, max_steps=3, grad_clip=0.5, optimizer="adamw")
+    one = train.main(args(mixed, tmp_path / "a", batch=8, accum=1, **run))
+    two = train.main(args(mixed, tmp_path / "b", batch=4, accum=2, **run))
+    for (name, p), q in zip(one["model"].named_parameters(), two["model"].parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_cache_from_before_buckets_trains_as_the_same_cache_today(cache, tmp_path):
+    """A cache without bucket.npy / ncaptions.npy and the manifest keys of buckets and captions (every cache built
+    before them) trains bitwise as the same cache with them: one square bucket, one caption an image."""
+    old = str(tmp_path / "old")
+    shutil.copytree(cache, old)
+    for name in ("bucket.npy", "ncaptions.npy"):
+        os.remove(os.path.join(old, name))
+    m = json.load(open(os.path.join(old, "manifest.json")))
+    for key in ("buckets", "merged", "captions", "min_bucket"):
+        del m[key]
+    json.dump(m, open(os.path.join(old, "manifest.json"), "w"))
+    a = train.main(args(cache, tmp_path / "a", max_steps=3, flip=True))
+    b = train.main(args(old, tmp_path / "b", max_steps=3, flip=True))
+    assert tensors_equal(a["model"].state_dict(), b["model"].state_dict())
+    assert tensors_equal(a["optimizer"].state_dict(), b["optimizer"].state_dict())
