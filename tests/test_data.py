@@ -1,4 +1,4 @@
-"""data.py: preprocessing, buckets, the resumable cache (CPU, small files); sources: test_sources.py; the loader: test_loader.py."""
+"""data.py: preprocessing, buckets, the resumable cache (CPU, small files); readers: test_sources.py."""
 import io, json, os, subprocess, sys, tarfile
 
 import numpy as np
