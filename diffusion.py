@@ -1,6 +1,7 @@
 """
-Diffusion math: beta schedules, noising, targets, min-SNR weights, the training loss, samplers and guidance (CFG,
-its interval, APG, CFG-Zero*); and rectified flow (prediction "flow") beside eps / v / x0.
+Diffusion math: beta schedules, noising, targets, min-SNR weights, the training loss and its levers (contrastive
+flow matching, dispersive loss, SRA), samplers and guidance (CFG, its interval, APG, CFG-Zero*); and rectified flow
+(prediction "flow") beside eps / v / x0.
 
 Pure math on a fixed schedule; imports nothing from the project. Notation follows DDIM / diffusers:
 a_t = alphas_cumprod[t] (alpha-bar), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, t an integer in [0, T).

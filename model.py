@@ -408,8 +408,8 @@ def train_flops(model, keys, grid: int | None = None) -> float:
     """Training FLOPs per image of train.py's step, the one count the start-up line, MFU and scripts/ablate.py's
     equal-FLOP budgets use: the DiT's (estimate_flops), plus with sra_weight > 0 the EMA teacher's no-grad forward
     up to sra_target_block (2 x forward_macs) and SRA's head (forward + backward, 3 x 2 x 4 W^2 a token). keys:
-    train.py's keys (a namespace or dict). CFM and the dispersive loss cost O(batch x tokens x width) an image, a
-    few parts in 1e4 of a block: not counted."""
+    train.py's keys (a namespace or dict). CFM and the dispersive loss cost O(batch x tokens x width) an image, about
+    batch / (100 width) of one block's: not counted."""
     keys = keys if isinstance(keys, dict) else vars(keys)
     flops, cfg = model.estimate_flops(grid), model.config
     if keys.get("sra_weight", 0) > 0:

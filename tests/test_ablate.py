@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import ablate
 import train
 from encoders import load_text_encoder
-from model import DiT, DiTConfig, config_from_keys
+from model import DiT, DiTConfig, config_from_keys, train_flops
 
 TINY = ("--vae none --text_encoder tiny --resolution 16 --model DiT-S/2 --depth 1 --width 32 --heads 2 --patch 4 "
         "--batch 4 --compile false --device cpu --sample_every 0 --data shapes:32")
@@ -192,6 +192,20 @@ def test_an_unrouted_finish_is_planned_at_the_flops_train_py_spends():
     assert abs(spent - budget) <= unrouted * plan["images_per_step"]
     assert math.isclose(ablate.spent_flops(plan, steps), spent)  # the table's FLOPs column
     assert math.isclose(ablate.spent_flops(plan, 3), 3 * routed * plan["images_per_step"])  # a run stopped early
+
+
+def test_a_lever_row_is_planned_at_train_flops():
+    """SRA's EMA forward and head are training FLOPs (model.train_flops, what train.py's MFU and start-up line use):
+    at equal FLOPs its row gets fewer steps; CFM and the dispersive loss cost nothing counted."""
+    args = ablate.parse_cli(["--row", "x:", "--flops", "3e11"])[0]
+    plain, sra, cfm = (ablate.plan_row("x", ["--depth", "2", *row], TINY.split(), args) for row in
+                       ([], ["--sra_weight", "0.5"], ["--cfm_weight", "0.1", "--disp_weight", "0.5"]))
+    C = SimpleNamespace(**sra["config"])
+    tiny = load_text_encoder("tiny")
+    with torch.device("meta"):
+        model = DiT(config_from_keys(C, in_channels=3, input_size=16, text_dim=tiny.dim, pooled_dim=tiny.pooled_dim))
+    assert sra["flops_per_image"] == train_flops(model, C) > plain["flops_per_image"] == cfm["flops_per_image"]
+    assert sra["max_steps"] < plain["max_steps"] == cfm["max_steps"]
 
 
 def test_metrics_are_read_generically():
