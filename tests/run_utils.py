@@ -53,3 +53,16 @@ def keep_checkpoints(monkeypatch):
         shutil.copy(path, path + f".{state['step']}")
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
     return saved
+
+
+def old_layout(cache):
+    """Make a cache folder one built before aspect buckets and several captions: no bucket.npy / ncaptions.npy, no
+    manifest keys of them."""
+    for name in ("bucket.npy", "ncaptions.npy"):
+        os.remove(os.path.join(cache, name))
+    with open(os.path.join(cache, "manifest.json")) as f:
+        m = json.load(f)
+    for key in ("buckets", "merged", "captions", "min_bucket"):
+        del m[key]
+    with open(os.path.join(cache, "manifest.json"), "w") as f:
+        json.dump(m, f)

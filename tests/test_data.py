@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import data
+from run_utils import old_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = " ".join(f"word{i}" for i in range(500))
@@ -365,12 +366,7 @@ def test_a_cache_of_other_layout_settings_is_an_error_that_keeps_it(tmp_path):
 def test_a_cache_from_before_buckets_and_captions_still_loads(tmp_path):
     out = data.build_cache("shapes:12", str(tmp_path / "c"), 16, "none", "tiny")
     new = data.LatentCache(out)
-    for name in ("bucket.npy", "ncaptions.npy"):
-        os.remove(os.path.join(out, name))
-    m = json.load(open(os.path.join(out, "manifest.json")))
-    for key in ("buckets", "merged", "captions", "min_bucket"):
-        del m[key]
-    json.dump(m, open(os.path.join(out, "manifest.json"), "w"))
+    old_layout(out)
     old = data.LatentCache(out)
     assert old.sizes == [(16, 16)] and np.array_equal(old.latents, new.latents)
     assert list(old.caption_start) == list(range(12)) and list(old.row) == list(range(12))

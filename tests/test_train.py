@@ -21,7 +21,7 @@ import optim
 import train
 from diffusion import Diffusion
 from loader import Loader
-from run_utils import ROOT, args, keep_checkpoints, load, log_records, tensors_equal
+from run_utils import ROOT, args, keep_checkpoints, load, log_records, old_layout, tensors_equal
 
 
 def parse(argv):
@@ -553,12 +553,7 @@ def test_a_cache_from_before_buckets_trains_as_the_same_cache_today(cache, tmp_p
     before them) trains bitwise as the same cache with them: one square bucket, one caption an image."""
     old = str(tmp_path / "old")
     shutil.copytree(cache, old)
-    for name in ("bucket.npy", "ncaptions.npy"):
-        os.remove(os.path.join(old, name))
-    m = json.load(open(os.path.join(old, "manifest.json")))
-    for key in ("buckets", "merged", "captions", "min_bucket"):
-        del m[key]
-    json.dump(m, open(os.path.join(old, "manifest.json"), "w"))
+    old_layout(old)
     a = train.main(args(cache, tmp_path / "a", max_steps=3, flip=True))
     b = train.main(args(old, tmp_path / "b", max_steps=3, flip=True))
     assert tensors_equal(a["model"].state_dict(), b["model"].state_dict())
