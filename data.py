@@ -626,7 +626,8 @@ def main(argv=None):
     p.add_argument("--text_states", action="store_true",
                    help="also cache per-token text states (77 x text_chunks x dim fp16 per caption)")
     p.add_argument("--text_chunks", type=int, default=1, help="1..3 chunks of 75 caption tokens (train.py's key)")
-    p.add_argument("--aspect_buckets", type=int, default=0, help="0: square centre crops; N >= 2: aspect buckets")
+    p.add_argument("--aspect_buckets", type=int, default=5, help="N >= 2: aspect buckets (train.py's default); 0: "
+                   "square centre crops")
     p.add_argument("--max_aspect", type=float, default=2.0, help="the widest bucket's W / H (>= 1)")
     p.add_argument("--patch", type=int, default=2, help="the DiT's patch (bucket sides: multiples of VAE factor x it)")
     p.add_argument("--min_bucket", type=int, default=64, help="a bucket with fewer images joins its neighbour "

@@ -47,7 +47,7 @@ text_encoder = "ViT-L-14/laion2b_s32b_b82k"  # open_clip "arch/pretrained", an o
 text_states = False        # cache the encoder's token states (118 KB/caption at CLIP-L), not token ids
 text_chunks = 1            # captions in up to 1..3 chunks of 75 tokens, each encoded alone, states concatenated
 text_len = 0               # text tokens the DiT cross-attends to: the first N of 77 x text_chunks (0 = all)
-aspect_buckets = 0         # 0: square centre crops; N >= 2: N aspect-ratio buckets of ~resolution^2 pixels
+aspect_buckets = 5         # N >= 2 aspect-ratio buckets of ~resolution^2 px (docs/log.md 2026-12-05); 0: square crops
 max_aspect = 2.0           # the buckets' aspect ratios run from 1:max_aspect to max_aspect:1
 model = "DiT-B/2"          # preset name from model.PRESETS
 depth = 0                  # 0 = the preset's value

@@ -14,7 +14,7 @@ def args(cache, out_dir, **over):
     base = dict(data=cache, out_dir=str(out_dir), vae="none", text_encoder="tiny", resolution=16,
                 model="DiT-S/2", depth=2, width=64, heads=4, patch=4, batch=4, accum=1, lr=1e-3, warmup=3,
                 max_steps=6, log_every=2, ckpt_every=1000, sample_every=0, compile=False, device="cpu",
-                ema_decay=0.9, cond_drop=0.2, seed=1)
+                ema_decay=0.9, cond_drop=0.2, seed=1, aspect_buckets=0)
     base.update(over)
     return [f"--{k}={v}" for k, v in base.items()]
 
