@@ -139,8 +139,10 @@ AT_LEAST = dict(batch=1, accum=1, max_steps=1, log_every=1, ckpt_every=1, sample
 UNIT = ("cond_drop", "decay_frac", "ema_decay", "route_until")  # in [0, 1]
 
 
-def check(C):
-    """Values that would fail later (after an hours-long cache build, or after the first step): ConfigError now."""
+def check(C, architecture=True):
+    """Values that would fail later (after an hours-long cache build, or after the first step): ConfigError now.
+    architecture=False: before --init_from's architecture is inherited; what depends on it (the model's own checks,
+    the levers' blocks, route_from / route_to) waits for the check after it (train.stage_start)."""
     for key, options in CHOICES.items():
         if getattr(C, key) not in options:
             close = difflib.get_close_matches(str(getattr(C, key)), options, n=1)
@@ -156,7 +158,8 @@ def check(C):
         if not 0 <= getattr(C, key) < 1:
             raise ConfigError(f"--{key} {getattr(C, key)}: must be in [0, 1)")
     try:  # the model's and the schedule's own checks (DiTConfig, Diffusion), before the cache build
-        config_from_keys(C)
+        if architecture:
+            config_from_keys(C)
         Diffusion.from_config(vars(C)).check_min_snr(C.min_snr_gamma)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -188,10 +191,10 @@ def check(C):
             raise ConfigError(f"--device {C.device}: torch sees no CUDA device here (use --device cpu)")
     check_speed_keys(C)
     check_trackers(C)
-    check_levers(C)
+    check_levers(C, architecture)
 
 
-def check_levers(C):
+def check_levers(C, architecture=True):
     """The training levers (diffusion.Levers; their weights >= 0 by AT_LEAST): ConfigError for what they cannot do.
     Their blocks are checked only where their weight is > 0, so the defaults hold at any depth."""
     if not C.cfm_weight < 1:
@@ -203,8 +206,13 @@ def check_levers(C):
     for key in ("cfm_weight", "disp_weight"):
         if getattr(C, key) > 0 and C.batch < 2:
             raise ConfigError(f"--{key} {getattr(C, key)}: contrasts the samples of a micro-batch, and --batch is 1")
+    for key in ("cfm_weight", "disp_weight", "sra_weight"):
+        if not math.isfinite(getattr(C, key)):
+            raise ConfigError(f"--{key} {getattr(C, key)}: must be a finite number")
     if not 0 < C.sra_gap <= 1:
         raise ConfigError(f"--sra_gap {C.sra_gap}: must be in (0, 1] (a fraction of the time range)")
+    if not architecture:
+        return
     mcfg = config_from_keys(C)
     try:
         if C.disp_weight > 0:

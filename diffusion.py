@@ -575,6 +575,9 @@ class Diffusion:
         if t_start is not None and not 0 <= t_start < self.T:
             raise ValueError(f"t_start must be in [0, {self.T - 1}], got {t_start}")
         check_guidance(cfg_interval, apg, apg_norm, apg_momentum, cfg_zero_star, guidance_rescale, self.prediction)
+        if cfg_zero_star and cfg != 1 and steps <= CFG_ZERO_INIT_STEPS:
+            raise ValueError(f"CFG-Zero* zeroes the first {CFG_ZERO_INIT_STEPS} step(s): with steps {steps} the "
+                             "sample would be the starting noise")
         if cfg == 1:  # scale 1 is the conditional model alone, for every method: skip the unconditional half
             uncond = None
         g = Guidance(cfg, guidance_rescale, None if cfg_interval is None else tuple(cfg_interval), apg, apg_norm,

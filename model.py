@@ -409,7 +409,7 @@ def train_flops(model, keys, grid: int | None = None) -> float:
     equal-FLOP budgets use: the DiT's (estimate_flops), plus with sra_weight > 0 the EMA teacher's no-grad forward
     up to sra_target_block (2 x forward_macs) and SRA's head (forward + backward, 3 x 2 x 4 W^2 a token). keys:
     train.py's keys (a namespace or dict). CFM and the dispersive loss cost O(batch x tokens x width) an image, about
-    batch / (100 width) of one block's: not counted."""
+    batch / (20 width) of one block's: not counted."""
     keys = keys if isinstance(keys, dict) else vars(keys)
     flops, cfg = model.estimate_flops(grid), model.config
     if keys.get("sra_weight", 0) > 0:

@@ -219,7 +219,7 @@ def read_command_line(argv):
     -> (C, this run's checkpoint path, the checkpoint to resume from or None, its contents or None)"""
     try:
         C = SimpleNamespace(**config.parse_args(argv, DEFAULTS))
-        config.check(C)
+        config.check(C, architecture=not C.init_from)  # init_from's depth etc. are checked once inherited
         ckpt_path, resume_from = find_resume(C)
         ck = load_checkpoint(resume_from, need=FOR_RESUMING) if resume_from else None  # a bad file fails fast
     except (ConfigError, ValueError) as e:
@@ -237,7 +237,7 @@ def stage_start(C, ck, resume_from):
     try:
         source = ck if ck is not None else load_checkpoint(C.init_from, need=FOR_SAMPLING)
         inherit_architecture(C, source, C.init_from if ck is None else resume_from, DEFAULTS)
-        config.check(C)  # the inherited depth against route_from / route_to
+        config.check(C)  # the inherited depth against route_from / route_to and the levers' blocks
     except (CheckpointError, ConfigError, ValueError) as e:
         fail(f"--init_from: {e}")
     return (source if ck is None else None), source["model_config"]["input_size"]

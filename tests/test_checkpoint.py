@@ -150,6 +150,21 @@ def test_init_from_takes_the_architecture_and_refuses_another(cache, tmp_path, c
     assert not os.path.exists(tmp_path / "bad")
 
 
+def test_init_from_checks_lever_blocks_against_the_inherited_depth(cache, tmp_path, capsys):
+    """A 13-block checkpoint (DiT-S's default is 12): blocks 12 are valid once its depth is inherited, and a block
+    beyond it is refused with one line, exit 2, before any work."""
+    train.main(args(cache, tmp_path / "s1", max_steps=1, depth=13))
+    base = [a for a in args(cache, tmp_path / "s2", max_steps=1, disp_weight=0.5, sra_weight=0.5, sra_block=0)
+            if not a.startswith("--depth")] + [f"--init_from={tmp_path / 's1' / 'ckpt.pt'}"]
+    out = train.main(base + ["--disp_block=12", "--sra_target_block=12"])
+    assert out["model"].config.depth == 13 and out["step"] == 1
+    with pytest.raises(SystemExit) as e:
+        train.main(base + ["--disp_block=13", f"--out_dir={tmp_path / 'bad'}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--disp_block 13: beyond the depth 13" in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_resume_wins_over_init_from(cache, tmp_path, capsys):
     """A crashed stage 2 resumes stage 2; it does not restart from stage 1."""
     train.main(args(cache, tmp_path / "s1", max_steps=2))

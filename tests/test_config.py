@@ -133,7 +133,7 @@ def test_fp8_and_ckpt_blocks_refusals_exit_2_with_one_line(tmp_path, capsys, mon
 @pytest.mark.parametrize("over,needle", [
     (dict(cfm_weight=-0.1), "--cfm_weight -0.1: must be >= 0"), (dict(disp_weight=-1), "--disp_weight -1.0: must be"),
     (dict(sra_weight=-0.5), "--sra_weight -0.5: must be >= 0"), (dict(cfm_weight="nan"), "--cfm_weight nan"),
-    (dict(cfm_weight=1), "--cfm_weight 1.0: must be in [0, 1)"),
+    (dict(cfm_weight=1), "--cfm_weight 1.0: must be in [0, 1)"), (dict(sra_weight="inf"), "--sra_weight inf: must"),
     (dict(cfm_weight=0.1, prediction="v", optimizer="adamw"), "for --prediction flow, not v"),
     (dict(cfm_weight=0.1, batch=1), "--cfm_weight 0.1: contrasts the samples of a micro-batch, and --batch is 1"),
     (dict(disp_weight=0.1, batch=1), "--disp_weight 0.1: contrasts"),

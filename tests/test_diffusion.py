@@ -866,6 +866,8 @@ def test_guidance_refusals():
         phi = 0.5 if d is v else 0.0
         with pytest.raises(ValueError, match=match):
             d.sample(never, x, c, torch.zeros(2, 1), 3.0, phi, steps=3, **kw)
+    with pytest.raises(ValueError, match="with steps 1 the sample would be the starting noise"):
+        flow.sample(never, x, c, torch.zeros(2, 1), 3.0, steps=1, cfg_zero_star=True)
     with pytest.raises(ValueError, match="flow models"):
         check_guidance(cfg_zero_star=True, prediction="eps")
     check_guidance(cfg_zero_star=True)  # the kind not known yet: checked again with it
