@@ -18,7 +18,7 @@ OLD_CKPT = os.path.join(ROOT, "tests", "fixtures", "ckpt_35ae683.pt")
 OLD_ARGS = dict(vae="none", text_encoder="tiny", resolution=16, model="DiT-S/2", depth=1, width=16, heads=1,
                 patch=4, batch=4, lr=1e-3, warmup=1, log_every=1, sample_every=0, compile=False, device="cpu",
                 ema_decay=0.9, cond_drop=0.2, seed=1, flip=True, min_snr_gamma=5.0, prediction="v", optimizer="adamw",
-                t_logit_std=0.0)  # the old code's defaults, which the fixture was trained with
+                t_logit_std=0.0, aspect_buckets=0)  # the old code's defaults, which the fixture was trained with
 
 
 def argv(cache, out_dir, **over):

@@ -205,7 +205,7 @@ def test_a_second_build_of_one_cache_waits_for_the_first(tmp_path):
     holder = open(out / ".lock", "a")
     fcntl.flock(holder, fcntl.LOCK_EX)  # this test is "the first build", still running
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "--data", "shapes:24", "--out", str(out),
-                          "--resolution", "16", "--vae", "none", "--text_encoder", "tiny"],
+                          "--resolution", "16", "--vae", "none", "--text_encoder", "tiny", "--aspect_buckets", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = ""  # it imports torch, checks the folder, then says it waits (however busy the CPU)
