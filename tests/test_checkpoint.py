@@ -11,7 +11,7 @@ import torch
 import checkpoint
 import sample
 import train
-from run_utils import ROOT, args, load, log_records
+from run_utils import ROOT, args, load, log_records, tensors_equal
 
 # written by train.py at commit 35ae683 (before one reader/writer): the args below with max_steps=2, data shapes:32
 OLD_CKPT = os.path.join(ROOT, "tests", "fixtures", "ckpt_35ae683.pt")
@@ -174,3 +174,16 @@ def test_resume_wins_over_init_from(cache, tmp_path, capsys):
     os.remove(tmp_path / "s1" / "ckpt.pt")  # stage 1's file is not needed to resume stage 2
     assert train.main(args(cache, tmp_path / "s2", init_from=tmp_path / "s1" / "ckpt.pt", max_steps=5))["step"] == 5
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_resume_keeps_the_run_keys_left_at_their_defaults(cache, tmp_path, capsys):
+    """A run begun under other defaults (square crops, v, AdamW: those before 2026-12) resumes as it began when its
+    command line leaves those keys out, and equals the same run made in one go."""
+    began = dict(aspect_buckets=0, prediction="v", optimizer="adamw")
+    train.main(args(cache, tmp_path / "r", max_steps=2, **began))
+    capsys.readouterr()
+    resumed = train.main([a for a in args(cache, tmp_path / "r", max_steps=4) if not a.startswith("--aspect_buckets")])
+    out = capsys.readouterr().out
+    assert "resuming as the checkpoint was trained: --prediction v, --optimizer adamw, --aspect_buckets 0" in out, out
+    one = train.main(args(cache, tmp_path / "one", max_steps=4, **began))
+    assert resumed["step"] == 4 and tensors_equal(resumed["model"].state_dict(), one["model"].state_dict())
