@@ -226,7 +226,8 @@ def read_command_line(argv):
         if kept:  # a run started under other defaults goes on as it began
             config.check(C, architecture=not C.init_from)
             if int(os.environ.get("RANK", 0)) == 0:
-                print(f"resuming as the checkpoint was trained: {', '.join(kept)} (keys left at their defaults follow it)")
+                print(f"resuming as the checkpoint was trained: {', '.join(kept)} (keys left at their defaults "
+                      "follow it)")
     except (ConfigError, ValueError) as e:
         fail(e)
     except CheckpointError as e:
