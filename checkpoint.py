@@ -116,18 +116,19 @@ def inherit_architecture(C, init, path, defaults):
         raise ValueError(f"--text_len {C.text_len}: {path} was trained on {mc['text_len']} text tokens")
 
 
-# What a run is, beyond its weights: a resume keeps the checkpoint's value of each where the command line leaves the
-# key at its default, so a run started under other defaults goes on as it began. The value is that of checkpoints
-# written before the key existed (None: every checkpoint has it).
+# What a run is, beyond its weights: a resume keeps the checkpoint's value of each that the command line does not
+# set, so a run begun under other defaults goes on as it began. The value is that of checkpoints written before the
+# key existed (None: every checkpoint has it).
 RUN_KEYS = {"prediction": None, "optimizer": "adamw", "aspect_buckets": 0, "max_aspect": 2.0, "text_chunks": 1}
 
 
-def keep_run_keys(C, ck, defaults):
-    """Resuming: RUN_KEYS left at their defaults take the checkpoint's values. -> ["--key value", ...] taken."""
+def keep_run_keys(C, ck, given):
+    """Resuming: RUN_KEYS not in `given` (the keys the command line sets) take the checkpoint's values.
+    -> ["--key value", ...] taken."""
     saved, kept = ck.get("config") or {}, []
     for key, before in RUN_KEYS.items():
         have = saved.get(key, before)
-        if have is not None and getattr(C, key) == defaults[key] and have != getattr(C, key):
+        if have is not None and key not in given and have != getattr(C, key):
             setattr(C, key, have)
             kept.append(f"--{key} {have}")
     return kept

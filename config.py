@@ -105,6 +105,13 @@ def parse_args(argv, defaults):
     return config
 
 
+def given_keys(argv, defaults):
+    """The keys that argv sets (in its config file or as --key), whatever their values; argv already parsed."""
+    args = list(argv)
+    given = set(read_config_file(args.pop(0), defaults)) if args and not args[0].startswith("--") else set()
+    return given | {a[2:].partition("=")[0] for a in args if a.startswith("--")}
+
+
 def usage(doc, path, defaults):
     """The script's docstring, then every key with its default and the comment it has at the top of `path`."""
     notes, key = {}, None
