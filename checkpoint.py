@@ -116,19 +116,27 @@ def inherit_architecture(C, init, path, defaults):
         raise ValueError(f"--text_len {C.text_len}: {path} was trained on {mc['text_len']} text tokens")
 
 
-# What a run is, beyond its weights: a resume keeps the checkpoint's value of each that the command line does not
-# set, so a run begun under other defaults goes on as it began. The value is that of checkpoints written before the
-# key existed (None: every checkpoint has it).
-RUN_KEYS = {"prediction": None, "optimizer": "adamw", "aspect_buckets": 0, "max_aspect": 2.0, "text_chunks": 1}
+# Keys of one invocation, not of the run: never taken from a checkpoint (device is resolved per rank).
+PER_INVOCATION = ("device", "resume", "out_dir")
+# Keys that checkpoints written before them lack, with their value then where it is not today's default.
+BEFORE_KEY = {"aspect_buckets": 0}
 
 
 def keep_run_keys(C, ck, given):
-    """Resuming: RUN_KEYS not in `given` (the keys the command line sets) take the checkpoint's values.
-    -> ["--key value", ...] taken."""
-    saved, kept = ck.get("config") or {}, []
-    for key, before in RUN_KEYS.items():
-        have = saved.get(key, before)
-        if have is not None and key not in given and have != getattr(C, key):
+    """Resuming: each key that the command line does not set (`given`: the keys it sets) takes the checkpoint's
+    value, so a rerun goes on as the run began even where train.py's defaults changed since (2026-12-04: the recipe;
+    2026-12-05: aspect_buckets). The optimizer is read from its state, as restore() reads it. ValueError for a
+    --prediction other than the checkpoint's. -> ["--key value", ...] taken."""
+    saved = dict(ck.get("config") or {})
+    if saved:
+        saved = {**BEFORE_KEY, **saved}
+    saved["optimizer"] = "muon" if "muon" in ck["optimizer"] else "adamw"
+    if "prediction" in given and saved.get("prediction", C.prediction) != C.prediction:
+        raise ValueError(f"the checkpoint was trained with --prediction {saved['prediction']}: a resume cannot "
+                         f"change it to {C.prediction} (use another --out_dir, or --init_from for a new stage)")
+    kept = []
+    for key, have in saved.items():
+        if key in vars(C) and key not in given and key not in PER_INVOCATION and have != getattr(C, key):
             setattr(C, key, have)
             kept.append(f"--{key} {have}")
     return kept

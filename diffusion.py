@@ -575,9 +575,6 @@ class Diffusion:
         if t_start is not None and not 0 <= t_start < self.T:
             raise ValueError(f"t_start must be in [0, {self.T - 1}], got {t_start}")
         check_guidance(cfg_interval, apg, apg_norm, apg_momentum, cfg_zero_star, guidance_rescale, self.prediction)
-        if cfg_zero_star and cfg != 1 and steps <= CFG_ZERO_INIT_STEPS:
-            raise ValueError(f"CFG-Zero* zeroes the first {CFG_ZERO_INIT_STEPS} step(s): with steps {steps} the "
-                             "sample would be the starting noise")
         if cfg == 1:  # scale 1 is the conditional model alone, for every method: skip the unconditional half
             uncond = None
         g = Guidance(cfg, guidance_rescale, None if cfg_interval is None else tuple(cfg_interval), apg, apg_norm,
@@ -628,6 +625,9 @@ class Diffusion:
         sigmas = self.flow_sigmas(steps).tolist()
         if t_start is not None:  # SDEdit: x is x_sigma at sigma = t_start / T
             sigmas = [t_start / self.T] + [s for s in sigmas if s < t_start / self.T]
+        if g.cfg_zero_star and uncond is not None and len(sigmas) - 1 <= CFG_ZERO_INIT_STEPS:
+            raise ValueError(f"CFG-Zero* zeroes the first {CFG_ZERO_INIT_STEPS} step(s): with {len(sigmas) - 1} "
+                             "step(s) to run the sample would be its start")
         B = x.shape[0]
         def velocity(x, sigma):
             t = torch.full((B,), self.T * sigma, dtype=torch.float32, device=x.device)

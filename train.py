@@ -219,15 +219,12 @@ def read_command_line(argv):
     -> (C, this run's checkpoint path, the checkpoint to resume from or None, its contents or None)"""
     try:
         C = SimpleNamespace(**config.parse_args(argv, DEFAULTS))
-        config.check(C, architecture=not C.init_from)  # init_from's depth etc. are checked once inherited
         ckpt_path, resume_from = find_resume(C)
         ck = load_checkpoint(resume_from, need=FOR_RESUMING) if resume_from else None  # a bad file fails fast
         kept = keep_run_keys(C, ck, config.given_keys(argv, DEFAULTS)) if ck is not None else []
-        if kept:  # a run started under other defaults goes on as it began
-            config.check(C, architecture=not C.init_from)
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(f"resuming as the checkpoint was trained: {', '.join(kept)} (keys the command "
-                      "line leaves out follow it)")
+        if kept and int(os.environ.get("RANK", 0)) == 0:  # a run begun under other defaults goes on as it began
+            print(f"resuming {resume_from} with its own keys where the command line sets none: {', '.join(kept)}")
+        config.check(C, architecture=not C.init_from)  # init_from's depth etc. are checked once inherited
     except (ConfigError, ValueError) as e:
         fail(e)
     except CheckpointError as e:

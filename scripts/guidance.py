@@ -6,8 +6,9 @@ seeds, as mean +- standard error. The training side of a question is scripts/abl
 
 Methods (sample.py's flags): cfg (plain), interval (--cfg_interval LO,HI), apg (--apg ETA, the paper's r and beta),
 zero_star (--cfg_zero_star true; flow checkpoints only). Seed s samples probe image k from seed s x 10^6 + k, so the
-seeds draw disjoint noise. OUT/guidance.md (the table, this command at its top) and OUT/guidance.json (every cell)
-are written at the end.
+seeds draw disjoint noise, and every cell of one seed the same noise: cells are paired, and the +- of one cell
+overstates the error of a difference between two. OUT/guidance.md (the table, this command at its top) and
+OUT/guidance.json (every cell) are written at the end.
 """
 import argparse, json, math, os, shlex, sys, time
 
@@ -16,7 +17,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate
-from checkpoint import atomic_write, write_json
+from checkpoint import CheckpointError, atomic_write, write_json
+from diffusion import check_guidance
 from sample import interval_arg, load_pipeline
 
 SEED_STRIDE = 10 ** 6
@@ -25,11 +27,10 @@ METRICS = {"shapes": ("shape_acc", "color_acc"), "scenes": ("in_distribution.ove
            "scenes_wide": ("in_distribution.overall", "held_out.overall")}
 
 
-def methods(args, flow):
+def methods(args):
     """name -> generate()'s guidance keywords."""
-    out = {"cfg": {}, "interval": dict(cfg_interval=args.interval), "apg": dict(apg=args.apg)}
-    if flow:
-        out["zero_star"] = dict(cfg_zero_star=True)
+    out = {"cfg": {}, "interval": dict(cfg_interval=args.interval), "apg": dict(apg=args.apg),
+           "zero_star": dict(cfg_zero_star=True)}
     return {name: kw for name, kw in out.items() if name in args.methods}
 
 
@@ -74,8 +75,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1", help="sampling seeds, comma separated (>= 2 for an error)")
     p.add_argument("--methods", default="cfg,interval,apg,zero_star")
     p.add_argument("--interval", type=interval_arg, default=(0.2, 0.85), metavar="LO,HI",
-                   help="the interval method's LO,HI (default: the paper's EDM2 sigma range (0.28, 5.42] as flow "
-                   "s = sigma / (1 + sigma))")
+                   help="the interval method's LO,HI in s (sigma for flow, t / T otherwise; default: the paper's EDM2 "
+                   "sigma range (0.28, 5.42] as flow s = sigma / (1 + sigma): give another for eps / v / x0)")
     p.add_argument("--apg", type=float, default=0.0, metavar="ETA", help="the apg method's eta (the paper's 0)")
     p.add_argument("--probe_n", type=int, default=4)
     p.add_argument("--batch", type=int, default=64)
@@ -89,11 +90,20 @@ def main(argv=None):
     except ValueError as e:
         p.error(f"--cfg, --steps and --seeds are comma-separated numbers: {e}")
     args.methods = args.methods.split(",")
-    if min(cfgs) <= 1 or min(steps) < 2 or not seeds or set(args.methods) - {"cfg", "interval", "apg", "zero_star"}:
-        p.error("--cfg > 1, --steps >= 2, --seeds non-empty, --methods of cfg, interval, apg, zero_star")
+    if min(cfgs) <= 1 or min(steps) < 2 or set(args.methods) - {"cfg", "interval", "apg", "zero_star"}:
+        p.error("--cfg > 1, --steps >= 2, --methods of cfg, interval, apg, zero_star")
+    if any(len(set(v)) < len(v) for v in (cfgs, steps, seeds, args.methods)):
+        p.error("--cfg, --steps, --seeds and --methods each list a value once (a repeat would pool a cell twice)")
+    chosen = methods(args)
+    def check(diffusion=None):  # each method's settings: before the checkpoint loads, then with its kind
+        for guidance in chosen.values():
+            check_guidance(**guidance, prediction=diffusion and diffusion.prediction)
+    try:
+        check()
+        pipe = load_pipeline(args.ckpt, args.device, check=check)
+    except (ValueError, CheckpointError) as e:
+        p.error(str(e))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "guidance")
-    pipe = load_pipeline(args.ckpt, args.device)
-    chosen = methods(args, pipe.diffusion.flow)
     cells, start = [], time.time()
     for name, guidance in chosen.items():
         for n in steps:
@@ -108,7 +118,8 @@ def main(argv=None):
     command = "python scripts/guidance.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     md = [f"# Guidance: {args.probe} probe\n", "```bash", command, "```\n",
           f"Checkpoint {args.ckpt} ({pipe.diffusion.prediction}); methods {json.dumps(chosen)}; {len(seeds)} "
-          f"sampling seeds, probe_n {args.probe_n}; mean ± standard error over the seeds; "
+          f"sampling seeds, probe_n {args.probe_n}; mean ± standard error over the seeds (nan: one seed; cells "
+          "are paired: each seed draws the same noise in every cell); "
           f"{(time.time() - start) / 60:.1f} min on {args.device}.\n"]
     for metric in METRICS[args.probe]:
         md += [f"{metric}:\n", table(cells, cfgs, metric), ""]

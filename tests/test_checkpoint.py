@@ -1,6 +1,7 @@
 """checkpoint.py: one writer (atomic, the known layout) and one reader; a checkpoint is never overwritten by another
 run, a foreign or truncated one is a clear error, an earlier version's resumes and samples; resume takes this run's
 optimizer settings; init_from starts a new stage from another run's weights."""
+import json
 import os
 import subprocess
 import sys
@@ -176,14 +177,25 @@ def test_resume_wins_over_init_from(cache, tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
 
 
-def test_a_resume_keeps_the_run_keys_left_at_their_defaults(cache, tmp_path, capsys):
-    """A run begun under other defaults (square crops, v, AdamW: those before 2026-12) resumes as it began when its
-    command line leaves those keys out, and equals the same run made in one go."""
-    began = dict(aspect_buckets=0, prediction="v", optimizer="adamw")
+def test_a_resume_keeps_the_keys_its_command_line_does_not_set(cache, tmp_path, capsys):
+    """A run begun under other defaults (square crops, v, AdamW, uniform t: those before 2026-12) resumes as it
+    began when its command line leaves those keys out, and equals the same run made in one go; a key the command
+    line sets wins, and a --prediction other than the checkpoint's is refused."""
+    began = dict(aspect_buckets=0, prediction="v", optimizer="adamw", t_logit_std=0.0, cond_drop=0.1)
     train.main(args(cache, tmp_path / "r", max_steps=2, **began))
     capsys.readouterr()
-    resumed = train.main([a for a in args(cache, tmp_path / "r", max_steps=4) if not a.startswith("--aspect_buckets")])
+    plain = [a for a in args(cache, tmp_path / "r", max_steps=4) if not a.startswith(("--aspect_buckets", "--cond"))]
+    with pytest.raises(SystemExit) as e:
+        train.main(plain + ["--prediction=flow"])
+    assert e.value.code == 2 and "trained with --prediction v: a resume cannot change it" in capsys.readouterr().err
+    resumed = train.main(plain + ["--cond_drop=0.1"])
     out = capsys.readouterr().out
-    assert "resuming as the checkpoint was trained: --prediction v, --optimizer adamw, --aspect_buckets 0" in out, out
+    for kept in ("--prediction v", "--optimizer adamw", "--aspect_buckets 0", "--t_logit_std 0.0"):
+        assert kept in out.split("where the command line sets none: ")[1].splitlines()[0], out
+    assert "--cond_drop" not in out  # set on the command line (to the checkpoint's value: nothing to say)
     one = train.main(args(cache, tmp_path / "one", max_steps=4, **began))
     assert resumed["step"] == 4 and tensors_equal(resumed["model"].state_dict(), one["model"].state_dict())
+    train.main(plain + ["--cond_drop=0.3", "--max_steps=5"])
+    starts = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl") if '"event": "start"' in line]
+    assert [r["config"]["cond_drop"] for r in starts] == [0.1, 0.1, 0.3]  # the command line's key wins
+    assert {r["config"]["prediction"] for r in starts} == {"v"}

@@ -238,3 +238,15 @@ def test_help_shows_the_recipe_as_defaults(capsys):
     printed = capsys.readouterr().out
     for key, value in (("prediction", "'flow'"), ("optimizer", "'muon'"), ("t_logit_std", "1.0")):
         assert re.search(rf"--{key} +{re.escape(value)} ", printed), key
+
+
+def test_given_keys_are_the_keys_that_parse_args_sets(tmp_path):
+    """Every form parse_args takes (a config file, --key value, --key=value) counts, whatever the value (a default
+    one too); the keys left out do not."""
+    (tmp_path / "c.py").write_text("batch = 8\nlr = 3e-4\n")
+    argv = [str(tmp_path / "c.py"), "--seed", "1", "--cond_drop=0.1", f"--warmup={train.DEFAULTS['warmup']}"]
+    got = config.given_keys(argv, train.DEFAULTS)
+    assert got == {"batch", "lr", "seed", "cond_drop", "warmup"}
+    parsed = parse(argv)
+    assert {k for k in parsed if parsed[k] != train.DEFAULTS[k]} <= got
+    assert config.given_keys([], train.DEFAULTS) == set()

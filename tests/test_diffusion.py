@@ -866,8 +866,9 @@ def test_guidance_refusals():
         phi = 0.5 if d is v else 0.0
         with pytest.raises(ValueError, match=match):
             d.sample(never, x, c, torch.zeros(2, 1), 3.0, phi, steps=3, **kw)
-    with pytest.raises(ValueError, match="with steps 1 the sample would be the starting noise"):
-        flow.sample(never, x, c, torch.zeros(2, 1), 3.0, steps=1, cfg_zero_star=True)
+    for kw in (dict(steps=1), dict(steps=10, t_start=1)):  # SDEdit from t 1 of 1000: one of the 10 steps left
+        with pytest.raises(ValueError, match="with 1 step\\(s\\) to run the sample would be its start"):
+            flow.sample(never, x, c, torch.zeros(2, 1), 3.0, cfg_zero_star=True, **kw)
     with pytest.raises(ValueError, match="flow models"):
         check_guidance(cfg_zero_star=True, prediction="eps")
     check_guidance(cfg_zero_star=True)  # the kind not known yet: checked again with it

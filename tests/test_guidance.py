@@ -29,14 +29,22 @@ def test_cells_are_the_probe_and_the_table_their_mean_and_stderr(tmp_path):
                                      guidance=c["guidance"])
         assert (c["shape_acc"], c["color_acc"]) == (want["shape_acc"], want["color_acc"]), c
     md = (tmp_path / "guidance.md").read_text()
-    for m in ("cfg", "interval", "zero_star"):
-        v = np.array([c["shape_acc"] for c in cells if c["method"] == m and c["cfg"] == 4.0])
-        assert f"{v.mean():.3f} ± {v.std(ddof=1) / np.sqrt(2):.3f} |\n" in md.split("color_acc")[0], (m, md)
+    for metric in ("shape_acc", "color_acc"):
+        for m in ("cfg", "interval", "zero_star"):
+            v = [np.array([c[metric] for c in cells if c["method"] == m and c["cfg"] == cfg]) for cfg in (2.0, 4.0)]
+            row = f"| {m} | 3 | " + " | ".join(f"{x.mean():.3f} ± {x.std(ddof=1) / np.sqrt(2):.3f}" for x in v) + " |"
+            assert row in md.split(f"{metric}:")[1].split(":\n")[0], (row, md)
     assert json.loads((tmp_path / "guidance.json").read_text())["cells"] == json.loads(json.dumps(cells))
 
 
-@pytest.mark.parametrize("bad", [["--cfg", "1"], ["--steps", "1"], ["--methods", "cfg,pag"], ["--seeds", "a"]])
-def test_bad_input_exits_2(bad, tmp_path):
+V_CKPT = os.path.join(ROOT, "tests", "fixtures", "ckpt_35ae683.pt")  # a v-prediction model
+
+
+@pytest.mark.parametrize("bad", [["--cfg", "1"], ["--steps", "1"], ["--methods", "cfg,pag"], ["--seeds", "a"],
+                                 ["--seeds", "0,0"], ["--cfg", "3,3"], ["--apg", "-1"], ["--interval", "0.9,0.1"],
+                                 ["--ckpt", V_CKPT, "--methods", "cfg,zero_star"], ["--ckpt", "missing.pt"]])
+def test_bad_input_exits_2_before_any_sampling(bad, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         guidance.main(["--ckpt", CKPT, "--out", str(tmp_path), *bad])
     assert e.value.code == 2 and not os.listdir(tmp_path)
+    assert "Error" not in capsys.readouterr().err.splitlines()[-1]  # argparse's one line, not a traceback
