@@ -27,7 +27,7 @@ from config import prompt_list
 from diffusion import LEVER_TERMS, parse_cfg_interval
 from encoders import ClipScorer, load_vae
 from model import fp8_split, train_flops
-from sample import Pipeline, generate, make_grid, save_png
+from sample import STEPS, Pipeline, generate, make_grid, save_png
 
 
 def environment(C, argv, step):
@@ -190,7 +190,7 @@ def eval_kind(source_kind):
 
 
 class Watcher:
-    """The preview grids (out_dir/samples/NNNNNNN.png: image k is sample.py's `--seed k` image of prompt k, 50 steps
+    """The preview grids (out_dir/samples/NNNNNNN.png: image k is sample.py's `--seed k` image of prompt k, 25 steps
     of the checkpoint's default sampler) and the eval records (eval_every: 25 sampler steps at sample_cfg; the
     built-in probe for shapes / scenes data, one image per probe prompt, else the CLIP score of sample_prompts, 4
     seeds each, with the image tower of the open_clip model the text tower comes from: no second load). Both go
@@ -214,7 +214,7 @@ class Watcher:
         C = self.C
         try:
             prompts = prompt_list(C.sample_prompts)
-            images = generate(self.pipeline(step), prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=50,
+            images = generate(self.pipeline(step), prompts, list(range(len(prompts))), cfg=C.sample_cfg, steps=STEPS,
                               **guidance(C))
             save_png(make_grid(images, cols=math.ceil(math.sqrt(len(prompts)))),
                      os.path.join(C.out_dir, "samples", f"{step:07d}.png"))

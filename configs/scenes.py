@@ -2,7 +2,7 @@
 # then: python evaluate.py --ckpt out/scenes/ckpt.pt --probe scenes --cfg 3 --probe_n 2 --steps 25
 # 1 to 4 coloured shapes on a 3x3 grid at 32 px, captions in GenEval's six categories (toys.py); pixel space, the
 # tiny random CLIP-style text tower. The shapes demo (configs/shapes.py: its model and recipe) at 32 px and patch 4
-# (64 tokens: the shapes demo's cost per image), for a step budget; its numbers and ablations: docs/log.md
+# (64 tokens: the shapes demo's cost per image), for a time budget; its numbers and ablations: docs/log.md
 # 2026-11-29 and 2026-12-03. Only what differs from configs/shapes.py, each with its reason.
 import os as _os
 
@@ -14,8 +14,9 @@ resolution = 32                      # the smallest at which toys.py reads gener
 patch = 4                            # 64 tokens of 4x4 pixels; width 64 beats 128 at equal FLOPs here too (0.240 vs
                                      # 0.181 in-distribution, 2 seeds; docs/log.md 2026-12-03, width at equal FLOPs)
 warmup = 370                         # as measured (1/10 of the 3,680 steps of the width table)
-max_steps = 11_000                   # a step budget: every machine trains the same model (the time varies); the FLOPs
-max_hours = 0.0                      # of the 3,000 width-128 steps this config had until 2026-12-03
+max_hours = 0.42                     # ~25 minutes of training: the whole command ends within 30 on 2 cores (cache and
+                                     # start-up included; docs/log.md 2026-12-05, the scenes demo). Was 11,000 steps
+                                     # (47 minutes at 121 img/s); a slower machine trains fewer steps in the same time
 flip = True                          # flips swap "left" and "right" in the cached caption tokens (data.py); the scenes
                                      # have no text or asymmetric things that a mirror would contradict
 sample_prompts = ("a red circle to the left of a blue square|three squares|a green triangle"

@@ -28,5 +28,6 @@ ckpt_every = 250
 sample_every = 0                     # no preview grids: evaluate.py --probe shapes reads the checkpoint
 sample_prompts = ("a red circle on a white background|a blue square on a black background"
                   "|a yellow triangle on a gray background|a green circle on a black background")
-sample_cfg = 4.0
+sample_cfg_interval = "0.2,0.85"     # at train.py's CFG 5: the best cell of the guidance table on this config's
+                                     # checkpoint (docs/log.md 2026-12-05, "Guidance at sampling")
 device = "cpu"                       # a CPU demo on any machine: its numbers (docs/log.md) are CPU numbers

@@ -110,7 +110,7 @@ def test_preview_equals_sample_py_bit_for_bit(cache, tmp_path):
     assert grid.shape == (2 * cell + 2, 2 * cell + 2, 3)
     for k, prompt in enumerate(prompts):
         sample.main(["--ckpt", str(out / "ckpt.pt"), "--device", "cpu", "--seed", str(k), "--n", "1", "--cfg", "3",
-                     "--steps", "50", "--out", str(tmp_path / f"s{k}"), prompt])
+                     "--steps", str(sample.STEPS), "--out", str(tmp_path / f"s{k}"), prompt])
         want = np.asarray(Image.open(tmp_path / f"s{k}" / "0000.png"))
         r, c = divmod(k, cols)
         got = grid[2 + r * cell: 2 + r * cell + 256, 2 + c * cell: 2 + c * cell + 256]
