@@ -123,8 +123,8 @@ beta_end = 0.012           # last beta (linear schedules)
 zero_terminal_snr = False  # rescale betas to SNR 0 at t = T-1 (arXiv 2305.08891); needs v or x0
 noise_offset = 0.0         # offset noise strength (per-channel constant added to the noise)
 input_perturbation = 0.0   # input perturbation strength (arXiv 2301.11706)
-# The three 2025 levers below are off: none beat the recipe by more than its error at equal FLOPs on the shapes
-# probe, two weights each, 2 seeds (docs/log.md 2026-12-05, "the 2025 training levers").
+# The three 2025 levers below are off: none beat the recipe by more than its error at equal FLOPs, 2 seeds, on the
+# shapes probe (two weights each; docs/log.md 2026-12-05) or the scenes probe (SRA collapses there; 2026-12-06).
 cfm_weight = 0.0           # contrastive flow matching's lambda in [0, 1) (arXiv 2506.05350): off another's flow target
 disp_weight = 0.0          # dispersive loss's weight (arXiv 2506.09027): InfoNCE-L2 over the micro-batch, one block
 disp_block = -1            # the dispersive loss's block (0-based; negative: from the end)

@@ -14,11 +14,11 @@ resolution = 32                      # the smallest at which toys.py reads gener
 patch = 4                            # 64 tokens of 4x4 pixels
 width, heads = 128, 4                # at this time budget width 128 beats 64 (in-distribution 0.54 vs 0.37, held-out
                                      # 0.19 vs 0.12 at CFG 3, 2 seeds): the CPU runs it at 2.6x the FLOP/s, so it trains
-                                     # 2.6x the FLOPs in the same time (at equal FLOPs 64 wins; docs/log.md 2026-12-05,
+                                     # 2.6x the FLOPs in the same time (at equal FLOPs 64 wins; docs/log.md 2026-12-06,
                                      # "The scenes demo within 30 minutes")
 warmup = 370                         # as measured (about a tenth of the ~4,200 steps the budget buys at width 128)
 max_hours = 0.42                     # ~25 minutes of training: the whole command ends within 30 on 2 cores (cache and
-                                     # start-up included; docs/log.md 2026-12-05, the scenes demo). Was 11,000 steps
+                                     # start-up included; docs/log.md 2026-12-06, the scenes demo). Was 11,000 steps
                                      # (47 minutes at 121 img/s); a slower machine trains fewer steps in the same time
 flip = True                          # flips swap "left" and "right" in the cached caption tokens (data.py); the scenes
                                      # have no text or asymmetric things that a mirror would contradict
