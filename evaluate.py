@@ -8,6 +8,7 @@ sets.
     python evaluate.py --ckpt out/ckpt.pt --probe scenes --cfg 1,3,5   # GenEval's six categories (toys.py)
     python evaluate.py --probe scenes --truth --resolution 64          # the reader on true renders: 1.0
     python evaluate.py --ckpt out/ckpt.pt --probe scenes_wide --cfg 3  # the same at the 2:1 and 1:2 bucket sizes
+    python evaluate.py --ckpt out/ckpt.pt --probe scenes_wide_long     # ... prompted with long captions (toys.py)
 
 FID / IS use the TF-Inception "2015-12-05" weights through torch-fidelity (the weights TTUR, pytorch-fid and
 clean-fid use). torch-fidelity resizes uint8 images to 299x299 with a bilinear resize that reproduces
@@ -230,6 +231,10 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, 
 # The prompts, the reader and the rules are toys.py's; this samples the images and prints the tables.
 
 SCENE_SETS = {"in_distribution": toys.in_distribution_prompts, "held_out": toys.held_out_prompts}
+SCENE_PROBES = ("scenes", "scenes_wide", "scenes_wide_long")  # scenes_wide_long: scenes_wide with long prompts
+# The free colours of a long prompt's objects: in-distribution ones only from the pairs training draws, so that a
+# long in-distribution prompt names no held-out pair; held-out prompts from every pair (as their true renders).
+LONG_PAIRS = {"in_distribution": toys.TRAIN_PAIRS, "held_out": toys.ALL_PAIRS}
 
 
 TRUTH_MULTIPLE = 2  # --truth's bucket sides (no checkpoint): pixel space at patch 2, as issue 24's 46 x 22 at 32 px
@@ -241,25 +246,36 @@ def wide_sizes(resolution, multiple):
 
 
 def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, eta=0.0, guidance_rescale=0.0,
-                 batch_size=16, progress=False, resolution=None, wide=False, guidance=None) -> dict:
+                 batch_size=16, progress=False, resolution=None, wide=False, guidance=None, long=False) -> dict:
     """Both prompt sets, n_per_prompt seeds each (image k: seed + k) -> {cfg, truth, resolution, sizes,
     in_distribution, held_out} with toys.evaluate_images' accuracies. pipe None: true renders at `resolution` (the
     reader's ceiling, 1.0 by construction) instead of samples. wide: scenes_wide's probe, image k at sizes[k % 2]
     (the 2:1, then the 1:2 bucket: each prompt at both when n_per_prompt is even), read on 2 cells a short side;
-    by_size holds each size's accuracies. guidance: generate()'s guidance keywords, as evaluate()'s."""
+    by_size holds each size's accuracies. guidance: generate()'s guidance keywords, as evaluate()'s. long (wide
+    only): each image prompted with toys.long_prompt (the caption, then where each object of its seed's true
+    render stands) and scored against the spec as the short probe; long_prompts holds the texts."""
+    if long and not wide:
+        raise ValueError("the long prompts place objects on scenes_wide's grids: long needs wide")
     resolution = resolution if pipe is None else pipe.resolution
     multiple = TRUTH_MULTIPLE if pipe is None else pipe.vae.factor * pipe.model.config.patch
     sizes = wide_sizes(resolution, multiple) if wide else [None]  # None: the square resolution
     out = dict(cfg=None if pipe is None else cfg, truth=pipe is None, resolution=resolution)
     if wide:
         out.update(sizes=["%dx%d" % s for s in sizes], by_size={})
+    if long:
+        out["long_prompts"] = {}
     for name, prompts in SCENE_SETS.items():
         texts, specs, seeds = toys.probe_plan(prompts(), n_per_prompt, seed)
+        pairs = LONG_PAIRS[name] if long else toys.ALL_PAIRS
+        if long:
+            texts = [toys.long_prompt(spec, s, sizes[k % len(sizes)], pairs)
+                     for k, (spec, s) in enumerate(zip(specs, seeds))]
+            out["long_prompts"][name] = texts
         images = [None] * len(texts)
         for j, size in enumerate(sizes):
             ks = range(j, len(texts), len(sizes))
             if pipe is None:
-                drawn = [np.asarray(toys.render_spec(specs[k], seeds[k], size or resolution)) for k in ks]
+                drawn = [np.asarray(toys.render_spec(specs[k], seeds[k], size or resolution, pairs)) for k in ks]
             else:
                 drawn = generate(pipe, [texts[k] for k in ks], [seeds[k] for k in ks], cfg=cfg, steps=steps,
                                  sampler=sampler, eta=eta, guidance_rescale=guidance_rescale, batch_size=batch_size,
@@ -274,13 +290,13 @@ def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, 
 
 
 def run_scenes_probe(args, pipe, cfgs, report):
-    """The scenes (or scenes_wide) probe at every CFG scale (once on true renders when pipe is None) into `report`
-    (probe_scenes or probe_scenes_wide), a table each; scenes_wide's has a row per set and size, then both sizes."""
-    wide = args.probe == "scenes_wide"
+    """The scenes (scenes_wide, scenes_wide_long) probe at every CFG scale (once on true renders when pipe is None)
+    into `report` (probe_<name>), a table each; the wide ones have a row per set and size, then both sizes."""
+    wide = args.probe != "scenes"
     rows = [probe_scenes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
                          sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale,
                          batch_size=args.batch, progress=True, resolution=args.resolution, wide=wide,
-                         guidance=guidance_args(args))
+                         guidance=guidance_args(args), long=args.probe == "scenes_wide_long")
              for c in (cfgs if pipe is not None else [None])]
     report[f"probe_{args.probe}"] = rows
     report[f"probe_{args.probe}_prompts"] = {name: [p.text for p in prompts()] for name, prompts in SCENE_SETS.items()}
@@ -326,14 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_weights", default="", help="local open_clip checkpoint of --clip's ARCH/TAG (offline; "
                    "the TAG still decides QuickGELU vs GELU)")
     p.add_argument("--stats_cache", default="cache/fid_stats", help="folder caching reference statistics")
-    p.add_argument("--probe", default="", choices=("", "shapes", "scenes", "scenes_wide"),
-                   help="also run a prompt-adherence probe: shapes (colour, kind), scenes (GenEval's categories) or "
-                   "scenes_wide (the same at the 2:1 and 1:2 bucket sizes)")
+    p.add_argument("--probe", default="", choices=("", "shapes") + SCENE_PROBES,
+                   help="also run a prompt-adherence probe: shapes (colour, kind), scenes (GenEval's categories), "
+                   "scenes_wide (the same at the 2:1 and 1:2 bucket sizes) or scenes_wide_long (scenes_wide's, each "
+                   "prompt followed by where every object stands, as scenes_wide2's long captions)")
     p.add_argument("--probe_n", type=int, default=8, help="probe images per caption (shapes) or prompt (scenes)")
-    p.add_argument("--truth", action="store_true", help="with --probe scenes or scenes_wide, no checkpoint: score "
+    p.add_argument("--truth", action="store_true", help="with a scenes probe, no checkpoint: score "
                    "true renders of the probe's prompts (the reader's ceiling)")
     p.add_argument("--resolution", type=int, default=None,
-                   help=f"--truth's render size (default {toys.MIN_RESOLUTION}, scenes_wide "
+                   help=f"--truth's render size (default {toys.MIN_RESOLUTION}, scenes_wide[_long] "
                    f"{toys.WIDE_MIN_RESOLUTION}: the smallest the reader reads)")
     p.add_argument("--probe_from", default="", help="also probe from true renders noised to these timesteps "
                    "(comma separated, e.g. 200,400): where the model loses the prompted shape")
@@ -349,7 +366,8 @@ def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
     if not args.prompts and not args.probe:
-        p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe shapes|scenes|scenes_wide")
+        p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe "
+                + "|".join(("shapes",) + SCENE_PROBES))
     check_args(p, args)
     if args.n < 0 or args.probe_n < 1:
         p.error("--n must be >= 0 (0: one sample per prompt) and --probe_n >= 1")
@@ -380,13 +398,13 @@ def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
 
 def check_truth_settings(p: argparse.ArgumentParser, args):
     """--truth and --resolution: true renders of the scenes probe, no checkpoint (p.error: exit 2)."""
-    if args.truth and (args.probe not in ("scenes", "scenes_wide") or args.prompts):
-        p.error("--truth scores true renders of the scenes probe: give --probe scenes or scenes_wide, without "
-                "--prompts")
+    if args.truth and (args.probe not in SCENE_PROBES or args.prompts):
+        p.error("--truth scores true renders of the scenes probe: give --probe " + ", ".join(SCENE_PROBES)
+                + ", without --prompts")
     if args.resolution is not None and not args.truth:
         p.error("--resolution is --truth's render size (a checkpoint samples at its own resolution)")
     if args.truth:
-        wide = args.probe == "scenes_wide"
+        wide = args.probe != "scenes"
         least, check = (toys.WIDE_MIN_RESOLUTION, toys.check_wide_resolution) if wide else \
             (toys.MIN_RESOLUTION, toys.check_resolution)
         args.resolution = least if args.resolution is None else args.resolution
@@ -400,9 +418,9 @@ def check_pipeline_settings(p: argparse.ArgumentParser, args, pipe, t_starts):
     """The settings checked against the loaded checkpoint, before anything is sampled (p.error: exit 2)."""
     if any(not 0 <= t < pipe.diffusion.T for t in t_starts):
         p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
-    if args.probe in ("scenes", "scenes_wide"):
+    if args.probe in SCENE_PROBES:
         try:
-            (toys.check_wide_resolution if args.probe == "scenes_wide" else toys.check_resolution)(pipe.resolution)
+            (toys.check_resolution if args.probe == "scenes" else toys.check_wide_resolution)(pipe.resolution)
         except ValueError as e:
             p.error(f"--probe {args.probe}: the checkpoint's images are too small: {e}")
 
@@ -488,7 +506,7 @@ def main(argv=None, extractor=None, clip_scorer=None):
         run_metrics(args, pipe, prompts, cfgs, report, extractor, clip_scorer)
     if args.probe == "shapes":
         run_probe(args, pipe, cfgs, t_starts, report)
-    if args.probe in ("scenes", "scenes_wide"):
+    if args.probe in SCENE_PROBES:
         run_scenes_probe(args, pipe, cfgs, report)
     write_report(report, args.out, args.ckpt)
 

@@ -307,11 +307,16 @@ def scene_sample(i, seed, resolution):
     return caption(spec), render(objects, resolution)
 
 
-def render_spec(spec, seed, size):
-    """A true render of any spec (held-out ones included; free colours from every pair), from its seed, at size R
+def truth_layout(spec, seed, size, pairs=ALL_PAIRS):
+    """The probe's scene for a spec and an image seed on grid_for(size)'s grid: what render_spec draws and what a
+    long probe prompt (long_prompt) names. Free colours from `pairs` (every pair by default)."""
+    return layout(spec, random.Random(f"scenes-truth-{seed}"), pairs, grid_for(size))
+
+
+def render_spec(spec, seed, size, pairs=ALL_PAIRS):
+    """A true render of any spec (held-out ones included; free colours from `pairs`), from its seed, at size R
     or (W, H) on grid_for(size)'s grid."""
-    grid = grid_for(size)
-    return render(layout(spec, random.Random(f"scenes-truth-{seed}"), ALL_PAIRS, grid), size, grid)
+    return render(truth_layout(spec, seed, size, pairs), size, grid_for(size))
 
 #################################################################################
 #               The non-square set "scenes_wide[2][:N[:SEED]]", buckets         #
@@ -365,6 +370,13 @@ def parse_long_caption(text, grid):
         if long_caption(spec, [Placed(k, c, "small", r, q) for c, k, r, q in objects], grid) == text:  # "is" once
             return spec, objects
     raise ValueError(f"not a long scenes caption: {text!r}")
+
+
+def long_prompt(spec, seed, size, pairs=ALL_PAIRS):
+    """The long probe prompt of a spec for the image of this seed and (W, H): its caption, then every object of
+    truth_layout's scene with its place (long_caption), so render_spec(spec, seed, size, pairs) is its true render.
+    The scenes_wide_long probe scores a sample against the spec alone, as the short probe does."""
+    return long_caption(spec, truth_layout(spec, seed, size, pairs), grid_for(size))
 
 
 def wide_scene_sample(i, seed, resolution, captions=1):

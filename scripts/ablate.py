@@ -45,6 +45,7 @@ PROBES = {
     # has none), overall, n, ...}, held_out: {...}}: a category is e.g. held_out.counting
     "scenes": ("probe_scenes", "in_distribution.overall,held_out.overall"),
     "scenes_wide": ("probe_scenes_wide", "in_distribution.overall,held_out.overall"),  # at the 2:1 and 1:2 buckets
+    "scenes_wide_long": ("probe_scenes_wide_long", "in_distribution.overall,held_out.overall"),  # long prompts
 }
 ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*$")  # it names a folder
 TOOL_KEYS = ("out_dir", "seed", "resume")  # set per run by this tool

@@ -24,7 +24,8 @@ from sample import interval_arg, load_pipeline
 SEED_STRIDE = 10 ** 6
 # the probe -> its metrics (a dotted key into probe_shapes' / probe_scenes' record)
 METRICS = {"shapes": ("shape_acc", "color_acc"), "scenes": ("in_distribution.overall", "held_out.overall"),
-           "scenes_wide": ("in_distribution.overall", "held_out.overall")}
+           "scenes_wide": ("in_distribution.overall", "held_out.overall"),
+           "scenes_wide_long": ("in_distribution.overall", "held_out.overall")}
 
 
 def methods(args):
@@ -40,7 +41,8 @@ def probe(pipe, args, cfg, steps, seed, guidance):
         return evaluate.probe_shapes(pipe, cfg=cfg, n_per_prompt=args.probe_n, steps=steps, seed=seed,
                                      batch_size=args.batch, guidance=guidance)
     return evaluate.probe_scenes(pipe, cfg=cfg, n_per_prompt=args.probe_n, steps=steps, seed=seed,
-                                 batch_size=args.batch, wide=args.probe == "scenes_wide", guidance=guidance)
+                                 batch_size=args.batch, wide=args.probe != "scenes", guidance=guidance,
+                                 long=args.probe == "scenes_wide_long")
 
 
 def read(record, key):

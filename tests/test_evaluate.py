@@ -423,6 +423,53 @@ def test_scenes_wide_probe_samples_at_the_two_bucket_sizes(monkeypatch):
     assert [size for size, _ in calls] == [None, None]
 
 
+def test_scenes_wide_long_truth_prompts_describe_their_renders(tmp_path, capsys):
+    """--probe scenes_wide_long --truth: each image's prompt is its short prompt, then every object of its true
+    render with its place (it parses back to the spec and to the render's layout); in-distribution long prompts
+    name no held-out pair; the true renders read right."""
+    out = tmp_path / "truth.json"
+    evaluate.main(["--probe", "scenes_wide_long", "--truth", "--probe_n", "2", "--seed", "3", "--out", str(out)])
+    assert "scenes_wide_long probe, true renders at 56x28 and 28x56 px" in capsys.readouterr().out
+    row = json.loads(out.read_text())["probe_scenes_wide_long"][0]
+    sizes = [(56, 28), (28, 56)]
+    for name, prompts in (("in_distribution", toys.in_distribution_prompts()), ("held_out", toys.held_out_prompts())):
+        assert row[name]["overall"] == 1.0 and row[name]["n"] == 2 * len(prompts)
+        texts, specs, seeds = toys.probe_plan(prompts, 2, 3)
+        long = row["long_prompts"][name]
+        assert len(long) == len(texts)
+        for k, (short, spec, seed, text) in enumerate(zip(texts, specs, seeds, long)):
+            grid = toys.grid_for(sizes[k % 2])
+            parsed, objects = toys.parse_long_caption(text, grid)
+            placed = toys.truth_layout(spec, seed, sizes[k % 2], evaluate.LONG_PAIRS[name])
+            assert text.startswith(short + "; ") and parsed == spec
+            assert objects == [(o.colour, o.kind, o.row, o.col) for o in placed]
+            if name == "in_distribution":
+                assert all((c, kind) in toys.TRAIN_PAIRS for c, kind, _, _ in objects), text
+
+
+def test_scenes_wide_long_probe_prompts_the_model_with_the_long_text(monkeypatch):
+    """A stand-in model that draws only what a long prompt says (each named object in its named cell, no jitter,
+    nothing from the spec or the seed) is read right on every prompt: the probe hands generate the long texts at
+    the size they were written for, and a long prompt carries all its spec asks (a position's cells included)."""
+    calls = []
+
+    def fake_generate(pipe, texts, seeds, size=None, **kw):
+        calls.append(size)
+        grid = toys.grid_for(size)
+        draw = lambda text: toys.render([toys.Placed(kind, c, "small", r, q) for c, kind, r, q in
+                                         toys.parse_long_caption(text, grid)[1]], size, grid)
+        return torch.from_numpy(np.stack([np.asarray(draw(t)) for t in texts]))
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    pipe = types.SimpleNamespace(resolution=40, vae=types.SimpleNamespace(factor=1),
+                                 model=types.SimpleNamespace(config=types.SimpleNamespace(patch=4)))
+    row = evaluate.probe_scenes(pipe, cfg=3.0, n_per_prompt=2, seed=5, wide=True, long=True)
+    assert calls == [(56, 28), (28, 56)] * 2
+    assert row["in_distribution"]["overall"] == row["held_out"]["overall"] == 1.0
+    with pytest.raises(ValueError, match="long needs wide"):
+        evaluate.probe_scenes(pipe, long=True)
+
+
 def test_scenes_wide_probe_on_a_checkpoint(tmp_path, capsys):
     """An untrained 40-px checkpoint through the CLI: samples at 56 x 28 and 28 x 56, scored low, and the numbers
     are the reader's on the same prompts and seeds sampled outside the probe at each size."""
