@@ -430,6 +430,7 @@ def test_scenes_wide_long_truth_prompts_describe_their_renders(tmp_path, capsys)
     out = tmp_path / "truth.json"
     evaluate.main(["--probe", "scenes_wide_long", "--truth", "--probe_n", "2", "--seed", "3", "--out", str(out)])
     assert "scenes_wide_long probe, true renders at 56x28 and 28x56 px" in capsys.readouterr().out
+    assert evaluate.LONG_PAIRS == {"in_distribution": toys.TRAIN_PAIRS, "held_out": toys.ALL_PAIRS}
     row = json.loads(out.read_text())["probe_scenes_wide_long"][0]
     sizes = [(56, 28), (28, 56)]
     for name, prompts in (("in_distribution", toys.in_distribution_prompts()), ("held_out", toys.held_out_prompts())):
@@ -470,17 +471,23 @@ def test_scenes_wide_long_probe_prompts_the_model_with_the_long_text(monkeypatch
         evaluate.probe_scenes(pipe, long=True)
 
 
-def test_scenes_wide_probe_on_a_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("probe", ["scenes_wide", "scenes_wide_long"])
+def test_scenes_wide_probe_on_a_checkpoint(tmp_path, capsys, probe):
     """An untrained 40-px checkpoint through the CLI: samples at 56 x 28 and 28 x 56, scored low, and the numbers
-    are the reader's on the same prompts and seeds sampled outside the probe at each size."""
+    are the reader's on the same prompts (long: each image's long prompt at its size) and seeds sampled outside
+    the probe at each size."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt40.pt", resolution=40)
     out = tmp_path / "eval.json"
-    evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--probe", "scenes_wide", "--probe_n", "1", "--cfg", "1",
+    evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--probe", probe, "--probe_n", "1", "--cfg", "1",
                    "--steps", "1", "--seed", "4", "--batch", "64", "--out", str(out)])
-    row = json.loads(out.read_text())["probe_scenes_wide"][0]
+    row = json.loads(out.read_text())[f"probe_{probe}"][0]
     assert row["sizes"] == ["56x28", "28x56"] and row["held_out"]["overall"] <= 0.1
-    assert "scenes_wide probe, cfg 1 at 56x28 and 28x56 px" in capsys.readouterr().out
+    assert f"{probe} probe, cfg 1 at 56x28 and 28x56 px" in capsys.readouterr().out
     texts, specs, seeds = toys.probe_plan(toys.held_out_prompts(), 1, 4)
+    if probe == "scenes_wide_long":
+        texts = [toys.long_prompt(spec, seed, [(56, 28), (28, 56)][k % 2], toys.ALL_PAIRS)
+                 for k, (spec, seed) in enumerate(zip(specs, seeds))]
+        assert row["long_prompts"]["held_out"] == texts
     pipe = sample.load_pipeline(str(ckpt), "cpu")
     for j, size in enumerate([(56, 28), (28, 56)]):  # prompt k at size k % 2
         images = sample.generate(pipe, texts[j::2], seeds[j::2], cfg=1.0, steps=1, batch_size=64, size=size)

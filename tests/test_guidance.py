@@ -3,6 +3,7 @@ standard error over the seeds (numpy recomputation); bad input exits 2."""
 import json
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -48,3 +49,14 @@ def test_bad_input_exits_2_before_any_sampling(bad, tmp_path, capsys):
         guidance.main(["--ckpt", CKPT, "--out", str(tmp_path), *bad])
     assert e.value.code == 2 and not os.listdir(tmp_path)
     assert "Error" not in capsys.readouterr().err.splitlines()[-1]  # argparse's one line, not a traceback
+
+
+@pytest.mark.parametrize("probe,wide,long", [("scenes", False, False), ("scenes_wide", True, False),
+                                             ("scenes_wide_long", True, True)])
+def test_a_scenes_probe_cell_is_evaluates_probe_of_that_name(probe, wide, long, monkeypatch):
+    """Each scenes probe name reaches evaluate.probe_scenes as evaluate.py's CLI sends it (run_scenes_probe)."""
+    seen = {}
+    monkeypatch.setattr(evaluate, "probe_scenes", lambda pipe, **kw: seen.update(kw) or {})
+    args = types.SimpleNamespace(probe=probe, probe_n=2, batch=8)
+    guidance.probe(None, args, 3.0, 5, 7, {})
+    assert (seen["wide"], seen["long"], seen["cfg"], seen["steps"], seen["seed"]) == (wide, long, 3.0, 5, 7)

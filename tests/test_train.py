@@ -416,17 +416,22 @@ def test_route_until_is_a_routed_run_resumed_unrouted(cache, tmp_path, monkeypat
 def test_same_command_same_checkpoint_and_images(tmp_path):
     """tests/fixtures/behaviour: a tiny run with every key given explicitly, and sample.py's images of it, written by
     the code before the one-concern-per-file move (commit 09d23ab). The same command today gives the same
-    checkpoint (model, EMA, optimizer, loader, RNG, config) and the same images: bitwise where the fixture was made
-    with this torch on this CPU kind, else to float32 rounding (other kernels may sum in another order)."""
+    checkpoint (model, EMA, optimizer, loader, RNG, config) and the same images: bitwise against the fixture made
+    with this torch on this CPU kind (capability and vendor: make_behaviour.KINDS), else close to the first one:
+    other kernels sum in another order, and Muon's orthogonalisation lifts that rounding in the near-zero singular
+    directions of the zero-initialised projections' first gradients to whole updates (4.3e-3 at most on an AMD
+    EPYC against the Intel Xeon's fixture, weights ~0.2), while the images stay within one level."""
     sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
     import make_behaviour as fixture
-    made = json.load(open(os.path.join(fixture.OUT, "made_with.json")))
-    same_kernels = (made["torch"] == torch.__version__
-                    and made["cpu_capability"] == torch.backends.cpu.get_cpu_capability())
-    atol = 0.0 if same_kernels else 1e-5
+    here = (torch.__version__, torch.backends.cpu.get_cpu_capability(), fixture.cpu_vendor())
+    made = {d: json.load(open(os.path.join(d, "made_with.json"))) for d in fixture.KINDS}
+    kind = [d for d, m in made.items() if (m["torch"], m["cpu_capability"], m["cpu_vendor"]) == here]
+    same_kernels = bool(kind)
+    out = kind[0] if kind else fixture.OUT
+    atol = 0.0 if same_kernels else 1e-2
     train.main(fixture.argv(str(tmp_path)))
     ckpt = os.path.join(tmp_path, "run", "ckpt.pt")
-    got, want = load(ckpt), load(os.path.join(fixture.OUT, "ckpt.pt"))
+    got, want = load(ckpt), load(os.path.join(out, "ckpt.pt"))
     assert got.keys() == want.keys()  # the training levers off: no SRA head, nothing new in the checkpoint
     for key in ("model", "ema", "optimizer", "step", "model_config", "loader_state", "rng"):
         assert tensors_equal(got[key], want[key], atol=atol if key != "rng" else 0.0), key
@@ -434,7 +439,7 @@ def test_same_command_same_checkpoint_and_images(tmp_path):
     assert {k: got["config"][k] for k in want["config"]} == want["config"]
     assert {k: got["config"][k] for k in new} == {k: train.DEFAULTS[k] for k in new}
     images = fixture.images(ckpt)
-    expected = torch.load(os.path.join(fixture.OUT, "images.pt"))
+    expected = torch.load(os.path.join(out, "images.pt"))
     assert torch.equal(images, expected) if same_kernels else (images.int() - expected.int()).abs().max() <= 1
 
 
