@@ -231,7 +231,9 @@ def probe_shapes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, 
 # The prompts, the reader and the rules are toys.py's; this samples the images and prints the tables.
 
 SCENE_SETS = {"in_distribution": toys.in_distribution_prompts, "held_out": toys.held_out_prompts}
-SCENE_PROBES = ("scenes", "scenes_wide", "scenes_wide_long")  # scenes_wide_long: scenes_wide with long prompts
+# each scenes probe -> probe_scenes' keywords (scenes_wide: the 2:1 and 1:2 buckets; _long: long prompts)
+SCENE_PROBES = {"scenes": dict(wide=False, long=False), "scenes_wide": dict(wide=True, long=False),
+                "scenes_wide_long": dict(wide=True, long=True)}
 # The free colours of a long prompt's objects: in-distribution ones only from the pairs training draws, so that a
 # long in-distribution prompt names no held-out pair; held-out prompts from every pair (as their true renders).
 LONG_PAIRS = {"in_distribution": toys.TRAIN_PAIRS, "held_out": toys.ALL_PAIRS}
@@ -292,11 +294,11 @@ def probe_scenes(pipe, cfg=4.0, n_per_prompt=4, steps=50, seed=0, sampler=None, 
 def run_scenes_probe(args, pipe, cfgs, report):
     """The scenes (scenes_wide, scenes_wide_long) probe at every CFG scale (once on true renders when pipe is None)
     into `report` (probe_<name>), a table each; the wide ones have a row per set and size, then both sizes."""
-    wide = args.probe != "scenes"
+    wide = SCENE_PROBES[args.probe]["wide"]
     rows = [probe_scenes(pipe, cfg=c, n_per_prompt=args.probe_n, steps=args.steps, seed=args.seed,
                          sampler=args.sampler, eta=args.eta, guidance_rescale=args.guidance_rescale,
-                         batch_size=args.batch, progress=True, resolution=args.resolution, wide=wide,
-                         guidance=guidance_args(args), long=args.probe == "scenes_wide_long")
+                         batch_size=args.batch, progress=True, resolution=args.resolution,
+                         guidance=guidance_args(args), **SCENE_PROBES[args.probe])
              for c in (cfgs if pipe is not None else [None])]
     report[f"probe_{args.probe}"] = rows
     report[f"probe_{args.probe}_prompts"] = {name: [p.text for p in prompts()] for name, prompts in SCENE_SETS.items()}
@@ -342,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_weights", default="", help="local open_clip checkpoint of --clip's ARCH/TAG (offline; "
                    "the TAG still decides QuickGELU vs GELU)")
     p.add_argument("--stats_cache", default="cache/fid_stats", help="folder caching reference statistics")
-    p.add_argument("--probe", default="", choices=("", "shapes") + SCENE_PROBES,
+    p.add_argument("--probe", default="", choices=("", "shapes", *SCENE_PROBES),
                    help="also run a prompt-adherence probe: shapes (colour, kind), scenes (GenEval's categories), "
                    "scenes_wide (the same at the 2:1 and 1:2 bucket sizes) or scenes_wide_long (scenes_wide's, each "
                    "prompt followed by where every object stands, as scenes_wide2's long captions)")
@@ -367,7 +369,7 @@ def parse_settings(p: argparse.ArgumentParser, argv) -> tuple:
     args.device = resolve_device(args.device)
     if not args.prompts and not args.probe:
         p.error("nothing to do: give --prompts (FID / IS / CLIP) and/or --probe "
-                + "|".join(("shapes",) + SCENE_PROBES))
+                + "|".join(("shapes", *SCENE_PROBES)))
     check_args(p, args)
     if args.n < 0 or args.probe_n < 1:
         p.error("--n must be >= 0 (0: one sample per prompt) and --probe_n >= 1")
@@ -404,7 +406,7 @@ def check_truth_settings(p: argparse.ArgumentParser, args):
     if args.resolution is not None and not args.truth:
         p.error("--resolution is --truth's render size (a checkpoint samples at its own resolution)")
     if args.truth:
-        wide = args.probe != "scenes"
+        wide = SCENE_PROBES[args.probe]["wide"]
         least, check = (toys.WIDE_MIN_RESOLUTION, toys.check_wide_resolution) if wide else \
             (toys.MIN_RESOLUTION, toys.check_resolution)
         args.resolution = least if args.resolution is None else args.resolution
@@ -420,7 +422,8 @@ def check_pipeline_settings(p: argparse.ArgumentParser, args, pipe, t_starts):
         p.error(f"--probe_from timesteps must be in [0, {pipe.diffusion.T - 1}], got {args.probe_from!r}")
     if args.probe in SCENE_PROBES:
         try:
-            (toys.check_resolution if args.probe == "scenes" else toys.check_wide_resolution)(pipe.resolution)
+            (toys.check_wide_resolution if SCENE_PROBES[args.probe]["wide"] else toys.check_resolution)(
+                pipe.resolution)
         except ValueError as e:
             p.error(f"--probe {args.probe}: the checkpoint's images are too small: {e}")
 

@@ -41,8 +41,7 @@ def probe(pipe, args, cfg, steps, seed, guidance):
         return evaluate.probe_shapes(pipe, cfg=cfg, n_per_prompt=args.probe_n, steps=steps, seed=seed,
                                      batch_size=args.batch, guidance=guidance)
     return evaluate.probe_scenes(pipe, cfg=cfg, n_per_prompt=args.probe_n, steps=steps, seed=seed,
-                                 batch_size=args.batch, wide=args.probe != "scenes", guidance=guidance,
-                                 long=args.probe == "scenes_wide_long")
+                                 batch_size=args.batch, guidance=guidance, **evaluate.SCENE_PROBES[args.probe])
 
 
 def read(record, key):

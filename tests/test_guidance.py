@@ -53,7 +53,7 @@ def test_bad_input_exits_2_before_any_sampling(bad, tmp_path, capsys):
 
 @pytest.mark.parametrize("probe,wide,long", [("scenes", False, False), ("scenes_wide", True, False),
                                              ("scenes_wide_long", True, True)])
-def test_a_scenes_probe_cell_is_evaluates_probe_of_that_name(probe, wide, long, monkeypatch):
+def test_a_scenes_probe_cell_calls_evaluates_probe_of_that_name(probe, wide, long, monkeypatch):
     """Each scenes probe name reaches evaluate.probe_scenes as evaluate.py's CLI sends it (run_scenes_probe)."""
     seen = {}
     monkeypatch.setattr(evaluate, "probe_scenes", lambda pipe, **kw: seen.update(kw) or {})
